@@ -1,0 +1,118 @@
+"""The Qwen3 decoder as a Flax module: prefill, multi-token verification, layer taps.
+
+One call serves every use. `tokens` [B, T] arrive with `q_lens` [B], the number of real
+tokens in each row (the rest is padding and stays inert):
+
+- without a cache: a plain causal forward over positions 0..T-1 (training, parity);
+- with a `KVCache`: request b's tokens sit at positions lengths[b] .. lengths[b]+T-1;
+  their K/V are written into the cache (padded slots are dropped) and each token attends
+  to everything before it. Prefill is this call on an empty cache; the speculative
+  verification call is this call with the anchor plus up to gamma drafts.
+
+`tap_layers` picks raw decoder-layer outputs (i = output of layer i, -1 = embeddings),
+the drafter's context features.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dspark_jax.attention import attend, causal_mask
+from dspark_jax.config import Qwen3Config
+from dspark_jax.kv_cache import KVCache, write_index, write_layer
+from dspark_jax.models.layers import MLP, Attention, Proj, RMSNorm, embedding
+
+
+def attention_module(cfg: Qwen3Config, name: str | None = None) -> Attention:
+    return Attention(hidden=cfg.hidden_size, num_heads=cfg.num_attention_heads,
+                     num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                     rope_theta=cfg.rope_theta, eps=cfg.rms_norm_eps, use_bias=cfg.attention_bias,
+                     dtype=cfg.jnp_dtype, name=name)
+
+
+class DecoderLayer(nn.Module):
+    cfg: Qwen3Config
+
+    def setup(self):
+        cfg, dt = self.cfg, self.cfg.jnp_dtype
+        self.input_layernorm = RMSNorm(cfg.rms_norm_eps, dt)
+        self.self_attn = attention_module(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.rms_norm_eps, dt)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dt)
+
+    def __call__(self, x, positions, mix):
+        """`mix(q, k, v) -> (o, aux)` decides which keys are seen (cache, mask)."""
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions)
+        o, aux = mix(q, k, v)
+        x = x + self.self_attn.out(o)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, aux
+
+
+class Qwen3LM(nn.Module):
+    """Qwen3ForCausalLM. See the module docstring for the calling convention."""
+
+    cfg: Qwen3Config
+
+    def setup(self):
+        cfg, dt = self.cfg, self.cfg.jnp_dtype
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, dt, "embed_tokens")
+        self.layers = [DecoderLayer(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg.rms_norm_eps, dt)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Proj((cfg.vocab_size,), ("embed", "vocab"), dtype=dt)
+
+    def __call__(self, tokens: jax.Array, q_lens: jax.Array, cache: KVCache | None = None,
+                 tap_layers: tuple[int, ...] = ()):
+        """Returns (hidden [B, T, E] after the final norm, new cache or None, taps).
+
+        taps: tuple of [B, T, E] arrays, one per entry of `tap_layers`.
+        """
+        b, t = tokens.shape
+        steps = jnp.arange(t, dtype=jnp.int32)
+        q_valid = steps[None, :] < q_lens[:, None]
+        start = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
+        positions = start[:, None] + steps[None, :]
+        scale = self.cfg.head_dim ** -0.5
+
+        if cache is None:
+            mask = causal_mask(positions, q_valid, positions, q_valid)
+        else:
+            slots = jnp.arange(cache.max_len, dtype=jnp.int32)
+            mask = causal_mask(positions, q_valid, jnp.broadcast_to(slots, (b, cache.max_len)),
+                               jnp.ones((b, cache.max_len), bool))
+            index = write_index(positions, q_valid, cache.max_len)
+
+        x = self.embed_tokens(tokens)
+        layer_out = {-1: x}
+        for i, layer in enumerate(self.layers):
+            if cache is None:
+                def mix(q, k, v):
+                    return attend(q, k, v, mask, scale=scale), None
+            else:
+                def mix(q, k, v, i=i):
+                    nonlocal cache
+                    cache = cache.replace(k=write_layer(cache.k, i, k, index),
+                                          v=write_layer(cache.v, i, v, index))
+                    return attend(q, cache.k[i], cache.v[i], mask, scale=scale), None
+            x, _ = layer(x, positions, mix)
+            layer_out[i] = x
+        if self.is_initializing():
+            self.logits(x)  # create lm_head parameters
+        taps = tuple(layer_out[i] for i in tap_layers)
+        if cache is not None:
+            cache = cache.replace(lengths=cache.lengths + q_lens.astype(jnp.int32))
+        return self.norm(x), cache, taps
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[..., E] -> [..., V] float32."""
+        if self.cfg.tie_word_embeddings:
+            out = self.embed_tokens.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        return self.embed_tokens(tokens)

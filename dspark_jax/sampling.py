@@ -1,0 +1,115 @@
+"""Warping (temperature, top-k, top-p) and lossless speculative acceptance.
+
+All functions are pure and per-request vectorised: sampling parameters are [B] arrays,
+so one compiled step serves any mix of greedy and sampled requests. The SAME `warp` is
+applied to target and draft logits; temperature 0 turns a distribution into the one-hot
+argmax, which makes rejection sampling reduce exactly to greedy matching.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dspark_jax.errors import DSparkError
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling parameters, each [B]."""
+
+    temperature: jax.Array  # float32; 0 = greedy
+    top_k: jax.Array        # int32; 0 = off
+    top_p: jax.Array        # float32; 1 = off
+
+    @classmethod
+    def make(cls, batch: int, temperature=0.0, top_k=0, top_p=1.0) -> "SamplingParams":
+        """Broadcast scalars or per-request sequences to [batch], validating them."""
+        t = np.broadcast_to(np.asarray(temperature, np.float32), (batch,))
+        k = np.broadcast_to(np.asarray(top_k, np.int32), (batch,))
+        p = np.broadcast_to(np.asarray(top_p, np.float32), (batch,))
+        validate(t, k, p)
+        return cls(jnp.asarray(t), jnp.asarray(k), jnp.asarray(p))
+
+
+def validate(temperature, top_k, top_p) -> None:
+    t, k, p = (np.asarray(x) for x in (temperature, top_k, top_p))
+    if not np.all(np.isfinite(t)) or np.any(t < 0):
+        raise DSparkError(f"temperature must be a finite number >= 0; got {t.tolist()}")
+    if np.any(k < 0):
+        raise DSparkError(f"top-k must be >= 0 (0 = off); got {k.tolist()}")
+    if not np.all(np.isfinite(p)) or np.any(p <= 0) or np.any(p > 1):
+        raise DSparkError(f"top-p must be in (0, 1]; got {p.tolist()}")
+
+
+def _bcast(x: jax.Array, ndim: int) -> jax.Array:
+    return x.reshape(x.shape + (1,) * (ndim - x.ndim))
+
+
+def warp(logits: jax.Array, sp: SamplingParams) -> jax.Array:
+    """Logits [B, ..., V] -> probabilities [B, ..., V] under each row's sampling params."""
+    logits = logits.astype(jnp.float32)
+    nd, v = logits.ndim, logits.shape[-1]
+    t = _bcast(sp.temperature, nd)
+    greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), v, dtype=jnp.float32)
+    scaled = logits / jnp.where(t > 0, t, 1.0)
+    # top-k: keep logits >= the k-th largest (ties at the boundary are kept)
+    k = _bcast(sp.top_k, nd)
+    sorted_desc = -jnp.sort(-scaled, axis=-1)
+    kth = jnp.take_along_axis(sorted_desc, jnp.clip(k - 1, 0, v - 1), axis=-1)
+    scaled = jnp.where((k > 0) & (scaled < kth), -jnp.inf, scaled)
+    # top-p (nucleus): smallest prefix of the sorted distribution with mass >= p
+    probs = jax.nn.softmax(scaled, axis=-1)
+    sorted_p = -jnp.sort(-probs, axis=-1)
+    before = jnp.cumsum(sorted_p, axis=-1) - sorted_p  # mass strictly above each entry
+    keep_sorted = before < _bcast(sp.top_p, nd)
+    # the smallest kept probability is the threshold in the unsorted order
+    thresh = jnp.min(jnp.where(keep_sorted, sorted_p, jnp.inf), axis=-1, keepdims=True)
+    probs = jnp.where(probs >= thresh, probs, 0.0)
+    probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
+    return jnp.where(t > 0, probs, greedy)
+
+
+def sample(key: jax.Array, probs: jax.Array) -> jax.Array:
+    """One draw per row from probabilities [..., V] (zeros are never drawn)."""
+    logp = jnp.where(probs > 0, jnp.log(jnp.maximum(probs, 1e-38)), -jnp.inf)
+    return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
+
+
+def sample_rows(keys: jax.Array, probs: jax.Array) -> jax.Array:
+    """One draw per request with its own key: keys [B], probs [B, ..., V]."""
+    return jax.vmap(sample)(keys, probs)
+
+
+def accept_drafts(keys: jax.Array, draft: jax.Array, q: jax.Array, p: jax.Array,
+                  depth: jax.Array):
+    """Lossless speculative acceptance for a batch.
+
+    draft [B, G]: draft tokens x_1..x_G; q [B, G, V]: their (warped) draft distributions;
+    p [B, G+1, V]: warped target distributions, p[:, k] is the target's distribution for
+    the token after slot k (so x_{k+1} is judged against p[:, k]); depth [B] in [0, G]:
+    how many drafts were verified.
+
+    Returns (n_accepted [B], next_token [B]): x_1..x_n are kept and next_token is the
+    residual resample at the first rejection, or the bonus token from p[:, depth].
+    """
+    b, g = draft.shape
+    k_accept, k_next = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (g,)))(k_accept)
+    p_x = jnp.take_along_axis(p[:, :g], draft[..., None], axis=-1)[..., 0]
+    q_x = jnp.take_along_axis(q, draft[..., None], axis=-1)[..., 0]
+    ok = (u * q_x < p_x) & (jnp.arange(g)[None, :] < depth[:, None])
+    n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+    p_n = jnp.take_along_axis(p, n[:, None, None], axis=1)[:, 0]
+    q_n = jnp.take_along_axis(jnp.pad(q, ((0, 0), (0, 1), (0, 0))), n[:, None, None], axis=1)[:, 0]
+    rejected = (n < depth)[:, None]
+    residual = jnp.maximum(p_n - q_n, 0.0)
+    mass = jnp.sum(residual, axis=-1, keepdims=True)
+    # mass 0 cannot happen after a genuine rejection (p(x) < q(x) implies mass elsewhere);
+    # falling back to p keeps the function total.
+    dist = jnp.where(rejected & (mass > 0), residual / jnp.where(mass > 0, mass, 1.0), p_n)
+    return n, sample_rows(k_next, dist)

@@ -1,0 +1,152 @@
+"""What `python -m serve.generate` does, as a library function with typed inputs.
+
+Loading (target, tokenizer, drafter), prompt encoding, mesh placement, generation and
+the per-completion records all live here so the CLI stays a thin argument parser.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable
+
+from dspark_jax import generation, prompts as prompts_lib, target
+from dspark_jax.errors import DSparkError
+from dspark_jax.sampling import SamplingParams
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLED_DIR = os.path.join(REPO_ROOT, "artifacts", "demo")
+
+
+@dataclasses.dataclass
+class GenerateRequest:
+    target: str | None = None
+    draft: str | None = None
+    drafter: str | None = None
+    prompt: list = dataclasses.field(default_factory=list)
+    prompt_file: str | None = None
+    prompt_ids: list = dataclasses.field(default_factory=list)
+    chat: bool = False
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    num_samples: int = 1
+    gamma: int | None = None
+    verify_depth: int | None = None
+    mesh: str = "1x1"
+    dtype: str | None = None
+    ignore_eos: bool = False
+    trace: bool = False
+
+
+def bundled_folder(name: str) -> str | None:
+    path = os.path.join(BUNDLED_DIR, name)
+    return path if os.path.exists(os.path.join(path, "config.json")) else None
+
+
+def resolve_folders(req: GenerateRequest) -> tuple[str, str | None, str]:
+    """(target folder, drafter folder or None, drafter kind) after applying defaults."""
+    tfolder = req.target or bundled_folder("target")
+    if tfolder is None:
+        raise DSparkError(f"no --target given and no bundled pair at {BUNDLED_DIR}; pass --target DIR")
+    kind = req.drafter
+    dfolder = req.draft
+    if kind == "none":
+        return tfolder, None, "none"
+    if dfolder is None and req.target is None:
+        dfolder = bundled_folder(kind or "dspark")
+    if dfolder is None:
+        if kind not in (None, "none"):
+            raise DSparkError(f"--drafter {kind} needs --draft DIR (no bundled {kind} drafter for this target)")
+        return tfolder, None, "none"
+    return tfolder, dfolder, kind or "auto"
+
+
+def _encode(req: GenerateRequest, tokenizer) -> list[list[int]]:
+    items: list = list(req.prompt)
+    if req.prompt_file:
+        items += prompts_lib.read_prompt_file(req.prompt_file)
+    if items and tokenizer is None:
+        raise DSparkError("text prompts need a tokenizer.json in the target folder; use --prompt-ids")
+    for i, text in enumerate(items):
+        if isinstance(text, str) and not text.strip():
+            raise DSparkError(f"prompt {i} is empty")
+    ids = prompts_lib.encode_prompts(items, tokenizer, req.chat) if items else []
+    ids += [prompts_lib.parse_ids(s) for s in req.prompt_ids]
+    if not ids:
+        raise DSparkError("no prompt given: use --prompt, --prompt-file or --prompt-ids")
+    return ids
+
+
+def run_generate(req: GenerateRequest, emit: Callable[[dict], None], stream: bool = True):
+    """Run a generation request; `emit` receives header / text / completion / summary events."""
+    from dspark_jax import drafters, mesh as mesh_lib
+    from dspark_jax.tokenizer import Tokenizer
+
+    if req.max_new_tokens < 1:
+        raise DSparkError(f"--max-new-tokens must be >= 1; got {req.max_new_tokens}")
+    if req.num_samples < 1:
+        raise DSparkError(f"--num-samples must be >= 1; got {req.num_samples}")
+    mesh = mesh_lib.make_mesh(req.mesh)
+    tfolder, dfolder, kind = resolve_folders(req)
+    tcfg, tparams = target.load(tfolder, req.dtype)
+    has_tok = os.path.exists(os.path.join(tfolder, "tokenizer.json"))
+    tokenizer = Tokenizer(tfolder) if has_tok else None
+    prompt_ids = _encode(req, tokenizer)
+    drafter, dparams, gamma = None, None, 0
+    if dfolder is not None:
+        drafter, dparams = drafters.load(dfolder, tcfg, kind=kind, gamma=req.gamma, dtype=req.dtype)
+        gamma = drafter.gamma
+    elif req.gamma is not None or req.verify_depth is not None:
+        raise DSparkError("--gamma / --verify-depth need a drafter (--draft DIR)")
+    stop_ids = () if req.ignore_eos or tokenizer is None else tokenizer.stop_ids
+
+    batch = [(pi, si) for pi in range(len(prompt_ids)) for si in range(req.num_samples)]
+    flat_prompts = [prompt_ids[pi] for pi, _ in batch]
+    sampling = SamplingParams.make(len(batch), req.temperature, req.top_k, req.top_p)
+    seeds = [(req.seed * 1_000_003 + i) % (2**32) for i in range(len(batch))]
+    tparams = target.shard(tcfg, tparams, mesh)
+    if drafter is not None:
+        dparams = drafter.shard(dparams, mesh)
+
+    streaming = stream and len(batch) == 1 and tokenizer is not None
+    shown = [""]
+
+    def on_round(comps):
+        text = tokenizer.decode(comps[0].token_ids)
+        if text.startswith(shown[0]) and len(text) > len(shown[0]):
+            emit({"kind": "text", "text": text[len(shown[0]):]})
+            shown[0] = text
+
+    if streaming:
+        emit({"kind": "header", "prompt_index": 0, "sample_index": 0})
+    comps = generation.generate(
+        tcfg, tparams, flat_prompts, max_new_tokens=req.max_new_tokens, sampling=sampling,
+        seeds=seeds, stop_ids=stop_ids, drafter=drafter, dparams=dparams, gamma=gamma,
+        verify_depth=req.verify_depth, trace=req.trace, on_round=on_round if streaming else None)
+    records = []
+    for (pi, si), c in zip(batch, comps):
+        text = tokenizer.decode(c.token_ids) if tokenizer is not None else None
+        rec = {"prompt_index": pi, "sample_index": si, "token_ids": c.token_ids, "text": text,
+               "rounds": c.rounds, "tau": round(c.tau, 4), "accepted_per_position": c.accepted_per_position,
+               "tokens_per_second": round(c.tokens_per_second, 3), "drafter": kind if drafter else "none",
+               "gamma": gamma}
+        if req.trace:
+            rec["trace"] = c.trace
+        records.append(rec)
+        if not streaming and stream:
+            emit({"kind": "header", "prompt_index": pi, "sample_index": si})
+            emit({"kind": "text", "text": text if text is not None else " ".join(map(str, c.token_ids))})
+        elif streaming and text is not None and len(text) > len(shown[0]) and text.startswith(shown[0]):
+            emit({"kind": "text", "text": text[len(shown[0]):]})
+        emit({"kind": "completion", "record": rec})
+    n_tok = sum(len(c.token_ids) for c in comps)
+    rounds = sum(c.rounds for c in comps)
+    secs = max(c.seconds for c in comps)
+    tau = sum(len(c.token_ids) - 1 for c in comps) / rounds if rounds else 0.0
+    emit({"kind": "summary", "line": f"drafter {records[0]['drafter']}  tau {tau:.2f}  "
+          f"tokens/s {n_tok / secs if secs else 0:.1f}  rounds {rounds}  completions {len(comps)}"})
+    return records
+

@@ -1,0 +1,144 @@
+"""The jit-compiled, static-shape speculation round for a batch of requests.
+
+One round, for every active request r with verification depth l_r in [0, gamma]:
+  draft   the drafter proposes x_1..x_gamma after the anchor x_0 (the last committed
+          token, whose K/V is not in the target cache yet), with draft distributions q;
+  verify  ONE target pass over [x_0, x_1..x_l] (1 + l_r valid slots, the rest inert);
+  accept  lossless rejection sampling; commit x_1..x_n plus a residual or bonus token;
+  update  target cache length += n + 1; the drafter ingests the target features of the
+          committed positions; stop tokens and max_new_tokens end requests.
+Nothing here syncs with the host; shapes depend only on (batch, gamma, cache length).
+Plain decoding is the same round with gamma = 0 and no drafter.
+
+A drafter is a static object (hashable, passed as a jit static argument) offering:
+  tap_layers                               target layers whose outputs it reads
+  init_cache(batch, max_len)               its cache pytree
+  ingest(dparams, tparams, dcache, feats [B,T,F], next_tokens [B,T], start [B], count [B])
+      -> dcache    (feats of positions start..start+count-1; next_tokens[t] is the token
+                    at position start+t+1)
+  propose(dparams, tparams, dcache, anchor [B], start [B], sampling, keys [B])
+      -> (draft [B,G] int32, q [B,G,V] warped draft probs, confidence [B,G] float32)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from dspark_jax import target
+from dspark_jax.kv_cache import KVCache
+from dspark_jax.sampling import SamplingParams, accept_drafts, sample_rows, warp
+
+
+@struct.dataclass
+class DecodeState:
+    cache: KVCache
+    draft_cache: Any
+    anchor: jax.Array     # [B] int32: last committed token (not yet in the target cache)
+    keys: jax.Array       # [B] per-request PRNG keys
+    done: jax.Array       # [B] bool
+    out: jax.Array        # [B, N] int32 generated tokens
+    n_out: jax.Array      # [B] int32
+    max_new: jax.Array    # [B] int32
+    stop_ids: jax.Array   # [B, S] int32, -1 = unused
+    sampling: SamplingParams
+
+
+@struct.dataclass
+class RoundInfo:
+    draft: jax.Array       # [B, G]
+    confidence: jax.Array  # [B, G]
+    depth: jax.Array       # [B] verified depth (0 for inactive rows)
+    accepted: jax.Array    # [B] accepted drafts n
+    committed: jax.Array   # [B] tokens appended to the output this round
+    active: jax.Array      # [B] bool: the row took part in this round
+
+
+def _split_keys(keys: jax.Array, n: int) -> tuple[jax.Array, ...]:
+    parts = jax.vmap(lambda k: jax.random.split(k, n))(keys)  # [B, n]
+    return tuple(parts[:, i] for i in range(n))
+
+
+def _commit(state: DecodeState, new_tokens: jax.Array, count: jax.Array, active: jax.Array):
+    """Append new_tokens[:, :count] to each active row, honouring stop ids and max_new."""
+    b, width = new_tokens.shape
+    slot = jnp.arange(width)[None, :]
+    room = state.max_new - state.n_out
+    limit = jnp.where(active, jnp.minimum(count, room), 0)
+    is_stop = (new_tokens[:, :, None] == state.stop_ids[:, None, :]).any(-1) & (slot < limit[:, None])
+    first_stop = jnp.argmax(is_stop, axis=1)
+    hit = is_stop.any(axis=1)
+    limit = jnp.where(hit, first_stop + 1, limit)
+    index = jnp.where(slot < limit[:, None], state.n_out[:, None] + slot, state.out.shape[1])
+    out = state.out.at[jnp.arange(b)[:, None], index].set(new_tokens, mode="drop")
+    n_out = state.n_out + limit
+    done = state.done | (active & (hit | (n_out >= state.max_new)))
+    return state.replace(out=out, n_out=n_out, done=done), limit
+
+
+@functools.partial(jax.jit, static_argnames=("tcfg", "drafter", "max_new_cap"),
+                   donate_argnames=("cache", "draft_cache"))
+def start(tcfg, drafter, tparams, dparams, prompts, lengths, cache, draft_cache, keys,
+          sampling: SamplingParams, max_new, stop_ids, max_new_cap: int):
+    """Prefill prompts [B, T] (right-padded, `lengths` [B]) and sample the first token."""
+    taps_wanted = drafter.tap_layers if drafter is not None else ()
+    last, cache, taps = target.prefill(tcfg, tparams, prompts, lengths, cache, taps_wanted)
+    k_first, keys = _split_keys(keys, 2)
+    first = sample_rows(k_first, warp(last, sampling))
+    if drafter is not None:
+        feats = jnp.concatenate(taps, axis=-1)
+        nxt = jnp.concatenate([prompts[:, 1:], jnp.zeros_like(prompts[:, :1])], axis=1)
+        nxt = jnp.where(jnp.arange(prompts.shape[1])[None] == (lengths - 1)[:, None], first[:, None], nxt)
+        draft_cache = drafter.ingest(dparams, tparams, draft_cache, feats, nxt,
+                                     jnp.zeros_like(lengths), lengths)
+    b = prompts.shape[0]
+    state = DecodeState(cache=cache, draft_cache=draft_cache, anchor=first, keys=keys,
+                        done=jnp.zeros((b,), bool), out=jnp.zeros((b, max_new_cap), jnp.int32),
+                        n_out=jnp.zeros((b,), jnp.int32), max_new=max_new, stop_ids=stop_ids,
+                        sampling=sampling)
+    state, _ = _commit(state, first[:, None], jnp.ones((b,), jnp.int32), jnp.ones((b,), bool))
+    return state
+
+
+@functools.partial(jax.jit, static_argnames=("tcfg", "drafter", "gamma"), donate_argnames=("state",))
+def spec_round(tcfg, drafter, gamma: int, tparams, dparams, state: DecodeState, depth: jax.Array):
+    """One speculation round; `depth` [B] is each request's verification depth in [0, gamma]."""
+    b = state.anchor.shape[0]
+    active = ~state.done
+    depth = jnp.where(active, jnp.clip(depth, 0, gamma), 0).astype(jnp.int32)
+    pos0 = state.cache.lengths
+    k_draft, k_accept, keys = _split_keys(state.keys, 3)
+    if drafter is not None and gamma > 0:
+        draft, q, conf = drafter.propose(dparams, tparams, state.draft_cache, state.anchor, pos0,
+                                         state.sampling, k_draft)
+    else:
+        draft = jnp.zeros((b, gamma), jnp.int32)
+        q = jnp.zeros((b, gamma, 1), jnp.float32)
+        conf = jnp.zeros((b, gamma), jnp.float32)
+    tokens = jnp.concatenate([state.anchor[:, None], draft], axis=1)
+    q_lens = jnp.where(active, 1 + depth, 0)
+    taps_wanted = drafter.tap_layers if drafter is not None else ()
+    logits, cache, taps = target.step(tcfg, tparams, tokens, q_lens, state.cache, taps_wanted)
+    p = warp(logits, state.sampling)
+    if q.shape[-1] != p.shape[-1]:
+        q = jnp.zeros(q.shape[:2] + p.shape[-1:], jnp.float32)
+    n, nxt = accept_drafts(k_accept, draft, q, p, depth)
+    n = jnp.where(active, n, 0)
+    count = jnp.where(active, n + 1, 0)
+    cache = cache.replace(lengths=pos0 + count)
+    slot = jnp.arange(gamma + 1)[None, :]
+    committed = jnp.where(slot < n[:, None], jnp.pad(draft, ((0, 0), (0, 1))), nxt[:, None])
+    draft_cache = state.draft_cache
+    if drafter is not None:
+        feats = jnp.concatenate(taps, axis=-1)
+        draft_cache = drafter.ingest(dparams, tparams, draft_cache, feats, committed, pos0, count)
+    state = state.replace(cache=cache, draft_cache=draft_cache,
+                          anchor=jnp.where(active, nxt, state.anchor), keys=keys)
+    state, appended = _commit(state, committed, count, active)
+    info = RoundInfo(draft=draft, confidence=conf, depth=depth, accepted=n, committed=appended,
+                     active=active)
+    return state, info

@@ -1,0 +1,132 @@
+"""The target model as pure functions: `(config, params, arrays) -> arrays`.
+
+Configs are static (hashable) so every function here can be jitted with the config as
+a static argument; per-call variation travels as arrays (lengths, masks). The module
+class is picked by the config type, so Qwen3 and later architectures share one API.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+from dspark_jax import checkpoints
+from dspark_jax.config import Qwen3Config
+from dspark_jax.errors import DSparkError
+from dspark_jax.kv_cache import KVCache
+from dspark_jax.models.qwen3 import Qwen3LM
+
+
+def module_for(cfg):
+    if isinstance(cfg, Qwen3Config):
+        return Qwen3LM(cfg)
+    raise DSparkError(f"no target model for config type {type(cfg).__name__}")
+
+
+def _dummy_inputs():
+    return jnp.zeros((1, 1), jnp.int32), jnp.ones((1,), jnp.int32)
+
+
+def init_params(cfg, rng: jax.Array):
+    """Random parameters (unboxed) for a target config."""
+    import flax.linen as nn
+
+    return nn.unbox(module_for(cfg).init(rng, *_dummy_inputs())["params"])
+
+
+def param_shapes_and_axes(cfg):
+    """(ShapeDtypeStruct tree, logical axes tree) of the target's parameters."""
+    return checkpoints.param_template(module_for(cfg), *_dummy_inputs())
+
+
+def load(folder: str, dtype: str | None = None):
+    """(config, params) from a Hugging Face folder, dispatching on `model_type`."""
+    hf = checkpoints.read_config(folder)
+    model_type = hf.get("model_type")
+    if model_type == "qwen3":
+        return checkpoints.load_qwen3(folder, dtype)
+    raise DSparkError(f"{os.path.join(folder, 'config.json')}: unknown model_type '{model_type}' "
+                      f"(supported: {', '.join(checkpoints.SUPPORTED_TARGETS)})")
+
+
+def init_cache(cfg, batch: int, max_len: int) -> KVCache:
+    return KVCache.init(num_layers=cfg.num_hidden_layers, batch=batch, max_len=max_len,
+                        kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                        dtype=cfg.jnp_dtype)
+
+
+def forward(cfg, params, tokens, q_lens, cache: KVCache | None = None, tap_layers=()):
+    """(hidden [B, T, E], cache, taps): see models/qwen3.py for the convention."""
+    return module_for(cfg).apply({"params": params}, tokens, q_lens, cache, tuple(tap_layers))
+
+
+def logits(cfg, params, hidden):
+    return module_for(cfg).apply({"params": params}, hidden, method="logits")
+
+
+def embed(cfg, params, tokens):
+    return module_for(cfg).apply({"params": params}, tokens, method="embed")
+
+
+def last_valid(x: jax.Array, q_lens: jax.Array) -> jax.Array:
+    """x[b, q_lens[b] - 1] for each row: [B, T, ...] -> [B, ...]."""
+    idx = jnp.maximum(q_lens - 1, 0)
+    return jnp.take_along_axis(x, idx.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "tap_layers"), donate_argnames=("cache",))
+def prefill(cfg, params, tokens, lengths, cache: KVCache, tap_layers=()):
+    """Prompts [B, T] right-padded to T with `lengths` [B] into an empty cache.
+
+    Returns (logits of each prompt's last token [B, V], cache, taps).
+    """
+    hidden, cache, taps = forward(cfg, params, tokens, lengths, cache, tap_layers)
+    return logits(cfg, params, last_valid(hidden, lengths)), cache, taps
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "tap_layers"), donate_argnames=("cache",))
+def step(cfg, params, tokens, q_lens, cache: KVCache, tap_layers=()):
+    """Several query tokens per request against the cache -> (logits [B, T, V], cache, taps).
+
+    The cache's lengths advance by q_lens; a caller that commits fewer tokens (rejected
+    drafts) sets lengths itself: entries past a row's length are ignored and overwritten.
+    """
+    hidden, cache, taps = forward(cfg, params, tokens, q_lens, cache, tap_layers)
+    return logits(cfg, params, hidden), cache, taps
+
+
+def greedy_decode(cfg, params, prompts: list[list[int]], max_new_tokens: int, max_len: int | None = None):
+    """Plain greedy decoding of a batch of prompts: the reference every speculative path
+    must reproduce token for token. Returns a list of generated id lists."""
+    b = len(prompts)
+    t = max(len(p) for p in prompts)
+    max_len = max_len or t + max_new_tokens
+    tokens = jnp.array([p + [0] * (t - len(p)) for p in prompts], jnp.int32)
+    lengths = jnp.array([len(p) for p in prompts], jnp.int32)
+    out, cache = [], init_cache(cfg, b, max_len)
+    last, cache, _ = prefill(cfg, params, tokens, lengths, cache)
+    ones = jnp.ones((b,), jnp.int32)
+    for _ in range(max_new_tokens):
+        nxt = jnp.argmax(last, axis=-1).astype(jnp.int32)
+        out.append(nxt)
+        logit, cache, _ = step(cfg, params, nxt[:, None], ones, cache)
+        last = logit[:, 0]
+    return jax.device_get(jnp.stack(out, axis=1)).tolist() if out else [[] for _ in prompts]
+
+
+def shard(cfg, params, mesh, rules=None):
+    """Place target parameters on `mesh` following their logical axes."""
+    from dspark_jax import mesh as mesh_lib
+
+    _, axes = param_shapes_and_axes(cfg)
+    return mesh_lib.shard_tree(params, axes, mesh, rules or mesh_lib.SERVING_RULES)
+
+
+def shard_cache(cache: KVCache, mesh, rules=None) -> KVCache:
+    from dspark_jax import mesh as mesh_lib
+    from dspark_jax.kv_cache import KV_CACHE_AXES
+
+    return mesh_lib.shard_tree(cache, KV_CACHE_AXES, mesh, rules or mesh_lib.SERVING_RULES)
