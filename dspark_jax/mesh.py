@@ -39,6 +39,7 @@ SERVING_RULES: tuple[tuple[str, str | None], ...] = (
     ("layers", None),
     ("norm", None),
     ("rank", None),
+    ("joint", None),  # concatenated inputs of small heads ([h; e], [s; e; h])
 )
 
 # FSDP over `data` on the embed dimension of weights; activations still shard batch.

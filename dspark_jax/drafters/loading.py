@@ -1,7 +1,134 @@
-"""Loading DeepSpec-layout drafter folders (filled in with the drafter modules)."""
+"""DeepSpec-layout drafter folders in and out (config.json + model.safetensors).
 
+A drafter folder's config.json is the target's config copied (so `model_type` still
+says `qwen3`); `architectures` tells the drafter kind. Tensor names carry no `model.`
+prefix. The drafter reuses the target's embedding table and LM head at run time; the
+copies in the folder are written on export (other engines expect them) and ignored on
+load.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import numpy as np
+
+from dspark_jax import checkpoints
+from dspark_jax.drafters.config import DrafterConfig, check_fits_target
+from dspark_jax.drafters.dspark import BlockDrafter
 from dspark_jax.errors import DSparkError
+from dspark_jax.safetensors_io import open_folder
+
+KINDS = ("dspark", "dflash", "eagle3", "mtp1")
+STS_FILE = "sts_calibration.json"
 
 
-def load(folder, tcfg, *, kind="auto", gamma=None, dtype=None):
-    raise DSparkError(f"cannot load drafter {folder}: drafters are not available in this build")
+def architecture_kind(hf: dict, path: str) -> str:
+    archs = " ".join(hf.get("architectures") or [])
+    if "Eagle3" in archs:
+        return "eagle3"
+    if "DSpark" in archs or "DFlash" in archs:
+        return "dspark" if int(hf.get("markov_rank", 256 if "DSpark" in archs else 0)) > 0 else "dflash"
+    raise DSparkError(f"{path}: architectures {hf.get('architectures')} is not a drafter "
+                      "(expected Qwen3DSparkModel, Qwen3DFlashModel or Qwen3Eagle3Model)")
+
+
+def block_config(hf: dict, path: str, dtype: str | None = None) -> DrafterConfig:
+    arch = checkpoints.qwen3_config(hf, path, dtype)
+    archs = " ".join(hf.get("architectures") or [])
+    if "target_layer_ids" not in hf:
+        raise DSparkError(f"{path}: missing field target_layer_ids")
+    mask = hf.get("mask_token_id")
+    if mask is None or not 0 <= int(mask) < arch.vocab_size:
+        raise DSparkError(f"{path}: mask_token_id {mask} is not a token of the {arch.vocab_size}-token vocabulary")
+    return DrafterConfig(
+        arch=arch, target_layer_ids=tuple(int(i) for i in hf["target_layer_ids"]),
+        block_size=int(hf.get("block_size", 7)), mask_token_id=int(mask),
+        markov_rank=int(hf.get("markov_rank", 256 if "DSpark" in archs else 0)),
+        markov_head_type=hf.get("markov_head_type", "vanilla"),
+        enable_confidence_head=bool(hf.get("enable_confidence_head", "DSpark" in archs)),
+        confidence_head_with_markov=bool(hf.get("confidence_head_with_markov", True)),
+        num_anchors=int(hf.get("num_anchors", 512)),
+        num_target_layers=int(hf.get("num_target_layers", 0)))
+
+
+def _sts(folder: str) -> tuple[float, ...] | None:
+    path = os.path.join(folder, STS_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            temps = json.load(f)["temperatures"]
+        return tuple(float(t) for t in temps)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise DSparkError(f"{path} is not a valid STS calibration (needs a 'temperatures' list)") from None
+
+
+def check_gamma(gamma: int | None, block_size: int, path: str) -> int:
+    gamma = block_size if gamma is None else int(gamma)
+    if gamma < 1:
+        raise DSparkError(f"gamma must be >= 1; got {gamma}")
+    if gamma > block_size:
+        raise DSparkError(f"gamma {gamma} is above the drafter's block size {block_size} ({path})")
+    return gamma
+
+
+def load(folder: str, tcfg, *, kind: str = "auto", gamma: int | None = None, dtype: str | None = None):
+    """(drafter, params) from a DeepSpec folder, checked against the target config.
+
+    kind: "auto" (what the folder holds), "dspark", "dflash", "eagle3", or "mtp1" (any
+    drafter folder used with one draft token per round).
+    """
+    hf = checkpoints.read_config(folder)
+    path = os.path.join(folder, "config.json")
+    held = architecture_kind(hf, path)
+    if kind == "mtp1":
+        gamma = 1
+    elif kind not in ("auto", held):
+        raise DSparkError(f"--drafter {kind} was asked for but {folder} holds a {held} drafter")
+    dtype = dtype or tcfg.dtype
+    if held == "eagle3":
+        from dspark_jax.drafters import eagle3
+
+        return eagle3.load_eagle3(folder, tcfg, gamma=gamma, dtype=dtype)
+    cfg = block_config(hf, path, dtype)
+    check_fits_target(cfg, tcfg, folder)
+    drafter = BlockDrafter(cfg, tcfg, check_gamma(gamma, cfg.block_size, folder), _sts(folder))
+    template, _ = drafter.param_shapes_and_axes()
+    params = checkpoints.load_tree(open_folder(folder), template, prefix="", dtype=cfg.arch.jnp_dtype,
+                                   folder=folder)
+    return drafter, params
+
+
+def drafter_hf_config(target_hf: dict, cfg: DrafterConfig, num_target_layers: int) -> dict:
+    """config.json of a block drafter: the target's config plus the drafter fields."""
+    hf = copy.deepcopy(target_hf)
+    hf.update(
+        architectures=["Qwen3DSparkModel" if cfg.markov_rank > 0 else "Qwen3DFlashModel"],
+        num_hidden_layers=cfg.arch.num_hidden_layers, num_target_layers=num_target_layers,
+        block_size=cfg.block_size, target_layer_ids=list(cfg.target_layer_ids),
+        mask_token_id=cfg.mask_token_id, num_anchors=cfg.num_anchors, markov_rank=cfg.markov_rank,
+        markov_head_type=cfg.markov_head_type, enable_confidence_head=cfg.enable_confidence_head,
+        confidence_head_with_markov=cfg.confidence_head_with_markov, tie_word_embeddings=False,
+        intermediate_size=cfg.arch.intermediate_size)
+    return hf
+
+
+def save_block_drafter(folder: str, drafter: BlockDrafter, params, target_hf: dict, tparams,
+                       sts_temperatures=None) -> None:
+    """Export in the DeepSpec layout, with copies of the target's embedding and LM head."""
+    os.makedirs(folder, exist_ok=True)
+    hf = drafter_hf_config(target_hf, drafter.cfg, drafter.tcfg.num_hidden_layers)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2, sort_keys=True)
+    tensors = checkpoints.to_tensors(params, prefix="")
+    embed = np.asarray(tparams["embed_tokens"]["embedding"])
+    tensors["embed_tokens.weight"] = embed
+    head = tparams.get("lm_head")
+    tensors["lm_head.weight"] = embed if head is None else np.ascontiguousarray(np.asarray(head["kernel"]).T)
+    checkpoints.save_tensors(tensors, folder)
+    if sts_temperatures is not None:
+        with open(os.path.join(folder, STS_FILE), "w") as f:
+            json.dump({"temperatures": [float(t) for t in sts_temperatures]}, f, indent=2)
