@@ -68,7 +68,7 @@ def validate_request(prompt: Sequence[int], vocab_size: int, max_new_tokens: int
 
 def generate(tcfg, tparams, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: SamplingParams, seeds: Sequence[int], stop_ids: Sequence[int] = (),
-             drafter=None, dparams=None, gamma: int = 0, verify_depth: int | None = None,
+             drafter=None, dparams=None, gamma: int | None = None, verify_depth: int | None = None,
              depth_fn: Callable | None = None, trace: bool = False,
              on_round: Callable[[list[Completion]], None] | None = None,
              max_len: int | None = None) -> list[Completion]:
@@ -79,6 +79,10 @@ def generate(tcfg, tparams, prompts: Sequence[Sequence[int]], *, max_new_tokens:
     """
     if drafter is None:
         gamma = 0
+    elif gamma is None:
+        gamma = drafter.gamma
+    elif gamma != drafter.gamma:
+        raise DSparkError(f"gamma {gamma} does not match the drafter's gamma {drafter.gamma}")
     b = len(prompts)
     for i, p in enumerate(prompts):
         validate_request(p, tcfg.vocab_size, max_new_tokens, i)

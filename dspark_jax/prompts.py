@@ -20,8 +20,9 @@ def parse_ids(text: str) -> list[int]:
 def messages_of(obj, where: str) -> list[dict]:
     """A chat in any of the accepted JSON shapes -> [{role, content}, ...].
 
-    Accepted: a list of messages, {"messages": [...]}, or DeepSpec's {"turns": [str, ...]}
-    (alternating user / assistant, starting with the user).
+    Accepted: a list of messages, {"messages": [...]}, or DeepSpec's prompt-file form
+    {"turns": [str, ...]} whose entries are successive user turns (answers come from
+    regeneration).
     """
     if isinstance(obj, dict) and "messages" in obj:
         obj = obj["messages"]
@@ -29,7 +30,7 @@ def messages_of(obj, where: str) -> list[dict]:
         turns = obj["turns"]
         if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
             raise DSparkError(f"{where}: 'turns' must be a list of strings")
-        obj = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+        obj = [{"role": "user", "content": t} for t in turns]
     if not isinstance(obj, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in obj):

@@ -124,8 +124,10 @@ def spec_round(tcfg, drafter, gamma: int, tparams, dparams, state: DecodeState, 
     taps_wanted = drafter.tap_layers if drafter is not None else ()
     logits, cache, taps = target.step(tcfg, tparams, tokens, q_lens, state.cache, taps_wanted)
     p = warp(logits, state.sampling)
-    if q.shape[-1] != p.shape[-1]:
-        q = jnp.zeros(q.shape[:2] + p.shape[-1:], jnp.float32)
+    if drafter is None or gamma == 0:
+        q = jnp.zeros(q.shape[:2] + p.shape[-1:], jnp.float32)  # nothing is drafted
+    elif q.shape[-1] != p.shape[-1]:
+        raise ValueError(f"drafter vocabulary {q.shape[-1]} != target vocabulary {p.shape[-1]}")
     n, nxt = accept_drafts(k_accept, draft, q, p, depth)
     n = jnp.where(active, n, 0)
     count = jnp.where(active, n + 1, 0)

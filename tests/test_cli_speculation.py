@@ -22,6 +22,14 @@ def folders(tmp_path_factory):
     for name, kw in {"dspark": dict(head="gated"), "dflash": dict(rank=0, confidence=False)}.items():
         d, p = make_block_drafter(tcfg, **kw)
         out[name] = write_block_drafter(root / name, UNTIED, tparams, d, p, sts=[1.0, 1.5, 2.0, 2.5])
+    from dspark_jax.drafters.eagle3 import Eagle3Config, Eagle3Drafter, init_eagle3_params, save_eagle3
+    from dspark_jax import checkpoints
+
+    e3 = Eagle3Drafter(cfg=Eagle3Config(arch=tcfg.replace(num_hidden_layers=1), target_layer_ids=(0, 1),
+                                        block_size=4), tcfg=tcfg, gamma=4)
+    save_eagle3(str(root / "eagle3"), e3, init_eagle3_params(e3, __import__("jax").random.key(3)),
+                checkpoints.read_config(UNTIED))
+    out["eagle3"] = str(root / "eagle3")
     tcfg_t, tparams_t = target.load(TIED)
     d, p = make_block_drafter(tcfg_t)
     out["tied"] = write_block_drafter(root / "tied", TIED, tparams_t, d, p)
@@ -33,12 +41,12 @@ def records(capsys, *argv):
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
-@pytest.mark.parametrize("kind", ["dspark", "dflash", "mtp1"])
+@pytest.mark.parametrize("kind", ["dspark", "dflash", "eagle3", "mtp1"])
 def test_speculative_json_equals_plain(capsys, folders, kind):
     common = ["--target", UNTIED, "--prompt-ids", "1,2,3", "--prompt-ids", "7,8,9,10,11,12",
               "--temperature", "0", "--json", "--max-new-tokens", "12"]
     plain = records(capsys, *common, "--drafter", "none")
-    draft = folders["dflash" if kind == "dflash" else "dspark"]
+    draft = folders["dspark" if kind == "mtp1" else kind]
     spec = records(capsys, *common, "--draft", draft, "--drafter", kind, "--trace")
     assert [r["token_ids"] for r in spec] == [r["token_ids"] for r in plain]
     gamma = 1 if kind == "mtp1" else 4

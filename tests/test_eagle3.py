@@ -21,6 +21,7 @@ from tests.conftest import FIXTURES
 
 UNTIED = os.path.join(FIXTURES, "qwen3_tiny_untied")
 GAMMA = 3
+PROMPTS = [[1, 2, 3, 4, 5], [9, 8, 7, 100, 200, 300, 400, 50, 60, 70, 80], list(range(30, 47))]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,8 @@ def test_save_load_round_trip(tgt, eagle, saved):
         hf = json.load(f)
     assert hf["architectures"] == ["Qwen3Eagle3Model"] and hf["model_type"] == "qwen3"
     assert (hf["num_hidden_layers"], hf["num_target_layers"], hf["target_layer_ids"]) == (1, 3, [0, 1])
+    assert hf["layer_types"] == ["full_attention"] and hf["tie_word_embeddings"] is False
+    assert (hf["block_size"], hf["ttt_length"], hf["step_loss_decay"]) == (7, 7, 0.8)
     assert "fc.weight" in open_folder(saved) and "layers.0.hidden_norm.weight" in open_folder(saved)
     assert open_folder(saved)["layers.0.self_attn.q_proj.weight"].shape == (4 * 32, 2 * 64)
     loaded, lparams = load_eagle3(saved, tcfg, gamma=GAMMA)
@@ -165,8 +168,7 @@ def test_ingest_then_propose_matches_uncached_chain(eagle):
 def test_greedy_generation_is_lossless(tgt, eagle):
     tcfg, tparams = tgt
     drafter, params = eagle
-    prompts = [[1, 2, 3, 4, 5], [9, 8, 7, 100, 200, 300, 400, 50, 60, 70, 80],
-               list(range(30, 47))]
+    prompts = PROMPTS
     kw = dict(max_new_tokens=24, sampling=SamplingParams.make(3, 0.0), seeds=[0, 1, 2])
     plain = generation.generate(tcfg, tparams, prompts, **kw)
     ref = [c.token_ids for c in plain]
@@ -176,6 +178,19 @@ def test_greedy_generation_is_lossless(tgt, eagle):
                                   gamma=drafter.gamma, verify_depth=depth, **kw)
         assert [c.token_ids for c in out] == ref, depth
         assert all(c.rounds > 0 and c.tau >= 1 for c in out)
+
+
+def test_sampled_generation_accepts_deep_drafts(tgt, eagle):
+    """At a high temperature even a random drafter is often accepted: rounds commit several
+    tokens, so the drafter ingests multi-token rounds and drafts past accepted tokens."""
+    tcfg, tparams = tgt
+    drafter, params = eagle
+    out = generation.generate(tcfg, tparams, PROMPTS, max_new_tokens=24,
+                              sampling=SamplingParams.make(3, 3.0), seeds=[0, 1, 2],
+                              drafter=drafter, dparams=params, gamma=drafter.gamma)
+    for c in out:
+        assert len(c.token_ids) == 24 and all(0 <= t < 512 for t in c.token_ids)
+        assert c.rounds < 23 and c.accepted_per_position[-1] > 0, c.accepted_per_position
 
 
 def test_shard_places_params_on_mesh(eagle):

@@ -258,6 +258,10 @@ class Eagle3Drafter:
         q = jnp.concatenate(qs, axis=1).astype(jnp.float32)
         return draft, q, jnp.zeros((b, g_len), jnp.float32)
 
+    @property
+    def kind(self) -> str:
+        return "eagle3"
+
     def shard(self, dparams, mesh, rules=None):
         from dspark_jax import mesh as mesh_lib
 
@@ -310,6 +314,10 @@ def save_eagle3(folder: str, drafter_or_cfg, params, target_hf_config: dict) -> 
               intermediate_size=a.intermediate_size, num_attention_heads=a.num_attention_heads,
               num_key_value_heads=a.num_key_value_heads, head_dim=a.head_dim,
               rms_norm_eps=a.rms_norm_eps, attention_bias=a.attention_bias, dtype=a.dtype)
+    if "torch_dtype" in hf:
+        hf["torch_dtype"] = a.dtype
+    if "layer_types" in hf:
+        hf["layer_types"] = ["full_attention"] * a.num_hidden_layers
     if isinstance(hf.get("rope_parameters"), dict):
         hf["rope_parameters"] = dict(hf["rope_parameters"], rope_theta=a.rope_theta)
     else:
