@@ -1,0 +1,129 @@
+"""Training configuration: one frozen dataclass, files under configs/ that override it,
+and `--set key=value` on the command line.
+
+A config file is a Python module defining `CONFIG = TrainConfig(...)` (plain data; it is
+imported, never exec'd); `overrides` applies `key=value` strings with the field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import typing
+
+from dspark_jax.errors import DSparkError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    # what to train
+    target: str = ""                      # Hugging Face target folder
+    data_dir: str = ""                    # TFDS data_dir holding the prepared dataset
+    dataset: str = ""                     # dataset (builder config) name
+    drafter: str = "dspark"               # dspark | dflash | eagle3
+    draft_layers: int = 1
+    draft_intermediate_size: int = 0      # 0: the target's
+    block_size: int = 7
+    target_layer_ids: tuple[int, ...] = ()  # () = spread evenly over the target
+    markov_rank: int = 256
+    markov_head_type: str = "vanilla"
+    confidence_head: bool = True
+    confidence_with_markov: bool = True
+    mask_token: str = "<|mask|>"          # token name in tokenizer.json (or an integer id)
+    # objective
+    num_anchors: int = 64
+    loss_decay: float = 4.0               # w_k = exp(-(k-1)/loss_decay)
+    ce_weight: float = 0.1
+    tv_weight: float = 0.9
+    conf_weight: float = 1.0
+    ttt_length: int = 7                   # eagle3 training-time test steps
+    ttt_decay: float = 0.8
+    # optimisation
+    seq_len: int = 256
+    batch_size: int = 8                   # global, sequences
+    steps: int = 100
+    lr: float = 6e-4
+    warmup_frac: float = 0.04
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    compute_dtype: str = "float32"        # float32 | bfloat16 (master weights stay float32)
+    mesh: str = "1x1"
+    seed: int = 0
+    # bookkeeping
+    out_dir: str = "runs/drafter"
+    ckpt_every: int = 50
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    async_checkpoint: bool = True
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def _coerce(name: str, value: str, typ):
+    origin = typing.get_origin(typ)
+    try:
+        if typ is bool:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return value.lower() in ("true", "1", "yes")
+        if origin is tuple:
+            parts = [p for p in value.replace("[", "").replace("]", "").replace("(", "").replace(")", "").split(",")
+                     if p.strip()]
+            return tuple(int(p) for p in parts)
+        return typ(value)
+    except ValueError:
+        raise DSparkError(f"--set {name}={value}: expected a {getattr(typ, '__name__', typ)}") from None
+
+
+def overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
+    hints = typing.get_type_hints(TrainConfig)
+    changes = {}
+    for item in items:
+        if "=" not in item:
+            raise DSparkError(f"--set takes key=value; got '{item}'")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if key not in hints:
+            raise DSparkError(f"--set {key}: no such config field (see train/config.py)")
+        changes[key] = _coerce(key, value.strip(), hints[key])
+    return cfg.replace(**changes)
+
+
+def load_config(path: str | None, sets: list[str] = ()) -> TrainConfig:
+    """CONFIG from a configs/*.py file (or the defaults), then the --set overrides."""
+    cfg = TrainConfig()
+    if path:
+        if not os.path.exists(path):
+            raise DSparkError(f"config file {path} does not exist")
+        spec = importlib.util.spec_from_file_location("_train_config", path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:  # a broken config file: report it in one line
+            raise DSparkError(f"config file {path} failed to import: {type(e).__name__}: {e}") from None
+        cfg = getattr(module, "CONFIG", None)
+        if not isinstance(cfg, TrainConfig):
+            raise DSparkError(f"config file {path} must define CONFIG = TrainConfig(...)")
+    cfg = overrides(cfg, list(sets))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    if cfg.drafter not in ("dspark", "dflash", "eagle3"):
+        raise DSparkError(f"drafter must be dspark, dflash or eagle3; got '{cfg.drafter}'")
+    for name in ("steps", "batch_size", "seq_len", "block_size", "num_anchors", "draft_layers"):
+        if getattr(cfg, name) < 1:
+            raise DSparkError(f"{name} must be >= 1; got {getattr(cfg, name)}")
+    if cfg.compute_dtype not in ("float32", "bfloat16"):
+        raise DSparkError(f"compute_dtype must be float32 or bfloat16; got '{cfg.compute_dtype}'")
+    if not cfg.target:
+        raise DSparkError("no target folder: set target=DIR (in the config or with --set)")
+    if not cfg.data_dir or not cfg.dataset:
+        raise DSparkError("no dataset: set data_dir=DIR and dataset=NAME (built by python -m train.build_data)")

@@ -1,0 +1,52 @@
+"""Deterministic, per-host, resumable batches from a random-access data source.
+
+The batch of global step s is a pure function of (seed, s): epoch e = s // steps_per_epoch
+draws a fresh permutation seeded by (seed, e), and host p of P takes its contiguous
+slice of the global batch. The data position is therefore just the step, so a resumed
+run continues on exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dspark_jax.errors import DSparkError
+
+
+class BatchLoader:
+    def __init__(self, source, *, global_batch: int, seq_len: int, seed: int = 0,
+                 process_index: int = 0, process_count: int = 1):
+        self.source = source
+        self.size = len(source)
+        if global_batch % process_count:
+            raise DSparkError(f"batch_size {global_batch} must be a multiple of the {process_count} hosts")
+        if self.size < global_batch:
+            raise DSparkError(f"the dataset has {self.size} examples, fewer than one batch of {global_batch}")
+        self.global_batch = global_batch
+        self.local_batch = global_batch // process_count
+        self.seq_len = seq_len
+        self.seed = seed
+        self.process_index = process_index
+        self.steps_per_epoch = self.size // global_batch
+        self._perm_epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> np.ndarray:
+        """Example indices of this host's share of global step `step`."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+            self._perm_epoch = epoch
+        start = k * self.global_batch + self.process_index * self.local_batch
+        return self._perm[start:start + self.local_batch]
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        ids = np.zeros((self.local_batch, self.seq_len), np.int32)
+        mask = np.zeros((self.local_batch, self.seq_len), np.int32)
+        lengths = np.zeros((self.local_batch,), np.int32)
+        for row, i in enumerate(self.indices(step)):
+            ex = self.source[int(i)]
+            n = min(len(ex["input_ids"]), self.seq_len)
+            ids[row, :n] = ex["input_ids"][:n]
+            mask[row, :n] = ex["loss_mask"][:n]
+            lengths[row] = n
+        return {"input_ids": ids, "loss_mask": mask, "lengths": lengths}

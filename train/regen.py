@@ -1,0 +1,95 @@
+"""Regeneration: answer every user turn of a prompt set with the target's own sampling."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tqdm import tqdm
+
+from dspark_jax import generation, prompts as prompts_lib, target
+from dspark_jax.errors import DSparkError
+from dspark_jax.sampling import SamplingParams
+from dspark_jax.tokenizer import Tokenizer
+
+
+def read_prompt_set(path: str) -> list[tuple[list[dict], str]]:
+    """(user-turn messages, domain) per conversation; assistant turns are dropped."""
+    out = []
+    for item in prompts_lib.read_prompt_file(path):
+        domain = ""
+        if isinstance(item, str):
+            msgs = [{"role": "user", "content": item}]
+        else:
+            msgs = [m for m in item if m["role"] != "assistant"]
+        out.append((msgs, domain))
+    # keep per-line domains of JSON records when present
+    with open(path, encoding="utf-8") as f:
+        lines = [json.loads(line) if line.strip()[:1] in "[{" else None for line in f if line.strip()]
+    for i, obj in enumerate(lines[:len(out)]):
+        if isinstance(obj, dict) and "domain" in obj:
+            out[i] = (out[i][0], str(obj["domain"]))
+    return out
+
+
+def regenerate(args) -> int:
+    tcfg, tparams = target.load(args.target)
+    tok = Tokenizer(args.target)
+    convs = read_prompt_set(args.prompts)
+    if args.limit:
+        convs = convs[:args.limit]
+    if not convs:
+        raise DSparkError(f"{args.prompts} holds no prompts")
+    drafter = dparams = None
+    if args.draft:
+        from dspark_jax import drafters
+
+        drafter, dparams = drafters.load(args.draft, tcfg)
+    done = [[] for _ in convs]      # regenerated messages so far
+    max_turns = max(sum(m["role"] == "user" for m in c) for c, _ in convs)
+    bar = tqdm(total=sum(sum(m["role"] == "user" for m in c) for c, _ in convs), desc="regenerate", unit="answer")
+    for turn in range(max_turns):
+        todo = []
+        for i, (msgs, _) in enumerate(convs):
+            users = [m for m in msgs if m["role"] == "user"]
+            if turn < len(users):
+                history = done[i] + [m for m in msgs if m["role"] == "system" and turn == 0] + [users[turn]]
+                done[i] = history
+                todo.append(i)
+        for start in range(0, len(todo), args.batch_size):
+            rows = todo[start:start + args.batch_size]
+            ids = [tok.encode_chat(done[i]) for i in rows]
+            limit = tcfg.max_position_embeddings - args.max_new_tokens - 16
+            ids = [x[-limit:] for x in ids]
+            comps = generation.generate(
+                tcfg, tparams, ids, max_new_tokens=args.max_new_tokens,
+                sampling=SamplingParams.make(len(rows), args.temperature, args.top_k, args.top_p),
+                seeds=[args.seed * 7919 + turn * 104729 + i for i in rows], stop_ids=tok.stop_ids,
+                drafter=drafter, dparams=dparams, gamma=drafter.gamma if drafter else 0)
+            for i, c in zip(rows, comps):
+                answer = [t for t in c.token_ids if t not in tok.stop_ids]
+                done[i] = done[i] + [{"role": "assistant", "content": tok.decode(answer)}]
+            bar.update(len(rows))
+    bar.close()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        for (msgs, domain), conv in zip(convs, done):
+            f.write(json.dumps({"messages": conv, "domain": domain}) + "\n")
+    if args.name:
+        from train import data
+
+        if not args.data_dir:
+            raise DSparkError("--name needs --data-dir")
+        n_val = max(1, int(len(convs) * args.val_fraction)) if len(convs) > 1 else 0
+        base = os.path.splitext(args.out)[0]
+        with open(args.out) as f:
+            lines = f.readlines()
+        with open(base + ".train.jsonl", "w") as f:
+            f.writelines(lines[n_val:])
+        sources = {"train": [base + ".train.jsonl"]}
+        if n_val:
+            with open(base + ".validation.jsonl", "w") as f:
+                f.writelines(lines[:n_val])
+            sources["validation"] = [base + ".validation.jsonl"]
+        data.build(name=args.name, sources=sources, tokenizer_dir=args.target, data_dir=args.data_dir)
+    return len(convs)

@@ -1,0 +1,42 @@
+"""Regenerate answers with the target itself (its own distribution), as a new dataset.
+
+    python -m train.regenerate --target T --prompts prompts.jsonl --out answers.jsonl \
+        --temperature 1 --max-new-tokens 512 [--name regen --data-dir data/]
+
+Prompts: JSONL chats ({"messages": [...]} or {"turns": [...]}) or plain text lines. Every
+user turn is answered in order (later turns see the regenerated earlier answers).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from dspark_jax.errors import cli_errors
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m train.regenerate", description=__doc__.split("\n")[0])
+    p.add_argument("--target", required=True)
+    p.add_argument("--draft", help="optional drafter folder to speed regeneration up (output is unchanged in distribution)")
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--out", required=True, help="output JSONL of regenerated conversations")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all)")
+    p.add_argument("--name", help="also build a TFDS dataset with this name")
+    p.add_argument("--data-dir", help="where to build it")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    args = p.parse_args(argv)
+    with cli_errors("train.regenerate"):
+        from train import regen
+
+        n = regen.regenerate(args)
+        print(f"wrote {n} conversations to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

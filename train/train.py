@@ -1,0 +1,50 @@
+"""Train a DSpark / DFlash drafter for a target (resumes from the latest checkpoint).
+
+    python -m train.train --config configs/dspark_tiny.py --set steps=200 --set out_dir=runs/x
+
+Multi-host (TPU pod): run the same command on every host with --distributed.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from dspark_jax.errors import cli_errors
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m train.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="a configs/*.py file defining CONFIG = TrainConfig(...)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() (pods; or with the flags below)")
+    p.add_argument("--coordinator", help="host:port of process 0 (explicit multi-process setup)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    with cli_errors("train.train"):
+        from train.config import load_config
+
+        cfg = load_config(args.config, args.set)
+        from dspark_jax import mesh as mesh_lib
+
+        data, model = mesh_lib.parse_mesh(cfg.mesh)
+        if args.distributed or args.coordinator:
+            import jax
+
+            kw = {}
+            if args.coordinator:
+                kw = dict(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                          process_id=args.process_id)
+            jax.distributed.initialize(**kw)
+        else:
+            mesh_lib.simulate_cpu_devices(data * model)
+        from train import trainer
+
+        _, drafter = trainer.run(cfg, progress=not args.no_progress)
+        print(f"trained {drafter.kind} drafter exported to {cfg.out_dir}/drafter")
+
+
+if __name__ == "__main__":
+    main()
