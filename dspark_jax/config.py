@@ -55,6 +55,19 @@ class Qwen3Config:
     def replace(self, **changes) -> "Qwen3Config":
         return dataclasses.replace(self, **changes)
 
+    def to_hf(self) -> dict:
+        """The Hugging Face config.json dict of this shape (Qwen3ForCausalLM)."""
+        return {
+            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
+            "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
+            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+            "max_position_embeddings": self.max_position_embeddings, "use_sliding_window": False,
+            "dtype": self.dtype}
+
     def num_params(self) -> int:
         """Parameter count (embeddings counted once when tied)."""
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size

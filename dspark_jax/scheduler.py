@@ -1,0 +1,174 @@
+"""Verification-depth scheduling: how many drafts each request verifies this round.
+
+Inputs are prefix survival probabilities a[r, j] (request r, draft position j+1; the
+cumulative product of STS-calibrated confidences, non-increasing in j) and the engine's
+profiled throughput curve sps[B] = target forward steps per second at a batch of B
+tokens (index 0 unused). A round verifies B = sum_r (1 + l_r) tokens and is expected to
+commit tau* = sum_r (1 + sum_{j<=l_r} a[r, j]); the objective is Theta = tau* x SPS(B).
+
+Policies (all pure; `*_jnp` variants run inside jit on device):
+
+- `schedule_prefix_lengths(survival, sps)` -- Algorithm 1 with causal early stop: admit
+  candidates (r, j) in decreasing a[r, j]; keep each while Theta improves, and STOP at
+  the first that does not. The early stop is required for losslessness: a[r, j+1]
+  depends on the sampled x[r, j], and a search that looks past a drop would let that
+  token decide whether it is itself verified (the Appendix A counterexample).
+- `production_depths(survival, stale_survival, sps)` -- capacity K from the confidences
+  of two rounds earlier (global search, no early stop: K cannot depend on the current
+  tokens), then the current top-K candidates by survival.
+- `threshold_depths(confidence, threshold)` -- verify while each step's c_k >= threshold.
+- `fixed_depths(num_requests, depth)`.
+
+`retrospective_prefix_lengths` (global search on the CURRENT survival) exists only to
+demonstrate the bias in tests; never serve with it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _check(survival: np.ndarray, sps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    survival = np.asarray(survival, np.float64)
+    sps = np.asarray(sps, np.float64)
+    if survival.ndim != 2:
+        raise ValueError(f"survival must be [R, gamma]; got shape {survival.shape}")
+    if sps.ndim != 1 or len(sps) < survival.shape[0] + 1:
+        raise ValueError(f"sps must be 1-D with an entry for every batch up to R = {survival.shape[0]}")
+    return survival, sps
+
+
+def throughput(survival, sps, depths) -> float:
+    """Theta = tau* x SPS(B) of a depth assignment."""
+    survival, sps = _check(survival, sps)
+    depths = np.asarray(depths)
+    b = int(np.sum(1 + depths))
+    tau = float(np.sum(1 + np.array([survival[r, :l].sum() for r, l in enumerate(depths)])))
+    return tau * float(sps[b]) if b < len(sps) else 0.0
+
+
+def _sorted_candidates(survival: np.ndarray):
+    """Candidates (r, j) with a > 0 in decreasing a; ties by position then request, so
+    within a request the order always respects prefixes (a is non-increasing in j)."""
+    r_idx, j_idx = np.nonzero(survival > 0)
+    order = np.lexsort((r_idx, j_idx, -survival[r_idx, j_idx]))
+    return r_idx[order], j_idx[order]
+
+
+def schedule_prefix_lengths(survival, sps) -> np.ndarray:
+    """Algorithm 1 (causal early stop). survival [R, gamma], sps 1-D -> depths int [R]."""
+    survival, sps = _check(survival, sps)
+    r_count = survival.shape[0]
+    depths = np.zeros(r_count, np.int64)
+    b, tau = r_count, float(r_count)
+    best = tau * sps[b]
+    for r, j in zip(*_sorted_candidates(survival)):
+        if j != depths[r] or b + 1 >= len(sps):
+            break  # (prefix order is guaranteed; a table end stops the search)
+        theta = (tau + survival[r, j]) * sps[b + 1]
+        if theta <= best:
+            break
+        depths[r], b, tau, best = j + 1, b + 1, tau + survival[r, j], theta
+    return depths
+
+
+def _global_capacity(survival: np.ndarray, sps: np.ndarray) -> int:
+    """argmax over K of Theta when the top-K candidates are admitted (no early stop)."""
+    r_count = survival.shape[0]
+    r_idx, j_idx = _sorted_candidates(survival)
+    gains = survival[r_idx, j_idx]
+    ks = np.arange(len(gains) + 1)
+    ks = ks[r_count + ks < len(sps)]
+    taus = r_count + np.concatenate([[0.0], np.cumsum(gains)])[ks]
+    return int(ks[np.argmax(taus * sps[r_count + ks])])
+
+
+def _top_k_depths(survival: np.ndarray, k: int) -> np.ndarray:
+    depths = np.zeros(survival.shape[0], np.int64)
+    r_idx, j_idx = _sorted_candidates(survival)
+    for r, j in zip(r_idx[:k], j_idx[:k]):
+        depths[r] = max(depths[r], j + 1)
+    return depths
+
+
+def retrospective_prefix_lengths(survival, sps) -> np.ndarray:
+    """Global search on the current survival (BIASED; for demonstrations only)."""
+    survival, sps = _check(survival, sps)
+    return _top_k_depths(survival, _global_capacity(survival, sps))
+
+
+def production_depths(survival, stale_survival, sps) -> np.ndarray:
+    """Capacity from survival of two rounds earlier, filled with the current top-K."""
+    survival, sps = _check(survival, sps)
+    stale, _ = _check(stale_survival, sps)
+    return _top_k_depths(survival, _global_capacity(stale, sps))
+
+
+def threshold_depths(confidence, threshold: float) -> np.ndarray:
+    """Depth = number of leading positions whose per-step confidence c_k >= threshold."""
+    ok = np.asarray(confidence) >= threshold
+    return np.cumprod(ok, axis=1).sum(axis=1)
+
+
+def fixed_depths(num_requests: int, depth: int) -> np.ndarray:
+    return np.full(num_requests, depth, np.int64)
+
+
+# ----------------------------------------------------------------- on-device (jit) forms
+
+def _sorted_gains_jnp(survival: jax.Array, active: jax.Array):
+    r, g = survival.shape
+    a = jnp.where(active[:, None], survival, 0.0).reshape(-1)
+    j = jnp.tile(jnp.arange(g), r)
+    # sort key: -a, then position, then request (matches the numpy tie order)
+    order = jnp.lexsort((jnp.repeat(jnp.arange(r), g), j, -a))
+    return a[order], order // g, order % g
+
+
+def _depths_from_admitted(order_r, order_j, admitted, r):
+    return jnp.zeros((r,), jnp.int32).at[order_r].max(jnp.where(admitted, order_j + 1, 0).astype(jnp.int32))
+
+
+def schedule_prefix_lengths_jnp(survival: jax.Array, sps: jax.Array, active: jax.Array | None = None):
+    """Algorithm 1 inside jit: [R, G] survival, sps [Bmax+1] -> depths [R] int32.
+
+    Inactive rows (finished requests) take no tokens and do not count in B.
+    """
+    r, g = survival.shape
+    active = jnp.ones((r,), bool) if active is None else active
+    gains, order_r, order_j = _sorted_gains_jnp(survival, active)
+    base = jnp.sum(active).astype(jnp.int32)
+    k = jnp.arange(1, r * g + 1)
+    b = base + k
+    taus = base + jnp.cumsum(gains)
+    theta = taus * jnp.take(sps, jnp.minimum(b, sps.shape[0] - 1)) * (b < sps.shape[0])
+    prev = jnp.concatenate([jnp.array([base * sps[jnp.minimum(base, sps.shape[0] - 1)]], theta.dtype), theta[:-1]])
+    improving = (theta > prev) & (gains > 0)
+    admitted = jnp.cumprod(improving.astype(jnp.int32)) > 0
+    return _depths_from_admitted(order_r, order_j, admitted, r)
+
+
+def global_capacity_jnp(survival: jax.Array, sps: jax.Array, active: jax.Array) -> jax.Array:
+    """K maximising Theta over top-K admissions (no early stop), inside jit."""
+    r, g = survival.shape
+    gains, _, _ = _sorted_gains_jnp(survival, active)
+    base = jnp.sum(active).astype(jnp.int32)
+    k = jnp.arange(r * g + 1)
+    b = base + k
+    taus = base + jnp.concatenate([jnp.zeros((1,)), jnp.cumsum(gains)])
+    theta = jnp.where(b < sps.shape[0], taus * jnp.take(sps, jnp.minimum(b, sps.shape[0] - 1)), -1.0)
+    theta = jnp.where(jnp.concatenate([jnp.array([True]), gains > 0]), theta, -1.0)
+    return jnp.argmax(theta).astype(jnp.int32)
+
+
+def top_k_depths_jnp(survival: jax.Array, k: jax.Array, active: jax.Array) -> jax.Array:
+    r, g = survival.shape
+    gains, order_r, order_j = _sorted_gains_jnp(survival, active)
+    admitted = (jnp.arange(r * g) < k) & (gains > 0)
+    return _depths_from_admitted(order_r, order_j, admitted, r)
+
+
+def threshold_depths_jnp(confidence: jax.Array, threshold) -> jax.Array:
+    return jnp.sum(jnp.cumprod((confidence >= threshold).astype(jnp.int32), axis=1), axis=1)
