@@ -23,7 +23,7 @@ from dspark_jax.config import Qwen3Config, dtype_of
 from dspark_jax.errors import DSparkError
 from dspark_jax.safetensors_io import TensorIndex, open_folder, save_file
 
-SUPPORTED_TARGETS = ("qwen3",)
+SUPPORTED_TARGETS = ("qwen3", "gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text")
 
 
 def read_config(folder: str) -> dict:
@@ -65,8 +65,9 @@ def _require(hf: dict, keys, path: str):
 def qwen3_config(hf: dict, path: str = "config.json", dtype: str | None = None) -> Qwen3Config:
     """Build a Qwen3Config from a Hugging Face config dict."""
     model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_TARGETS:
-        raise DSparkError(f"{path}: unknown model_type '{model_type}' (supported: {', '.join(SUPPORTED_TARGETS)})")
+    if model_type != "qwen3":
+        raise DSparkError(f"{path}: unknown model_type '{model_type}' for a Qwen3 model "
+                          f"(supported targets: {', '.join(SUPPORTED_TARGETS)})")
     _require(hf, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads"), path)
     if hf.get("use_sliding_window"):
@@ -187,5 +188,24 @@ def load_qwen3(folder: str, dtype: str | None = None):
     dtype_of(cfg.dtype)
     template, _ = param_template(Qwen3LM(cfg), jnp.zeros((1, 1), jnp.int32), jnp.ones((1,), jnp.int32))
     params = load_tree(open_folder(folder), template, prefix="model.", dtype=cfg.jnp_dtype,
+                       folder=folder)
+    return cfg, params
+
+
+def load_gemma4(folder: str, dtype: str | None = None):
+    """(Gemma4Config, params as numpy) from a Hugging Face Gemma 4 folder.
+
+    Reads `gemma4_text` folders (tensors under `model.`) and the top-level `gemma4`
+    layout (Gemma4ForConditionalGeneration: the decoder under `model.language_model.`;
+    vision and audio tensors are ignored). KV-shared layers' k/v tensors, if present,
+    are ignored as transformers does.
+    """
+    from dspark_jax.config_gemma4 import Gemma4Config, text_tensor_prefix
+    from dspark_jax.models.gemma4 import Gemma4LM
+
+    hf = read_config(folder)
+    cfg = Gemma4Config.from_hf(hf, os.path.join(folder, "config.json"), dtype)
+    template, _ = param_template(Gemma4LM(cfg), jnp.zeros((1, 1), jnp.int32), jnp.ones((1,), jnp.int32))
+    params = load_tree(open_folder(folder), template, prefix=text_tensor_prefix(hf), dtype=cfg.jnp_dtype,
                        folder=folder)
     return cfg, params

@@ -23,6 +23,12 @@ from dspark_jax.models.qwen3 import Qwen3LM
 def module_for(cfg):
     if isinstance(cfg, Qwen3Config):
         return Qwen3LM(cfg)
+    from dspark_jax.config_gemma4 import Gemma4Config
+
+    if isinstance(cfg, Gemma4Config):
+        from dspark_jax.models.gemma4 import Gemma4LM
+
+        return Gemma4LM(cfg)
     raise DSparkError(f"no target model for config type {type(cfg).__name__}")
 
 
@@ -48,11 +54,23 @@ def load(folder: str, dtype: str | None = None):
     model_type = hf.get("model_type")
     if model_type == "qwen3":
         return checkpoints.load_qwen3(folder, dtype)
+    from dspark_jax.config_gemma4 import MODEL_TYPES as GEMMA4_TYPES
+
+    if model_type in GEMMA4_TYPES:
+        return checkpoints.load_gemma4(folder, dtype)
     raise DSparkError(f"{os.path.join(folder, 'config.json')}: unknown model_type '{model_type}' "
                       f"(supported: {', '.join(checkpoints.SUPPORTED_TARGETS)})")
 
 
 def init_cache(cfg, batch: int, max_len: int) -> KVCache:
+    """An empty cache for `batch` requests of up to `max_len` positions (the model's own
+    pytree: KVCache for Qwen3, Gemma4Cache for Gemma 4; both expose `.lengths`)."""
+    from dspark_jax.config_gemma4 import Gemma4Config
+
+    if isinstance(cfg, Gemma4Config):
+        from dspark_jax.models.gemma4 import Gemma4Cache
+
+        return Gemma4Cache.init(cfg, batch, max_len)
     return KVCache.init(num_layers=cfg.num_hidden_layers, batch=batch, max_len=max_len,
                         kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
                         dtype=cfg.jnp_dtype)
@@ -125,8 +143,32 @@ def shard(cfg, params, mesh, rules=None):
     return mesh_lib.shard_tree(params, axes, mesh, rules or mesh_lib.SERVING_RULES)
 
 
-def shard_cache(cache: KVCache, mesh, rules=None) -> KVCache:
+def shard_cache(cache, mesh, rules=None):
+    """Place a target cache (any architecture's) on `mesh` by its logical axes."""
     from dspark_jax import mesh as mesh_lib
     from dspark_jax.kv_cache import KV_CACHE_AXES
 
-    return mesh_lib.shard_tree(cache, KV_CACHE_AXES, mesh, rules or mesh_lib.SERVING_RULES)
+    axes = KV_CACHE_AXES
+    if not isinstance(cache, KVCache):
+        from dspark_jax.models.gemma4 import GEMMA4_CACHE_AXES
+
+        axes = GEMMA4_CACHE_AXES
+    return mesh_lib.shard_tree(cache, axes, mesh, rules or mesh_lib.SERVING_RULES)
+
+
+def supports_packed(cfg) -> bool:
+    """Whether the target model offers the packed (ragged) verification pass."""
+    return hasattr(type(module_for(cfg)), "packed")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "tap_layers", "query_block"), donate_argnames=("cache",))
+def step_packed(cfg, params, tokens, rows, positions, valid, cache: KVCache, tap_layers=(),
+                query_block: int | None = None):
+    """Packed verification of N tokens from different cache rows (see Qwen3LM.packed).
+
+    tokens, rows, positions, valid: [N]. Returns (logits [N, V], cache, taps [N, E] each);
+    the cache's K/V hold the valid tokens, its lengths are unchanged (the caller commits).
+    """
+    hidden, cache, taps = module_for(cfg).apply({"params": params}, tokens, rows, positions, valid, cache,
+                                                tuple(tap_layers), query_block, method="packed")
+    return logits(cfg, params, hidden), cache, taps

@@ -26,7 +26,8 @@ from train.checkpointing import Checkpointer
 from train.config import _coerce
 from train.loader import BatchLoader
 from train.step import TrainState, optimizer
-from train.trainer import _log, _truncate_log, global_batch
+from train.trainer import _log, _truncate_log, global_batch, place_unsharded
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -94,8 +95,10 @@ def run(pc: PretrainConfig, progress: bool = True):
     shapes, axes = target.param_shapes_and_axes(cfg)
     params = target.init_params(cfg.replace(dtype="float32"), jax.random.key(pc.seed))
     params = mesh_lib.shard_tree(params, axes, mesh, mesh_lib.TRAINING_RULES)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params),
-                       rng=jax.random.key_data(jax.random.key(pc.seed)))
+    rep = NamedSharding(mesh, PartitionSpec())
+    state = place_unsharded(TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                       opt_state=jax.jit(tx.init)(params),
+                                       rng=jax.random.key_data(jax.random.key(pc.seed))), rep)
     loader = BatchLoader(data.load(pc.data_dir, pc.dataset)["train"], global_batch=pc.batch_size,
                          seq_len=pc.seq_len, seed=pc.seed, process_index=jax.process_index(),
                          process_count=jax.process_count())

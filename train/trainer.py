@@ -48,8 +48,8 @@ def setup(cfg):
     _, axes = drafter.param_shapes_and_axes()
     init = step_lib.init_state(drafter, tx, cfg.seed)
     params = mesh_lib.shard_tree(init.params, axes, mesh, rules)
-    opt_state = jax.jit(tx.init)(params)
     rep = NamedSharding(mesh, PartitionSpec())
+    opt_state = place_unsharded(jax.jit(tx.init)(params), rep)
     state = init.replace(params=params, opt_state=opt_state, step=jax.device_put(init.step, rep),
                          rng=jax.device_put(init.rng, rep))
     splits = data.load(cfg.data_dir, cfg.dataset)
@@ -57,6 +57,13 @@ def setup(cfg):
                          process_index=jax.process_index(), process_count=jax.process_count())
     train_step = step_lib.make_train_step(drafter, tcfg, cfg, tx)
     return mesh, tcfg, tparams, drafter, state, train_step, loader
+
+
+def place_unsharded(tree, replicated: NamedSharding):
+    """Put leaves that jit left on one device (e.g. optimizer step counters) on the mesh,
+    replicated, so the step's inputs already carry its output shardings (no recompile)."""
+    return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
+                        tree)
 
 
 def global_batch(local: dict, mesh) -> dict:
@@ -131,7 +138,15 @@ def export_drafter(cfg, drafter, params, tparams=None) -> str:
         head = {"embed_tokens": {"embedding": np.asarray(index["model.embed_tokens.weight"], np.float32)}}
         if "lm_head.weight" in index:
             head["lm_head"] = {"kernel": np.asarray(index["lm_head.weight"], np.float32).T}
-        loading.save_block_drafter(folder, drafter, host_params, checkpoints.read_config(cfg.target), head)
+        if drafter.kind == "eagle3":
+            from dspark_jax.drafters.eagle3 import save_eagle3
+            from train.eagle3_objective import with_target_head
+
+            # Eagle3 trained with the target's frozen embedding and LM head: export those
+            save_eagle3(folder, drafter, with_target_head(host_params, head, drafter.tcfg),
+                        checkpoints.read_config(cfg.target))
+        else:
+            loading.save_block_drafter(folder, drafter, host_params, checkpoints.read_config(cfg.target), head)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             src = os.path.join(cfg.target, name)
             if os.path.exists(src):

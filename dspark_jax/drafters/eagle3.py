@@ -167,6 +167,17 @@ class Eagle3Module(nn.Module):
         """[..., D] pre-norm hidden -> [..., V] float32."""
         return self.lm_head(self.norm(h)).astype(jnp.float32)
 
+    def decode_mixed(self, g, tokens, positions, mixes):
+        """`decode` with the attention left to the caller: layer i calls `mixes[i](q, k, v)`
+        with its rotated queries and new keys/values [B,T,H,hd] and gets the attention
+        output back (training-time test builds its diagonal mask this way).
+        Returns the output hidden [B,T,D] pre-norm."""
+        emb = self.embed_tokens(tokens)
+        h = g.astype(emb.dtype)
+        for layer, mix in zip(self.layers, mixes, strict=True):
+            h = layer(emb, h, positions, mix)
+        return h
+
 
 @struct.dataclass
 class Eagle3Cache:

@@ -116,3 +116,54 @@ class Qwen3LM(nn.Module):
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         return self.embed_tokens(tokens)
+
+    def packed(self, tokens: jax.Array, rows: jax.Array, positions: jax.Array, valid: jax.Array,
+               cache: KVCache, tap_layers: tuple[int, ...] = (), query_block: int | None = None):
+        """Ragged verification: N packed query tokens that belong to different cache rows.
+
+        tokens, rows, positions, valid: [N]. Token n sits at position positions[n] of cache
+        row rows[n]; valid tokens write their K/V there (invalid ones are dropped) and
+        attend to their own row's cache at keys s <= positions[n]. The token-wise work
+        (projections, MLP, logits) scales with N, not with rows x (1 + gamma).
+
+        Attention layout (static): with `query_block=None` every token gathers its own
+        row's keys ([N, S] reads, cheapest when N < rows); with `query_block=W`, row r's
+        tokens must sit at positions lengths[r] + 0..W-1 and attention runs on a dense
+        [rows, W] grid that reads each row's cache once (cheapest when N >= rows).
+
+        Returns (hidden [N, E] after the final norm, cache with lengths unchanged: the
+        caller commits, taps: one [N, E] per entry of `tap_layers`).
+        """
+        scale = self.cfg.head_dim ** -0.5
+        slots = jnp.arange(cache.max_len, dtype=jnp.int32)
+        index = write_index(positions, valid, cache.max_len)
+        if query_block is None:
+            mask = ((slots[None, :] <= positions[:, None]) & valid[:, None])[:, None, :]  # [N, 1, S]
+        else:
+            b = cache.batch
+            cols = positions - cache.lengths[rows]
+            grid_rows = jnp.where(valid, rows, b)  # invalid tokens scatter nowhere
+            grid_cols = jnp.clip(cols, 0, query_block - 1)
+            grid_pos = jnp.zeros((b, query_block), jnp.int32).at[grid_rows, cols].set(positions, mode="drop")
+            grid_ok = jnp.zeros((b, query_block), bool).at[grid_rows, cols].set(True, mode="drop")
+            mask = causal_mask(grid_pos, grid_ok, jnp.broadcast_to(slots, (b, cache.max_len)),
+                               jnp.ones((b, cache.max_len), bool))
+
+        x = self.embed_tokens(tokens)[:, None]  # [N, 1, E]
+        layer_out = {-1: x}
+        for i, layer in enumerate(self.layers):
+            def mix(q, k, v, i=i):
+                nonlocal cache
+                kc = cache.k.at[i, rows, index].set(k[:, 0].astype(cache.k.dtype), mode="drop")
+                vc = cache.v.at[i, rows, index].set(v[:, 0].astype(cache.v.dtype), mode="drop")
+                cache = cache.replace(k=kc, v=vc)
+                if query_block is None:
+                    return attend(q, kc[i][rows], vc[i][rows], mask, scale=scale), None
+                grid_q = jnp.zeros((cache.batch, query_block) + q.shape[2:], q.dtype)
+                grid_q = grid_q.at[grid_rows, cols].set(q[:, 0], mode="drop")
+                o = attend(grid_q, kc[i], vc[i], mask, scale=scale)
+                return o[rows, grid_cols][:, None], None
+            x, _ = layer(x, positions[:, None], mix)
+            layer_out[i] = x
+        taps = tuple(layer_out[i][:, 0] for i in tap_layers)
+        return self.norm(x[:, 0]), cache, taps
