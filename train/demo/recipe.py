@@ -64,10 +64,22 @@ def stage_corpus(work: str, args) -> None:
     if not os.path.exists(os.path.join(corpus, "manifest.json")):
         build_corpus.main(["--data-dir", os.path.join(corpus, "tfds"), "--out", corpus,
                            "--vocab-size", str(VOCAB), "--quiet"])
+    copy_test_prompts(corpus)
     tok = os.path.join(corpus, "tokenizer")
     data.build(name="demo_corpus", sources={"train": [os.path.join(corpus, "train.jsonl")],
                                             "validation": [os.path.join(corpus, "validation.jsonl")]},
                tokenizer_dir=tok, data_dir=os.path.join(work, "data"), max_len=512)
+
+
+def copy_test_prompts(corpus: str, per_domain: int = 64) -> None:
+    """Held-out test prompts travel with the artifacts, so the report needs nothing else."""
+    dst = os.path.join(ARTIFACTS, "prompts")
+    os.makedirs(dst, exist_ok=True)
+    for domain in ("code", "prose", "math"):
+        with open(os.path.join(corpus, "prompts", f"test.{domain}.jsonl")) as f:
+            lines = f.readlines()[:per_domain]
+        with open(os.path.join(dst, f"test.{domain}.jsonl"), "w") as f:
+            f.writelines(lines)
 
 
 def stage_target(work: str, args) -> None:
