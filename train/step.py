@@ -10,6 +10,7 @@ the forward runs in `compute_dtype`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -89,7 +90,7 @@ def init_state(drafter, tx, seed: int) -> TrainState:
         params = eagle3_objective.init_params(drafter, jax.random.key(seed))
     else:
         f32 = drafter.cfg.replace(arch=drafter.cfg.arch.replace(dtype="float32"))
-        params = BlockDrafter(f32, drafter.tcfg, drafter.gamma).init_params(jax.random.key(seed))
+        params = dataclasses.replace(drafter, cfg=f32).init_params(jax.random.key(seed))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.key(seed + 1)))
 

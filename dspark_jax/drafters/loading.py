@@ -30,9 +30,12 @@ def architecture_kind(hf: dict, path: str) -> str:
     if "Eagle3" in archs:
         return "eagle3"
     if "DSpark" in archs or "DFlash" in archs:
-        return "dspark" if int(hf.get("markov_rank", 256 if "DSpark" in archs else 0)) > 0 else "dflash"
+        text = hf.get("text_config") if isinstance(hf.get("text_config"), dict) else {}
+        rank = hf.get("markov_rank", text.get("markov_rank", 256 if "DSpark" in archs else 0))
+        return "dspark" if int(rank) > 0 else "dflash"
     raise DSparkError(f"{path}: architectures {hf.get('architectures')} is not a drafter "
-                      "(expected Qwen3DSparkModel, Qwen3DFlashModel or Qwen3Eagle3Model)")
+                      "(expected Qwen3DSparkModel, Qwen3DFlashModel, Qwen3Eagle3Model, "
+                      "Gemma4DSparkModel or Gemma4DFlashModel)")
 
 
 def block_config(hf: dict, path: str, dtype: str | None = None) -> DrafterConfig:
@@ -89,6 +92,13 @@ def load(folder: str, tcfg, *, kind: str = "auto", gamma: int | None = None, dty
     elif kind not in ("auto", held):
         raise DSparkError(f"--drafter {kind} was asked for but {folder} holds a {held} drafter")
     dtype = dtype or tcfg.dtype
+    from dspark_jax.drafters import gemma4_drafter
+
+    if gemma4_drafter.is_gemma4_folder(hf):
+        return gemma4_drafter.load_gemma4_drafter(folder, tcfg, gamma=gamma, dtype=dtype, hf=hf)
+    if isinstance(tcfg, gemma4_drafter.Gemma4Config):
+        raise DSparkError(f"{folder} holds a Qwen3 drafter ({' '.join(hf.get('architectures') or [])}); "
+                          "the target is a Gemma 4 model")
     if held == "eagle3":
         from dspark_jax.drafters import eagle3
 
