@@ -144,3 +144,201 @@ def spec_round(tcfg, drafter, gamma: int, tparams, dparams, state: DecodeState, 
     info = RoundInfo(draft=draft, confidence=conf, depth=depth, accepted=n, committed=appended,
                      active=active)
     return state, info
+
+
+# ------------------------------------------------ the serving engine's round (slot layout)
+#
+# The engine keeps one DecodeState row per slot; an empty or finished slot has done=True
+# and takes no part. `admit` prefills newly admitted rows in place; `engine_round` is
+# `spec_round` with the verification depth decided ON DEVICE by a scheduling policy and
+# the verification pass packed into a static token budget (a bucket). It stays lossless
+# because whether a draft x_j is verified never depends on x_j itself, only on the drafts
+# before it and on quantities fixed before the round:
+#   fixed / max depth   fixed before the round (the room left, a per-request limit);
+#   threshold           x_j is verified iff c_1..c_j pass, and c_j depends on x_<j only;
+#   algorithm1          the causal early stop (scheduler.py);
+#   production          capacity K from the survival of two rounds earlier, then top-K by
+#                       current survival, where (r, j) ranks behind (r, j-1);
+#   the budget bucket   chosen by the host from previous rounds; algorithm1 sees SPS past
+#                       it as 0 (a fixed curve), production caps K, and `cap_depths`
+#                       admits position-major.
+
+POLICIES = ("none", "fixed", "algorithm1", "production", "threshold")
+
+
+@struct.dataclass
+class Schedule:
+    """Per-round scheduling inputs (arrays, so changing them never recompiles)."""
+
+    sps: jax.Array        # [Bmax + 1] float32 target steps/s at B verified tokens (index 0 unused)
+    max_depth: jax.Array  # [S] int32 per-request depth limit (the fixed policy's depth)
+    threshold: jax.Array  # [] float32 per-step confidence threshold
+
+
+@struct.dataclass
+class EngineRoundInfo:
+    draft: jax.Array       # [S, G]
+    confidence: jax.Array  # [S, G]
+    survival: jax.Array    # [S, G] prefix survival (0 for inactive rows and past the depth limit)
+    depth: jax.Array       # [S] verified depth
+    accepted: jax.Array    # [S]
+    tokens: jax.Array      # [S, G + 1] tokens committed this round: the first `appended`
+    appended: jax.Array    # [S]
+    active: jax.Array      # [S] bool: the row took part
+    done: jax.Array        # [S] bool after the round
+    capacity: jax.Array    # [] int32: production's K (other policies: drafts verified)
+    verified: jax.Array    # [] int32: B = sum over active rows of (1 + depth)
+
+
+def cap_depths(depth: jax.Array, active: jax.Array, budget: int, gamma: int) -> jax.Array:
+    """The longest position-major cut of `depth` [S] with sum(active * (1 + depth)) <= budget.
+
+    All first drafts (by row), then all second drafts, ...: whether (r, j) survives the
+    cut depends on other rows and on depth[r] > j, never on row r's later drafts.
+    """
+    room = budget - jnp.sum(active).astype(jnp.int32)
+    requested = (jnp.arange(gamma)[:, None] < depth[None, :]) & active[None, :]  # [G, S]
+    rank = jnp.cumsum(requested.reshape(-1)).reshape(requested.shape) - 1
+    return jnp.sum(requested & (rank < room), axis=0).astype(jnp.int32)
+
+
+def schedule_depths(policy: str, budget: int, confidence: jax.Array, stale: jax.Array,
+                    sched: Schedule, active: jax.Array, max_depth: jax.Array):
+    """Depths [S] for this round -> (depth, survival [S, G], capacity []).
+
+    stale [2, S, G]: survival of the rounds two and one before this one.
+    """
+    from dspark_jax import scheduler
+
+    s, g = confidence.shape
+    live = active[:, None] & (jnp.arange(g)[None, :] < max_depth[:, None])
+    survival = jnp.where(live, jnp.cumprod(confidence, axis=1), 0.0)
+    capacity = None
+    if policy == "none" or g == 0:
+        depth = jnp.zeros((s,), jnp.int32)
+    elif policy == "fixed":
+        depth = max_depth
+    elif policy == "threshold":
+        depth = scheduler.threshold_depths_jnp(confidence, sched.threshold)
+    elif policy == "algorithm1":
+        depth = scheduler.schedule_prefix_lengths_jnp(survival, sched.sps[:budget + 1], active)
+    elif policy == "production":
+        capacity = scheduler.global_capacity_jnp(stale[0], sched.sps, active)
+        capacity = jnp.minimum(capacity, budget - jnp.sum(active)).astype(jnp.int32)
+        depth = scheduler.top_k_depths_jnp(survival, capacity, active)
+    else:
+        raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
+    depth = jnp.where(active, jnp.minimum(depth, max_depth), 0).astype(jnp.int32)
+    depth = cap_depths(depth, active, budget, g)
+    if capacity is None:
+        capacity = jnp.sum(depth).astype(jnp.int32)
+    return depth, survival, capacity
+
+
+def _verify(tcfg, tparams, tokens: jax.Array, valid: jax.Array, cache, taps_wanted, budget: int):
+    """Target pass over the valid slots of tokens [S, W] -> (logits [S, W, V], cache, taps).
+
+    Packed: the valid slots (at most `budget`) go through one [budget]-token pass and come
+    back to the [S, W] layout; entries of invalid slots are garbage nobody reads. Targets
+    without a packed pass use the dense [S, W] step.
+    """
+    s, w = tokens.shape
+    if not target.supports_packed(tcfg):
+        return target.step(tcfg, tparams, tokens, jnp.sum(valid, axis=1).astype(jnp.int32), cache,
+                           taps_wanted)
+    flat = valid.reshape(-1)
+    (idx,) = jnp.nonzero(flat, size=budget, fill_value=s * w)
+    ok = idx < s * w
+    idx = jnp.minimum(idx, s * w - 1)
+    rows, cols = idx // w, idx % w
+    logits, cache, taps = target.step_packed(
+        tcfg, tparams, tokens.reshape(-1)[idx], rows, cache.lengths[rows] + cols, ok, cache, taps_wanted,
+        query_block=w if budget > s else None)
+    where = jnp.clip(jnp.cumsum(flat) - 1, 0, budget - 1)  # packed index of every grid slot
+
+    def unpack(x):
+        return x[where].reshape((s, w) + x.shape[1:])
+
+    return unpack(logits), cache, tuple(unpack(t) for t in taps)
+
+
+@functools.partial(jax.jit, static_argnames=("tcfg", "drafter"), donate_argnames=("state", "stale"))
+def admit(tcfg, drafter, tparams, dparams, state: DecodeState, stale, rows, prompts, lengths, keys,
+          sampling: SamplingParams, max_new, stop_ids):
+    """Prefill prompts [S, T] into the slots selected by `rows` [S] bool and sample their
+    first tokens; other rows have q_len 0 and stay exactly as they were.
+
+    keys [S]: fresh per-request keys (read for admitted rows); sampling, max_new, stop_ids:
+    the full per-slot arrays after admission. Returns (state, stale, first tokens [S]).
+    """
+    old = state.cache.lengths
+    q_lens = jnp.where(rows, lengths, 0).astype(jnp.int32)
+    cache = state.cache.replace(lengths=jnp.where(rows, 0, old))
+    taps_wanted = drafter.tap_layers if drafter is not None else ()
+    last, cache, taps = target.prefill(tcfg, tparams, prompts, q_lens, cache, taps_wanted)
+    k_first, k_next = _split_keys(keys, 2)
+    first = sample_rows(k_first, warp(last, sampling))
+    draft_cache = state.draft_cache
+    if drafter is not None:
+        feats = jnp.concatenate(taps, axis=-1)
+        nxt = jnp.concatenate([prompts[:, 1:], jnp.zeros_like(prompts[:, :1])], axis=1)
+        nxt = jnp.where(jnp.arange(prompts.shape[1])[None] == (lengths - 1)[:, None], first[:, None], nxt)
+        draft_cache = drafter.ingest(dparams, tparams, draft_cache, feats, nxt, jnp.where(rows, 0, old), q_lens)
+    state = state.replace(cache=cache, draft_cache=draft_cache, anchor=jnp.where(rows, first, state.anchor),
+                          keys=jnp.where(rows, k_next, state.keys), done=state.done & ~rows,
+                          out=jnp.where(rows[:, None], 0, state.out), n_out=jnp.where(rows, 0, state.n_out),
+                          max_new=max_new, stop_ids=stop_ids, sampling=sampling)
+    state, _ = _commit(state, first[:, None], jnp.ones_like(q_lens), rows)
+    return state, jnp.where(rows[None, :, None], 0.0, stale), first
+
+
+@functools.partial(jax.jit, static_argnames=("tcfg", "drafter", "gamma", "budget", "policy"),
+                   donate_argnames=("state", "stale"))
+def engine_round(tcfg, drafter, gamma: int, budget: int, policy: str, tparams, dparams,
+                 state: DecodeState, stale: jax.Array, sched: Schedule):
+    """One round over the engine's slots with on-device depth scheduling.
+
+    budget (static): the verification pass's token bucket N_b, >= the number of active
+    rows; policy (static): one of POLICIES; stale [2, S, G]: the survival of the last two
+    rounds (shifted here). Returns (state, stale, EngineRoundInfo).
+    """
+    s = state.anchor.shape[0]
+    active = ~state.done
+    pos0 = state.cache.lengths
+    k_draft, k_accept, keys = _split_keys(state.keys, 3)
+    if drafter is not None and gamma > 0:
+        draft, q, conf = drafter.propose(dparams, tparams, state.draft_cache, state.anchor, pos0,
+                                         state.sampling, k_draft)
+    else:
+        draft = jnp.zeros((s, gamma), jnp.int32)
+        q = jnp.zeros((s, gamma, 1), jnp.float32)
+        conf = jnp.zeros((s, gamma), jnp.float32)
+    # drafts past the room left (max_new - n_out - 1) could never be committed
+    max_depth = jnp.clip(jnp.minimum(sched.max_depth, state.max_new - state.n_out - 1), 0, gamma)
+    depth, survival, capacity = schedule_depths(policy, budget, conf, stale, sched, active, max_depth)
+    tokens = jnp.concatenate([state.anchor[:, None], draft], axis=1)
+    valid = active[:, None] & (jnp.arange(gamma + 1)[None, :] <= depth[:, None])
+    taps_wanted = drafter.tap_layers if drafter is not None else ()
+    logits, cache, taps = _verify(tcfg, tparams, tokens, valid, state.cache, taps_wanted, budget)
+    p = warp(logits, state.sampling)
+    if drafter is None or gamma == 0:
+        q = jnp.zeros(q.shape[:2] + p.shape[-1:], jnp.float32)
+    elif q.shape[-1] != p.shape[-1]:
+        raise ValueError(f"drafter vocabulary {q.shape[-1]} != target vocabulary {p.shape[-1]}")
+    n, nxt = accept_drafts(k_accept, draft, q, p, depth)
+    n = jnp.where(active, n, 0)
+    count = jnp.where(active, n + 1, 0)
+    cache = cache.replace(lengths=pos0 + count)
+    slot = jnp.arange(gamma + 1)[None, :]
+    committed = jnp.where(slot < n[:, None], jnp.pad(draft, ((0, 0), (0, 1))), nxt[:, None])
+    draft_cache = state.draft_cache
+    if drafter is not None:
+        feats = jnp.concatenate(taps, axis=-1)
+        draft_cache = drafter.ingest(dparams, tparams, draft_cache, feats, committed, pos0, count)
+    state = state.replace(cache=cache, draft_cache=draft_cache,
+                          anchor=jnp.where(active, nxt, state.anchor), keys=keys)
+    state, appended = _commit(state, committed, count, active)
+    info = EngineRoundInfo(draft=draft, confidence=conf, survival=survival, depth=depth, accepted=n,
+                           tokens=committed, appended=appended, active=active, done=state.done,
+                           capacity=capacity, verified=jnp.sum(jnp.where(active, 1 + depth, 0)).astype(jnp.int32))
+    return state, jnp.stack([stale[1], survival]), info

@@ -1,0 +1,434 @@
+"""A continuous-batching speculative decoding engine over a fixed set of slots.
+
+    engine = Engine(tcfg, tparams, drafter, dparams, slots=8, max_len=1024, policy="production")
+    rid = engine.submit(prompt_ids, max_new_tokens=128, temperature=0.0, on_tokens=print)
+    results = engine.run_until_done()
+
+Each slot is one row of a fixed-length KV cache (target and drafter) and of the jitted
+DecodeState. `step()` admits waiting requests into free slots (one batched prefill in
+which the other rows have q_len 0 and stay inert), then runs one speculation round over
+the active slots (`speculate.engine_round`): drafting, depth scheduling on device,
+packed verification in a token-budget bucket, lossless acceptance. Between rounds the
+host reads a small summary back (new tokens, depths, survival), streams tokens, retires
+finished requests and frees their slots; requests join and leave only there.
+
+The budget bucket is the one decision taken on the host. It uses only what is known
+before the round (active slots, the room each has left, the survival of earlier
+rounds), so it can never depend on the current round's drafts; see speculate.py for why
+each policy's depths then stay lossless.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import operator
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dspark_jax import generation, profile_sps, scheduler, speculate, target
+from dspark_jax.errors import DSparkError
+from dspark_jax.sampling import SamplingParams, validate
+
+TokenCallback = Callable[[int, list, bool], None]  # (request id, new token ids, finished)
+
+
+@dataclasses.dataclass
+class RequestResult:
+    request_id: int
+    prompt_len: int
+    max_new_tokens: int
+    token_ids: list = dataclasses.field(default_factory=list)
+    error: str | None = None
+    finished: bool = False
+    rounds: int = 0
+    accepted_per_position: list = dataclasses.field(default_factory=list)
+    verified_per_round: list = dataclasses.field(default_factory=list)  # 1 + depth each round
+    submitted_at: float = 0.0
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def tau(self) -> float:
+        """Tokens committed per round (bonus included; the prefill's token not counted)."""
+        return (len(self.token_ids) - 1) / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Per-user decoding speed: tokens over the time from admission to the last token."""
+        if self.admitted_at is None or self.finished_at is None or self.finished_at <= self.admitted_at:
+            return 0.0
+        return len(self.token_ids) / (self.finished_at - self.admitted_at)
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(tau=round(self.tau, 4), tokens_per_second=round(self.tokens_per_second, 3))
+        return d
+
+
+@dataclasses.dataclass
+class EngineMetrics:
+    rounds: int = 0
+    tokens: int = 0           # tokens streamed so far (all requests)
+    verified: int = 0         # sum over rounds of B (verified tokens)
+    budget: int = 0           # sum over rounds of the compiled bucket N_b
+    active: int = 0           # sum over rounds of active slots
+    started_at: float | None = None
+    last_at: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        return (self.last_at - self.started_at) if self.started_at is not None and self.last_at else 0.0
+
+    @property
+    def throughput(self) -> float:
+        """Aggregate tokens/s from the first step to the latest one."""
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mean_verified(self) -> float:
+        return self.verified / self.rounds if self.rounds else 0.0
+
+    @property
+    def mean_budget(self) -> float:
+        return self.budget / self.rounds if self.rounds else 0.0
+
+    @property
+    def mean_active(self) -> float:
+        return self.active / self.rounds if self.rounds else 0.0
+
+    def as_dict(self) -> dict:
+        return {"rounds": self.rounds, "tokens": self.tokens, "seconds": round(self.seconds, 4),
+                "throughput": round(self.throughput, 3), "mean_verified": round(self.mean_verified, 3),
+                "mean_budget": round(self.mean_budget, 3), "mean_active": round(self.mean_active, 3)}
+
+
+@dataclasses.dataclass
+class _Request:
+    result: RequestResult
+    prompt: list
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    stop_ids: tuple
+    max_depth: int
+    on_tokens: TokenCallback | None
+
+
+def drafter_has_confidence(drafter) -> bool:
+    """Block drafters say so in their config; drafters without a config (test oracles)
+    are trusted to return meaningful confidences."""
+    cfg = getattr(drafter, "cfg", None)
+    return cfg is None or bool(getattr(cfg, "has_confidence", False))
+
+
+class Engine:
+    """Fixed slots, slot-based caches of `max_len` positions, one policy for every round.
+
+    policy: "none" (plain decoding; the drafter is ignored), "fixed" (depth `depth`,
+    default gamma), "threshold" (verify while c_k >= `threshold`), "algorithm1" or
+    "production" (need `sps`: an array indexed by B, a {B: steps/s} dict, or None to
+    load / measure it with profile_sps, stored at `sps_file`).
+    """
+
+    def __init__(self, tcfg, tparams, drafter=None, dparams=None, *, slots: int = 4, max_len: int = 256,
+                 policy: str | None = None, depth: int | None = None, threshold: float = 0.5, sps=None,
+                 sps_file: str | None = None, buckets: Sequence[int] | None = None, adaptive_budget: bool = True,
+                 max_stop_ids: int = 8, mesh=None, clock: Callable[[], float] = time.perf_counter):
+        policy = policy or ("none" if drafter is None else
+                            "production" if drafter_has_confidence(drafter) else "fixed")
+        if policy not in speculate.POLICIES:
+            raise DSparkError(f"unknown policy '{policy}' (choose from {', '.join(speculate.POLICIES)})")
+        if policy == "none":
+            drafter, dparams = None, None
+        elif drafter is None:
+            raise DSparkError(f"policy '{policy}' needs a drafter")
+        elif policy in ("threshold", "algorithm1", "production") and not drafter_has_confidence(drafter):
+            raise DSparkError(f"policy '{policy}' needs drafter confidences; this drafter has no confidence "
+                              "head (use policy 'fixed')")
+        if slots < 1 or max_len < 2:
+            raise DSparkError(f"need slots >= 1 and max_len >= 2; got {slots}, {max_len}")
+        if max_len > tcfg.max_position_embeddings:
+            raise DSparkError(f"max_len {max_len} exceeds the model's {tcfg.max_position_embeddings} positions")
+        self.tcfg, self.drafter, self.policy = tcfg, drafter, policy
+        self.gamma = drafter.gamma if drafter is not None else 0
+        self.depth = self.gamma if depth is None else int(depth)
+        if not 0 <= self.depth <= self.gamma:
+            raise DSparkError(f"depth must be in [0, gamma={self.gamma}]; got {depth}")
+        self.slots, self.max_len, self.max_stop_ids = slots, max_len, max_stop_ids
+        self.threshold, self.adaptive_budget, self.clock = float(threshold), adaptive_budget, clock
+        self.full_budget = slots * (1 + self.gamma)
+        self.buckets = tuple(sorted(set(int(b) for b in (buckets or profile_sps.budget_buckets(slots, self.gamma)))))
+        if self.buckets[-1] < self.full_budget or self.buckets[0] < 1:
+            raise DSparkError(f"buckets must be >= 1 and reach slots x (1 + gamma) = {self.full_budget}")
+        if mesh is not None:
+            tparams = target.shard(tcfg, tparams, mesh)
+            dparams = drafter.shard(dparams, mesh) if drafter is not None else None
+        self.tparams, self.dparams, self.mesh = tparams, dparams, mesh
+        self.sps = self._resolve_sps(sps, sps_file)
+        self._sps_dev = jnp.asarray(self.sps)
+        self._threshold_dev = jnp.asarray(self.threshold, jnp.float32)
+
+        cache = target.init_cache(tcfg, slots, max_len)
+        if mesh is not None:
+            cache = target.shard_cache(cache, mesh)
+        self._state = speculate.DecodeState(
+            cache=cache, draft_cache=drafter.init_cache(slots, max_len) if drafter is not None else None,
+            anchor=jnp.zeros((slots,), jnp.int32), keys=jax.vmap(jax.random.key)(jnp.arange(slots, dtype=jnp.uint32)),
+            done=jnp.ones((slots,), bool), out=jnp.zeros((slots, max_len), jnp.int32),
+            n_out=jnp.zeros((slots,), jnp.int32), max_new=jnp.ones((slots,), jnp.int32),
+            stop_ids=jnp.full((slots, max_stop_ids), -1, jnp.int32), sampling=SamplingParams.make(slots))
+        self._stale = jnp.zeros((2, slots, self.gamma), jnp.float32)
+        # host mirrors of per-slot facts the budget choice and admission need
+        self._stale_host = np.zeros((2, slots, self.gamma), np.float32)
+        self._slot_req: list[_Request | None] = [None] * slots
+        self._n_out = np.zeros(slots, np.int64)
+        self._temp = np.zeros(slots, np.float32)
+        self._top_k = np.zeros(slots, np.int32)
+        self._top_p = np.ones(slots, np.float32)
+        self._max_new = np.ones(slots, np.int32)
+        self._stops = np.full((slots, max_stop_ids), -1, np.int32)
+        self._max_depth = np.zeros(slots, np.int32)
+        self._last_round: tuple[int, int] | None = None  # (active slots, verified B)
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._next_id = 0
+        self.results: dict[int, RequestResult] = {}
+        self.metrics = EngineMetrics()
+
+    # ---------------------------------------------------------------- requests
+
+    def submit(self, prompt_ids: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids: Sequence[int] = (),
+               max_depth: int | None = None, on_tokens: TokenCallback | None = None) -> int:
+        """Queue a request; returns its id. A bad request is not raised: its result is
+        finished at once with a one-line `error`, and the engine serves the others."""
+        rid = self._next_id
+        self._next_id += 1
+        prompt = list(prompt_ids) if prompt_ids is not None else []
+        res = RequestResult(rid, len(prompt), int(max_new_tokens) if _is_int(max_new_tokens) else 0,
+                            accepted_per_position=[0] * self.gamma, submitted_at=self.clock())
+        self.results[rid] = res
+        try:
+            prompt, stops, depth = self._validate(prompt, max_new_tokens, temperature, top_k, top_p, seed,
+                                                  stop_ids, max_depth)
+        except DSparkError as e:
+            res.error, res.finished, res.finished_at = " ".join(str(e).split()), True, self.clock()
+            if on_tokens is not None:
+                on_tokens(rid, [], True)
+            return rid
+        self._waiting.append(_Request(res, prompt, float(temperature), int(top_k), float(top_p), int(seed),
+                                      stops, depth, on_tokens))
+        return rid
+
+    def _validate(self, prompt, max_new, temperature, top_k, top_p, seed, stop_ids, max_depth):
+        try:
+            prompt = [operator.index(t) for t in prompt]
+            stops = tuple(operator.index(t) for t in stop_ids)
+            max_new, top_k, seed = _as_int(max_new, "max_new_tokens"), _as_int(top_k, "top-k"), _as_int(seed, "seed")
+            temperature, top_p = float(temperature), float(top_p)
+        except (TypeError, ValueError) as e:
+            raise DSparkError(f"bad request field: {e}") from None
+        generation.validate_request(prompt, self.tcfg.vocab_size, max_new, self._next_id - 1)
+        if len(prompt) + max_new > self.max_len:
+            raise DSparkError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new}) exceeds the engine's "
+                              f"max length {self.max_len}")
+        validate(np.float32(temperature), np.int32(top_k), np.float32(top_p))
+        if not 0 <= seed < 2**32:
+            raise DSparkError(f"seed must be in [0, 2^32); got {seed}")
+        if len(stops) > self.max_stop_ids or any(not 0 <= t < self.tcfg.vocab_size for t in stops):
+            raise DSparkError(f"stop_ids must be at most {self.max_stop_ids} ids in [0, {self.tcfg.vocab_size})")
+        limit = self.depth if self.policy == "fixed" else self.gamma
+        if max_depth is not None:
+            if _as_int(max_depth, "max_depth") < 0:
+                raise DSparkError(f"max_depth must be >= 0; got {max_depth}")
+            limit = min(limit, int(max_depth))
+        return prompt, stops, limit
+
+    @property
+    def idle(self) -> bool:
+        return not self._waiting and all(r is None for r in self._slot_req)
+
+    def result(self, request_id: int) -> RequestResult:
+        return self.results[request_id]
+
+    # ---------------------------------------------------------------- the loop
+
+    def step(self) -> bool:
+        """Admit waiting requests, then one round over the active slots. Returns whether
+        anything ran."""
+        now = self.clock()
+        if self.metrics.started_at is None and not self.idle:
+            self.metrics.started_at = now
+        admitted, first = self._admit(now)
+        occupied = [s for s, r in enumerate(self._slot_req) if r is not None]
+        if not occupied:
+            return False
+        budget = self.choose_budget(occupied)
+        self._state, self._stale, info = speculate.engine_round(
+            self.tcfg, self.drafter, self.gamma, budget, self.policy, self.tparams, self.dparams,
+            self._state, self._stale, self._schedule())
+        first, info = jax.device_get((first, info))
+        now = self.clock()
+        for s in admitted:
+            self._emit(s, [int(first[s])], now)
+        self._stale_host = np.stack([self._stale_host[1], info.survival])
+        n_active = int(np.sum(info.active))
+        self._last_round = (n_active, int(info.verified))
+        m = self.metrics
+        m.rounds, m.verified, m.budget, m.active = (m.rounds + 1, m.verified + int(info.verified),
+                                                    m.budget + budget, m.active + n_active)
+        for s in occupied:
+            req = self._slot_req[s]
+            if info.active[s]:
+                res = req.result
+                res.rounds += 1
+                res.verified_per_round.append(1 + int(info.depth[s]))
+                for k in range(int(info.accepted[s])):
+                    res.accepted_per_position[k] += 1
+                self._n_out[s] += int(info.appended[s])
+                self._emit(s, info.tokens[s, :info.appended[s]].tolist(), now)
+            if info.done[s]:
+                self._finish(s, now)
+        m.last_at = now
+        return True
+
+    def run_until_done(self, max_steps: int | None = None) -> list[RequestResult]:
+        """Step until nothing waits or runs; returns every request's result, by id."""
+        steps = 0
+        while not self.idle and (max_steps is None or steps < max_steps):
+            self.step()
+            steps += 1
+        return [self.results[i] for i in sorted(self.results)]
+
+    def choose_budget(self, occupied: Sequence[int]) -> int:
+        """The round's token bucket, from facts fixed before the round (never its drafts)."""
+        n = len(occupied)
+        if self.gamma == 0 or self.policy == "none":
+            return self._bucket(n)
+        idx = np.asarray(occupied)
+        limit = np.clip(np.minimum(self._max_depth[idx], self._max_new[idx] - self._n_out[idx] - 1), 0, self.gamma)
+        need = n + int(limit.sum())  # every active row at its depth limit
+        if self.policy == "production":
+            # the device computes K from the same stale survival (global_capacity_jnp) and caps
+            # it at the bucket, so a float32-vs-float64 tie broken differently only costs room
+            k = scheduler._global_capacity(self._stale_host[0][idx].astype(np.float64), self.sps)
+            need = min(need, n + k)
+        elif self.policy in ("algorithm1", "threshold") and self.adaptive_budget and self._last_round:
+            prev_n, prev_b = self._last_round
+            if prev_n:
+                need = min(need, max(n + 1, 2 * (n + (prev_b - prev_n) * n // prev_n)))
+        return self._bucket(need)
+
+    def _bucket(self, need: int) -> int:
+        for b in self.buckets:
+            if b >= need:
+                return b
+        return self.buckets[-1]
+
+    def warmup(self, prompt_lens: Sequence[int] = (1,)) -> None:
+        """Compile every budget bucket's round and the prefill for these prompt lengths
+        (only while idle: the rounds run over empty slots and change nothing)."""
+        if not self.idle:
+            raise DSparkError("warmup needs an idle engine")
+        s = self.slots
+        for width in sorted({self._prefill_width(n) for n in prompt_lens}):
+            self._state, self._stale, _ = self._run_admit(np.zeros(s, bool), np.zeros((s, width), np.int32),
+                                                          np.ones(s, np.int32), np.zeros(s, np.uint32))
+        for b in self.buckets:
+            self._state, self._stale, _ = speculate.engine_round(
+                self.tcfg, self.drafter, self.gamma, b, self.policy, self.tparams, self.dparams,
+                self._state, self._stale, self._schedule())
+        jax.block_until_ready(self._state.anchor)
+
+    # ---------------------------------------------------------------- internals
+
+    def _schedule(self) -> speculate.Schedule:
+        return speculate.Schedule(sps=self._sps_dev, max_depth=jnp.asarray(self._max_depth),
+                                  threshold=self._threshold_dev)
+
+    def _resolve_sps(self, sps, sps_file) -> np.ndarray:
+        bmax = self.full_budget
+        if sps is None and self.policy not in ("algorithm1", "production"):
+            return np.ones(bmax + 1, np.float32)  # unused by the other policies
+        if sps is None:
+            sps, _ = profile_sps.load_or_profile(
+                self.tcfg, self.tparams, slots=self.slots, gamma=self.gamma, max_len=self.max_len,
+                buckets=self.buckets, tap_layers=self.drafter.tap_layers, mesh=self.mesh, path=sps_file)
+        elif isinstance(sps, dict):
+            sps = profile_sps.interpolate(sps, bmax)
+        sps = np.asarray(sps, np.float32).reshape(-1)
+        if len(sps) < bmax + 1:  # a shorter table ends there (later budgets are never chosen)
+            sps = np.concatenate([sps, np.zeros(bmax + 1 - len(sps), np.float32)])
+        return sps[:bmax + 1]
+
+    def _prefill_width(self, n: int) -> int:
+        w = 16
+        while w < n:
+            w *= 2
+        return min(w, self.max_len)
+
+    def _run_admit(self, rows, prompts, lengths, seeds):
+        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+        sampling = SamplingParams(jnp.asarray(self._temp), jnp.asarray(self._top_k), jnp.asarray(self._top_p))
+        return speculate.admit(self.tcfg, self.drafter, self.tparams, self.dparams, self._state, self._stale,
+                               jnp.asarray(rows), jnp.asarray(prompts), jnp.asarray(lengths, jnp.int32), keys,
+                               sampling, jnp.asarray(self._max_new), jnp.asarray(self._stops))
+
+    def _admit(self, now: float):
+        free = [s for s, r in enumerate(self._slot_req) if r is None]
+        take = [(s, self._waiting.popleft()) for s in free[:len(self._waiting)]]
+        if not take:
+            return [], np.zeros(self.slots, np.int32)
+        width = self._prefill_width(max(len(r.prompt) for _, r in take))
+        rows = np.zeros(self.slots, bool)
+        prompts = np.zeros((self.slots, width), np.int32)
+        lengths = np.ones(self.slots, np.int32)
+        seeds = np.zeros(self.slots, np.uint32)
+        for s, req in take:
+            rows[s], lengths[s], seeds[s] = True, len(req.prompt), req.seed
+            prompts[s, :len(req.prompt)] = req.prompt
+            self._slot_req[s] = req
+            self._temp[s], self._top_k[s], self._top_p[s] = req.temperature, req.top_k, req.top_p
+            # n_out counts the first token, which the admission samples (read back after the round)
+            self._max_new[s], self._max_depth[s], self._n_out[s] = req.result.max_new_tokens, req.max_depth, 1
+            self._stops[s] = -1
+            self._stops[s, :len(req.stop_ids)] = req.stop_ids
+            self._stale_host[:, s] = 0.0
+            req.result.admitted_at = now
+        self._state, self._stale, first = self._run_admit(rows, prompts, lengths, seeds)
+        return [s for s, _ in take], first
+
+    def _emit(self, slot: int, tokens: list, now: float) -> None:
+        req = self._slot_req[slot]
+        if not tokens:
+            return
+        res = req.result
+        if res.first_token_at is None:
+            res.first_token_at = now
+        res.token_ids.extend(tokens)
+        self.metrics.tokens += len(tokens)
+        if req.on_tokens is not None:
+            req.on_tokens(res.request_id, list(tokens), False)
+
+    def _finish(self, slot: int, now: float) -> None:
+        req = self._slot_req[slot]
+        req.result.finished, req.result.finished_at = True, now
+        self._slot_req[slot] = None
+        if req.on_tokens is not None:
+            req.on_tokens(req.result.request_id, [], True)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _as_int(x, name: str) -> int:
+    if not _is_int(x):
+        raise DSparkError(f"{name} must be an integer; got {x!r}")
+    return int(x)

@@ -1,0 +1,274 @@
+"""Load benchmark of the engine: aggregate throughput vs per-user speed for each policy.
+
+For every policy (no speculation, fixed depth 1 (MTP-1-like), fixed gamma, static
+threshold, Algorithm 1, production variant), every concurrency level c (an engine with
+c slots) and every arrival mode:
+
+- closed loop: c clients, each submits its next request when the previous one ends;
+- Poisson: c x requests_per_client requests arrive at `rate` x c requests/s; they
+  queue when every slot is busy.
+
+Each point first runs its workload once untimed (closed loop), which compiles exactly
+the buckets the timed run uses (a Poisson run compiles every bucket), then runs it
+timed. Rows report aggregate tokens/s, mean per-user tokens/s, mean verified budget B
+per round and tau; `plot` draws
+throughput vs per-user tokens/s (the paper's Figure 7 shape) and the verified budget vs
+concurrency (Figure 8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from dspark_jax import bench, profile_sps
+from dspark_jax.engine import Engine
+from dspark_jax.errors import DSparkError
+
+POLICIES = ("none", "mtp1", "fixed", "threshold", "algorithm1", "production")
+MODES = ("closed", "poisson")
+BUCKETS = ("auto", "pow2", "full")
+LABELS = {"none": "no speculation", "mtp1": "fixed depth 1 (MTP-1)", "fixed": "fixed gamma",
+          "threshold": "static threshold", "algorithm1": "Algorithm 1", "production": "production variant"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoadSettings:
+    concurrency: tuple[int, ...] = (1, 2)
+    policies: tuple[str, ...] = POLICIES
+    modes: tuple[str, ...] = ("closed",)
+    requests_per_client: int = 2
+    prompt_len: int = 16
+    max_new_tokens: int = 16
+    rate: float = 4.0           # Poisson: requests/s per slot
+    threshold: float = 0.5
+    temperature: float = 0.0
+    seed: int = 0
+    max_len: int | None = None  # default: prompt + max_new_tokens rounded up to 16
+    sps_file: str | None = None
+    buckets: str = "auto"       # "pow2" | "full" (one program per engine) | "auto": full on CPU
+
+    def __post_init__(self):
+        bad = [p for p in self.policies if p not in POLICIES]
+        if bad:
+            raise DSparkError(f"unknown policy {bad[0]} (choose from {', '.join(POLICIES)})")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad:
+            raise DSparkError(f"unknown arrival mode {bad[0]} (choose from {', '.join(MODES)})")
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise DSparkError("concurrency levels must be >= 1")
+        for name in ("requests_per_client", "prompt_len", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise DSparkError(f"{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
+        if self.rate <= 0:
+            raise DSparkError(f"rate must be > 0; got {self.rate}")
+        if self.buckets not in BUCKETS:
+            raise DSparkError(f"unknown bucket set {self.buckets} (choose from {', '.join(BUCKETS)})")
+
+    @property
+    def cache_len(self) -> int:
+        return self.max_len or -(-(self.prompt_len + self.max_new_tokens) // 16) * 16
+
+    def bucket_set(self, slots: int, gamma: int) -> tuple[int, ...]:
+        """The engine's budget buckets. "auto" is one full bucket on CPU, where compiling
+        dominates a short run and a tiny model's pass costs about the same at any budget."""
+        import jax
+
+        full = self.buckets == "full" or (self.buckets == "auto" and jax.default_backend() == "cpu")
+        return (slots * (1 + gamma),) if full else profile_sps.budget_buckets(slots, gamma)
+
+
+@dataclasses.dataclass
+class LoadRow:
+    policy: str
+    mode: str
+    concurrency: int
+    requests: int
+    tokens: int
+    seconds: float
+    throughput: float        # aggregate tokens/s
+    per_user: float          # mean over requests of tokens/s from admission to last token
+    mean_verified: float     # mean verified tokens B per round
+    mean_budget: float       # mean compiled bucket N_b per round
+    tau: float
+    errors: int = 0
+
+
+def engine_options(policy: str, gamma: int, threshold: float) -> dict:
+    """Engine keyword arguments of a benchmark policy."""
+    if policy == "none":
+        return {"policy": "none"}
+    if policy == "mtp1":
+        return {"policy": "fixed", "depth": min(1, gamma)}
+    if policy == "fixed":
+        return {"policy": "fixed", "depth": gamma}
+    if policy == "threshold":
+        return {"policy": "threshold", "threshold": threshold}
+    return {"policy": policy}
+
+
+def _drive(engine: Engine, prompts, settings: LoadSettings, mode: str, clients: int,
+           clock: Callable[[], float], sleep: Callable[[float], None]):
+    """Submit the workload and step until done; returns the results."""
+    total = clients * settings.requests_per_client
+    kw = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature)
+    submitted = []
+
+    def submit():
+        i = len(submitted)
+        submitted.append(engine.submit(prompts[i % len(prompts)], seed=settings.seed + i, **kw))
+
+    if mode == "closed":
+        for _ in range(min(clients, total)):
+            submit()
+        while not engine.idle:
+            before = sum(engine.results[r].finished for r in submitted)
+            engine.step()
+            ended = sum(engine.results[r].finished for r in submitted) - before
+            for _ in range(min(ended, total - len(submitted))):
+                submit()
+    else:
+        rng = np.random.default_rng(settings.seed)
+        arrivals = np.cumsum(rng.exponential(1.0 / (settings.rate * clients), total))
+        t0 = clock()
+        while len(submitted) < total or not engine.idle:
+            now = clock() - t0
+            while len(submitted) < total and arrivals[len(submitted)] <= now:
+                submit()
+            if engine.idle and len(submitted) < total:
+                sleep(max(0.0, arrivals[len(submitted)] - (clock() - t0)))
+                continue
+            engine.step()
+    return [engine.results[r] for r in submitted]
+
+
+def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: int, settings: LoadSettings,
+              prompts, sps=None, clock=time.perf_counter, sleep=time.sleep) -> LoadRow:
+    """One (policy, mode, concurrency) measurement."""
+    gamma = drafter.gamma if drafter is not None else 0
+    opts = engine_options(policy, gamma, settings.threshold)
+
+    def make():
+        return Engine(tcfg, tparams, drafter, dparams, slots=clients, max_len=settings.cache_len, sps=sps,
+                      buckets=settings.bucket_set(clients, gamma), **opts)
+
+    _drive(make(), prompts, settings, "closed", clients, clock, sleep)  # compiles what the run needs
+    engine = make()
+    if mode != "closed":  # arrival timing may reach other buckets: compile them all
+        engine.warmup([settings.prompt_len])
+    t0 = clock()
+    results = _drive(engine, prompts, settings, mode, clients, clock, sleep)
+    secs = clock() - t0
+    ok = [r for r in results if r.error is None]
+    tokens = sum(len(r.token_ids) for r in ok)
+    rounds = sum(r.rounds for r in ok)
+    m = engine.metrics
+    return LoadRow(policy=policy, mode=mode, concurrency=clients, requests=len(results), tokens=tokens,
+                   seconds=secs, throughput=tokens / secs if secs > 0 else 0.0,
+                   per_user=statistics.fmean(r.tokens_per_second for r in ok) if ok else 0.0,
+                   mean_verified=m.mean_verified, mean_budget=m.mean_budget,
+                   tau=sum(len(r.token_ids) - 1 for r in ok) / rounds if rounds else 0.0,
+                   errors=len(results) - len(ok))
+
+
+def run(tcfg, tparams, drafter, dparams, settings: LoadSettings, progress: Callable[[LoadRow], None] | None = None,
+        sps_progress: Callable[[], None] | None = None) -> list[LoadRow]:
+    """Every (mode, policy, concurrency) point; SPS curves are loaded or profiled once
+    per concurrency level for the policies that need them."""
+    if drafter is None and any(p != "none" for p in settings.policies):
+        raise DSparkError("speculative policies need a drafter (pass --draft DIR or --policy none)")
+    prompts = bench.random_prompts(max(settings.concurrency) * settings.requests_per_client, settings.prompt_len,
+                                   tcfg.vocab_size, seed=settings.seed)
+    needs_sps = any(p in ("algorithm1", "production") for p in settings.policies)
+    curves = {}
+    if needs_sps:
+        for c in settings.concurrency:
+            curves[c], _ = profile_sps.load_or_profile(
+                tcfg, tparams, slots=c, gamma=drafter.gamma, max_len=settings.cache_len,
+                buckets=settings.bucket_set(c, drafter.gamma), tap_layers=drafter.tap_layers,
+                path=settings.sps_file, progress=sps_progress)
+    rows = []
+    for mode in settings.modes:
+        for policy in settings.policies:
+            for c in settings.concurrency:
+                row = run_point(tcfg, tparams, drafter if policy != "none" else None, dparams, policy, mode, c,
+                                settings, prompts, sps=curves.get(c))
+                rows.append(row)
+                if progress is not None:
+                    progress(row)
+    return rows
+
+
+def markdown(rows: Sequence[LoadRow], title: str = "Load benchmark") -> str:
+    lines = [f"### {title}", "",
+             "| mode | policy | concurrency | throughput tok/s | per-user tok/s | mean verified B | "
+             "mean bucket | tau | requests |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r.mode} | {LABELS.get(r.policy, r.policy)} | {r.concurrency} | {r.throughput:.1f} | "
+                     f"{r.per_user:.1f} | {r.mean_verified:.2f} | {r.mean_budget:.2f} | {r.tau:.2f} | "
+                     f"{r.requests}{f' ({r.errors} failed)' if r.errors else ''} |")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[LoadRow], out_dir: str) -> list[str]:
+    """throughput_vs_per_user.png (Figure 7 shape) and budget_vs_concurrency.png (Figure 8)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    series = {}
+    for r in rows:
+        series.setdefault((r.mode, r.policy), []).append(r)
+    styles = {"closed": "-o", "poisson": "--s"}
+    colors = {p: plt.get_cmap("tab10")(i) for i, p in enumerate(POLICIES)}
+    for name, x_of, y_of, xlabel, ylabel in (
+            ("throughput_vs_per_user.png", lambda r: r.per_user, lambda r: r.throughput,
+             "per-user tokens/s", "aggregate throughput (tokens/s)"),
+            ("budget_vs_concurrency.png", lambda r: r.concurrency, lambda r: r.mean_verified,
+             "concurrency", "mean verification budget B (tokens/round)")):
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        for (mode, policy), pts in series.items():
+            pts = sorted(pts, key=lambda r: r.concurrency)
+            ax.plot([x_of(r) for r in pts], [y_of(r) for r in pts], styles.get(mode, "-o"),
+                    color=colors.get(policy), label=f"{LABELS.get(policy, policy)} ({mode})")
+            if name.startswith("throughput"):
+                for r in pts:
+                    ax.annotate(str(r.concurrency), (x_of(r), y_of(r)), fontsize=7, xytext=(3, 3),
+                                textcoords="offset points")
+        if name.startswith("budget"):
+            ax.set_xticks(sorted({r.concurrency for r in rows}))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, name)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write(rows: Sequence[LoadRow], settings: LoadSettings, out_dir: str, meta: dict | None = None) -> dict:
+    """results.json, results.md and the two plots under out_dir; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    title = "Load benchmark" + (f": {meta.get('title')}" if meta and meta.get("title") else "")
+    md = markdown(rows, title)
+    paths = {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md")}
+    with open(paths["json"], "w") as f:
+        json.dump({"settings": dataclasses.asdict(settings), "meta": meta or {},
+                   "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+    with open(paths["markdown"], "w") as f:
+        f.write(md + "\n")
+    paths["plots"] = plot(rows, out_dir)
+    return paths

@@ -1,0 +1,209 @@
+"""SPS(B): steps per second of the packed verification pass at a budget of B tokens.
+
+Algorithm 1 and the production variant weigh expected accepted tokens against the cost
+of verifying them, Theta = tau* x SPS(B). The engine compiles the verification pass for
+a few budget buckets; this module times that pass at every bucket (warm-up first, then
+timed repeats with block_until_ready), interpolates step time linearly to every integer
+B, and stores the table in a JSON file keyed by everything that changes it: backend,
+device kind, model shape, mesh, slots, gamma and cache length. `load_or_profile` reuses
+a matching entry and profiles otherwise.
+
+File layout: {"version": 1, "profiles": {digest: {"key": {...}, "table": {"B": sps},
+"sps": [interpolated, index = B], "created": unix time}}}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import statistics
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dspark_jax import target
+from dspark_jax.errors import DSparkError
+
+VERSION = 1
+
+
+def default_path() -> str:
+    """Where profiles live unless told otherwise ($DSPARK_SPS_FILE overrides)."""
+    return os.environ.get("DSPARK_SPS_FILE",
+                          os.path.join(os.path.expanduser("~"), ".cache", "dspark_jax", "sps.json"))
+
+
+def budget_buckets(slots: int, gamma: int) -> tuple[int, ...]:
+    """Token-budget buckets: powers of two below slots * (1 + gamma), then that maximum."""
+    full = slots * (1 + gamma)
+    out, b = [], 1
+    while b < full:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (full,)
+
+
+def profile_key(tcfg, *, slots: int, gamma: int, max_len: int, tap_layers: Sequence[int] = (),
+                mesh=None) -> dict:
+    """Everything the measured curve depends on, as a JSON-able dict."""
+    dev = jax.devices()[0]
+    fields = dataclasses.asdict(tcfg) if dataclasses.is_dataclass(tcfg) else {}
+    shape_fields = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "vocab_size", "dtype")
+    model = {k: fields[k] for k in shape_fields if k in fields}
+    model["type"] = type(tcfg).__name__
+    return {"backend": jax.default_backend(), "device_kind": dev.device_kind,
+            "mesh": {str(k): int(v) for k, v in mesh.shape.items()} if mesh is not None else {"devices": 1},
+            "model": model, "slots": int(slots), "gamma": int(gamma), "max_len": int(max_len),
+            "taps": len(tuple(tap_layers))}
+
+
+def digest(key: dict) -> str:
+    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _packed_inputs(slots: int, width: int, budget: int, lengths: np.ndarray):
+    """`budget` valid tokens spread over the rows like a round verifying them would."""
+    i = np.arange(budget)
+    rows, cols = i % slots, i // slots
+    return (jnp.full((budget,), 5, jnp.int32), jnp.asarray(rows, jnp.int32),
+            jnp.asarray(lengths[rows] + cols, jnp.int32), jnp.ones((budget,), bool),
+            width if budget > slots else None)
+
+
+def measure(tcfg, tparams, *, slots: int, gamma: int, max_len: int, buckets: Sequence[int],
+            tap_layers: Sequence[int] = (), warmup: int = 2, repeats: int = 10, mesh=None,
+            progress: Callable[[], None] | None = None) -> dict[int, float]:
+    """{B: steps/s} of `target.step_packed` at every bucket, on a half-full cache."""
+    width = 1 + gamma
+    if max(buckets) > slots * width:
+        raise DSparkError(f"bucket {max(buckets)} exceeds slots x (1 + gamma) = {slots * width}")
+    cache = target.init_cache(tcfg, slots, max_len)
+    if mesh is not None:
+        cache = target.shard_cache(cache, mesh)
+    lengths = np.full((slots,), max(0, max_len // 2 - width), np.int32)
+    cache = cache.replace(lengths=jnp.asarray(lengths))
+    taps = tuple(tap_layers)
+    table = {}
+    for b in buckets:
+        tokens, rows, positions, valid, qb = _packed_inputs(slots, width, int(b), lengths)
+        for _ in range(max(1, warmup)):
+            out, cache, _ = target.step_packed(tcfg, tparams, tokens, rows, positions, valid, cache, taps,
+                                               query_block=qb)
+            out.block_until_ready()
+        times = []
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            out, cache, _ = target.step_packed(tcfg, tparams, tokens, rows, positions, valid, cache, taps,
+                                               query_block=qb)
+            out.block_until_ready()
+            times.append(time.perf_counter() - t0)
+        table[int(b)] = 1.0 / max(statistics.median(times), 1e-9)
+        if progress is not None:
+            progress()
+    return table
+
+
+def interpolate(table: dict[int, float], bmax: int) -> np.ndarray:
+    """SPS at every integer B in [0, bmax] (index 0 unused): step time is linear between
+    measured budgets and flat beyond the ends."""
+    if not table:
+        raise DSparkError("empty SPS table")
+    table = {int(b): float(v) for b, v in table.items()}
+    bs = np.array(sorted(table), np.float64)
+    step_time = np.array([1.0 / table[int(b)] for b in bs])
+    t = np.interp(np.arange(bmax + 1, dtype=np.float64), bs, step_time)
+    return (1.0 / t).astype(np.float32)
+
+
+def _read(path: str) -> dict:
+    if not os.path.exists(path):
+        return {"version": VERSION, "profiles": {}}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data.get("profiles"), dict):
+            raise ValueError
+        return data
+    except (json.JSONDecodeError, ValueError, AttributeError):
+        raise DSparkError(f"{path} is not an SPS profile file (expected {{'profiles': {{...}}}})") from None
+
+
+def lookup(path: str, key: dict, buckets: Sequence[int]) -> dict | None:
+    """The stored record for `key` if it covers every bucket, else None."""
+    rec = _read(path)["profiles"].get(digest(key))
+    if rec is None or rec.get("key") != key:
+        return None
+    if any(str(int(b)) not in rec.get("table", {}) for b in buckets):
+        return None
+    return rec
+
+
+def save(path: str, key: dict, table: dict[int, float], bmax: int) -> dict:
+    data = _read(path)
+    rec = {"key": key, "table": {str(b): float(v) for b, v in sorted(table.items())},
+           "sps": interpolate(table, bmax).tolist(), "created": time.time()}
+    data["profiles"][digest(key)] = rec
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+    return rec
+
+
+def load_or_profile(tcfg, tparams, *, slots: int, gamma: int, max_len: int, buckets: Sequence[int] | None = None,
+                    tap_layers: Sequence[int] = (), mesh=None, path: str | None = None, force: bool = False,
+                    warmup: int = 2, repeats: int = 10, progress=None) -> tuple[np.ndarray, dict]:
+    """(sps [slots * (1 + gamma) + 1], record): the stored curve when one matches, else a
+    fresh measurement (then stored)."""
+    buckets = tuple(buckets or budget_buckets(slots, gamma))
+    bmax = slots * (1 + gamma)
+    path = path or default_path()
+    key = profile_key(tcfg, slots=slots, gamma=gamma, max_len=max_len, tap_layers=tap_layers, mesh=mesh)
+    rec = None if force else lookup(path, key, buckets)
+    if rec is None:
+        table = measure(tcfg, tparams, slots=slots, gamma=gamma, max_len=max_len, buckets=buckets,
+                        tap_layers=tap_layers, warmup=warmup, repeats=repeats, mesh=mesh, progress=progress)
+        rec = save(path, key, table, bmax)
+    table = {int(b): float(v) for b, v in rec["table"].items()}
+    return interpolate(table, bmax), rec
+
+
+def plot(rec: dict, png: str) -> str:
+    """Measured points and the interpolated curve (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = {int(b): float(v) for b, v in rec["table"].items()}
+    sps = np.asarray(rec["sps"], np.float64)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bs = np.arange(1, len(sps))
+    ax.plot(bs, sps[1:], "-", label="interpolated")
+    ax.plot(sorted(table), [table[b] for b in sorted(table)], "o", label="measured bucket")
+    ax.plot(bs, sps[1:] * bs, ":", label="tokens/s if all accepted (B x SPS)")
+    k = rec["key"]
+    ax.set_title(f"SPS(B): {k['device_kind']}, slots {k['slots']}, gamma {k['gamma']}", fontsize=9)
+    ax.set_xlabel("verification budget B (tokens)")
+    ax.set_ylabel("steps / s")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def markdown(rec: dict) -> str:
+    lines = ["| B | steps/s | ms/step | B x steps/s |", "| ---: | ---: | ---: | ---: |"]
+    for b, v in sorted((int(b), float(v)) for b, v in rec["table"].items()):
+        lines.append(f"| {b} | {v:.1f} | {1000.0 / v:.3f} | {b * v:.0f} |")
+    return "\n".join(lines)

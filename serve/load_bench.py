@@ -1,0 +1,79 @@
+"""Load benchmark: throughput vs per-user tokens/s for each verification policy.
+
+    python -m serve.load_bench --target T --draft D --concurrency 1 2 4 --mode closed poisson
+
+Writes results.json, results.md, throughput_vs_per_user.png (Figure 7 shape) and
+budget_vs_concurrency.png (Figure 8 shape) under --out-dir and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from dspark_jax.errors import cli_errors
+
+
+def main(argv=None) -> None:
+    from dspark_jax.load_bench import MODES, POLICIES
+
+    p = argparse.ArgumentParser(prog="python -m serve.load_bench", description=__doc__.split("\n")[0])
+    p.add_argument("--target", help="target folder (default: bundled demo target)")
+    p.add_argument("--draft", help="drafter folder (default: bundled drafter for --drafter)")
+    p.add_argument("--drafter", default=None, choices=("dspark", "dflash", "eagle3", "mtp1"))
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2], help="concurrency levels (slots)")
+    p.add_argument("--policy", nargs="+", default=list(POLICIES), choices=POLICIES, dest="policies")
+    p.add_argument("--mode", nargs="+", default=["closed"], choices=MODES, dest="modes",
+                   help="closed loop and/or Poisson arrivals")
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--prompt-len", type=int, default=16, help="random prompt length (tokens)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals per second per slot")
+    p.add_argument("--threshold", type=float, default=0.5, help="confidence threshold of the threshold policy")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--gamma", type=int, default=None)
+    p.add_argument("--max-len", type=int, default=None, help="cache length per slot (default: just enough)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--buckets", default="auto", choices=("auto", "pow2", "full"),
+                   help="budget buckets: powers of two, one full bucket, or auto (full on CPU)")
+    p.add_argument("--sps-file", default=None, help="SPS profile file (default: ~/.cache/dspark_jax/sps.json)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    p.add_argument("--out-dir", default="load_bench_out")
+    args = p.parse_args(argv)
+    with cli_errors("serve.load_bench"):
+        import jax
+        from tqdm import tqdm
+
+        from dspark_jax import drafters, load_bench, target
+        from dspark_jax.serving import GenerateRequest, resolve_folders
+
+        settings = load_bench.LoadSettings(
+            concurrency=tuple(args.concurrency), policies=tuple(args.policies), modes=tuple(args.modes),
+            requests_per_client=args.requests_per_client, prompt_len=args.prompt_len,
+            max_new_tokens=args.max_new_tokens, rate=args.rate, threshold=args.threshold,
+            temperature=args.temperature, seed=args.seed, max_len=args.max_len, sps_file=args.sps_file,
+            buckets=args.buckets)
+        tfolder, dfolder, kind = resolve_folders(GenerateRequest(target=args.target, draft=args.draft,
+                                                                 drafter=args.drafter))
+        tcfg, tparams = target.load(tfolder, args.dtype)
+        drafter = dparams = None
+        if dfolder is not None:
+            drafter, dparams = drafters.load(dfolder, tcfg, kind=kind, gamma=args.gamma, dtype=args.dtype)
+        points = len(settings.modes) * len(settings.policies) * len(settings.concurrency)
+        with tqdm(total=points, desc="load bench", unit="point") as bar:
+            def progress(row):
+                bar.set_postfix_str(f"{row.mode} {row.policy} c={row.concurrency} {row.throughput:.0f} tok/s")
+                bar.update()
+
+            rows = load_bench.run(tcfg, tparams, drafter, dparams, settings, progress=progress)
+        meta = {"target": tfolder, "draft": dfolder, "drafter": getattr(drafter, "kind", "none"),
+                "gamma": getattr(drafter, "gamma", 0), "backend": jax.default_backend(),
+                "device_kind": jax.devices()[0].device_kind,
+                "title": f"{getattr(drafter, 'kind', 'none')} gamma {getattr(drafter, 'gamma', 0)} on "
+                         f"{jax.devices()[0].device_kind}"}
+        paths = load_bench.write(rows, settings, args.out_dir, meta)
+        print(load_bench.markdown(rows, "Load benchmark: " + meta["title"]))
+        print(f"\nwrote {paths['json']}, {paths['markdown']}, {', '.join(paths['plots'])}")
+
+
+if __name__ == "__main__":
+    main()

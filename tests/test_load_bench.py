@@ -1,0 +1,85 @@
+"""Load bench end to end on the tiny pair (CLI: table, JSON, plots) and the SPS profile
+(measure, store by key, reuse, plot)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dspark_jax import load_bench, profile_sps, target
+from dspark_jax.engine import Engine
+from serve import load_bench as load_bench_cli
+from serve import profile_sps as profile_sps_cli
+from tests.conftest import FIXTURES
+from tests.helpers import OracleDrafter, make_block_drafter, write_block_drafter
+
+TARGET = os.path.join(FIXTURES, "qwen3_tiny_untied")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return target.load(TARGET)
+
+
+def test_sps_profile_is_stored_reused_and_plotted(pair, tmp_path, monkeypatch):
+    tcfg, tparams = pair
+    path = str(tmp_path / "sps.json")
+    sps, rec = profile_sps.load_or_profile(tcfg, tparams, slots=1, gamma=1, max_len=32, path=path,
+                                           tap_layers=(0,), warmup=1, repeats=2)
+    assert sorted(int(b) for b in rec["table"]) == [1, 2] and sps.shape == (3,) and np.all(sps > 0)
+    key = profile_sps.profile_key(tcfg, slots=1, gamma=1, max_len=32, tap_layers=(0,))
+    assert key["backend"] == "cpu" and key["model"]["hidden_size"] == tcfg.hidden_size
+    monkeypatch.setattr(profile_sps, "measure", lambda *a, **k: pytest.fail("profiled again"))
+    again, _ = profile_sps.load_or_profile(tcfg, tparams, slots=1, gamma=1, max_len=32, path=path,
+                                           tap_layers=(0,))
+    np.testing.assert_array_equal(again, sps)
+    # an engine starting with a matching profile reuses it
+    engine = Engine(tcfg, tparams, OracleDrafter(1, tcfg.vocab_size), None, slots=1, max_len=32,
+                    policy="production", sps_file=path)
+    np.testing.assert_array_equal(engine.sps, sps)
+    assert os.path.getsize(profile_sps.plot(rec, str(tmp_path / "sps.png"))) > 0
+    np.testing.assert_allclose(profile_sps.interpolate({2: 10.0, 4: 5.0}, 5),
+                               [10, 10, 10, 1 / 0.15, 5, 5], rtol=1e-6)
+
+
+def test_load_bench_cli_end_to_end(pair, tmp_path, capsys):
+    tcfg, tparams = pair
+    drafter, dparams = make_block_drafter(tcfg, block_size=3)
+    draft = write_block_drafter(tmp_path / "draft", TARGET, tparams, drafter, dparams)
+    # a stored SPS curve matching this engine is reused (no profiling at start-up)
+    sps_file = str(tmp_path / "sps.json")
+    key = profile_sps.profile_key(tcfg, slots=2, gamma=3, max_len=32, tap_layers=drafter.tap_layers)
+    profile_sps.save(sps_file, key, {8: 50.0}, 8)
+    out = tmp_path / "out"
+    load_bench_cli.main(["--target", TARGET, "--draft", draft, "--concurrency", "2", "--policy", "none",
+                         "production", "--mode", "closed", "poisson", "--requests-per-client", "1",
+                         "--prompt-len", "5", "--max-new-tokens", "6", "--max-len", "32", "--rate", "200",
+                         "--buckets", "full", "--sps-file", sps_file,
+                         "--out-dir", str(out)])
+    printed = capsys.readouterr().out
+    assert "| closed | production variant | 2 |" in printed and "| poisson | no speculation | 2 |" in printed
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["rows"]) == 4 and data["meta"]["gamma"] == 3
+    for row in data["rows"]:
+        assert row["requests"] == 2 and row["errors"] == 0 and row["tokens"] == 12 and row["throughput"] > 0
+        assert row["mean_verified"] >= 1
+    none = [r for r in data["rows"] if r["policy"] == "none"]
+    assert all(r["tau"] == 1.0 and r["mean_verified"] <= 2 for r in none)
+    assert (out / "results.md").read_text().startswith("### Load benchmark")
+    for name in ("throughput_vs_per_user.png", "budget_vs_concurrency.png"):
+        assert (out / name).stat().st_size > 0
+    assert len(json.loads(open(sps_file).read())["profiles"]) == 1
+
+
+def test_load_bench_rejects_bad_settings():
+    with pytest.raises(Exception, match="unknown policy"):
+        load_bench.LoadSettings(policies=("fastest",))
+    with pytest.raises(Exception, match="concurrency"):
+        load_bench.LoadSettings(concurrency=(0,))
+
+
+def test_profile_cli_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        profile_sps_cli.main(["--target", TARGET, "--slots", "0"])
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
