@@ -74,7 +74,7 @@ def schedule_prefix_lengths(survival, sps) -> np.ndarray:
     return depths
 
 
-def _global_capacity(survival: np.ndarray, sps: np.ndarray) -> int:
+def global_capacity(survival: np.ndarray, sps: np.ndarray) -> int:
     """argmax over K of Theta when the top-K candidates are admitted (no early stop)."""
     r_count = survival.shape[0]
     r_idx, j_idx = _sorted_candidates(survival)
@@ -96,14 +96,14 @@ def _top_k_depths(survival: np.ndarray, k: int) -> np.ndarray:
 def retrospective_prefix_lengths(survival, sps) -> np.ndarray:
     """Global search on the current survival (BIASED; for demonstrations only)."""
     survival, sps = _check(survival, sps)
-    return _top_k_depths(survival, _global_capacity(survival, sps))
+    return _top_k_depths(survival, global_capacity(survival, sps))
 
 
 def production_depths(survival, stale_survival, sps) -> np.ndarray:
     """Capacity from survival of two rounds earlier, filled with the current top-K."""
     survival, sps = _check(survival, sps)
     stale, _ = _check(stale_survival, sps)
-    return _top_k_depths(survival, _global_capacity(stale, sps))
+    return _top_k_depths(survival, global_capacity(stale, sps))
 
 
 def threshold_depths(confidence, threshold: float) -> np.ndarray:

@@ -104,25 +104,24 @@ def start(tcfg, drafter, tparams, dparams, prompts, lengths, cache, draft_cache,
     return state
 
 
-@functools.partial(jax.jit, static_argnames=("tcfg", "drafter", "gamma"), donate_argnames=("state",))
-def spec_round(tcfg, drafter, gamma: int, tparams, dparams, state: DecodeState, depth: jax.Array):
-    """One speculation round; `depth` [B] is each request's verification depth in [0, gamma]."""
+def _draft(drafter, gamma: int, tparams, dparams, state: DecodeState, key):
+    """(draft [B, G], q [B, G, V] or [B, G, 1] when nothing is drafted, confidence [B, G])."""
     b = state.anchor.shape[0]
-    active = ~state.done
-    depth = jnp.where(active, jnp.clip(depth, 0, gamma), 0).astype(jnp.int32)
-    pos0 = state.cache.lengths
-    k_draft, k_accept, keys = _split_keys(state.keys, 3)
     if drafter is not None and gamma > 0:
-        draft, q, conf = drafter.propose(dparams, tparams, state.draft_cache, state.anchor, pos0,
-                                         state.sampling, k_draft)
-    else:
-        draft = jnp.zeros((b, gamma), jnp.int32)
-        q = jnp.zeros((b, gamma, 1), jnp.float32)
-        conf = jnp.zeros((b, gamma), jnp.float32)
-    tokens = jnp.concatenate([state.anchor[:, None], draft], axis=1)
-    q_lens = jnp.where(active, 1 + depth, 0)
-    taps_wanted = drafter.tap_layers if drafter is not None else ()
-    logits, cache, taps = target.step(tcfg, tparams, tokens, q_lens, state.cache, taps_wanted)
+        return drafter.propose(dparams, tparams, state.draft_cache, state.anchor, state.cache.lengths,
+                               state.sampling, key)
+    return (jnp.zeros((b, gamma), jnp.int32), jnp.zeros((b, gamma, 1), jnp.float32),
+            jnp.zeros((b, gamma), jnp.float32))
+
+
+def _accept_and_commit(drafter, gamma: int, tparams, dparams, state: DecodeState, draft, q, logits,
+                       cache, taps, depth, active, k_accept, keys):
+    """Lossless acceptance of the verified drafts, then every update a round makes:
+    target cache length, drafter ingest of the committed positions, anchor, output.
+
+    Returns (state, accepted n [B], committed tokens [B, G + 1], appended [B]).
+    """
+    pos0 = state.cache.lengths
     p = warp(logits, state.sampling)
     if drafter is None or gamma == 0:
         q = jnp.zeros(q.shape[:2] + p.shape[-1:], jnp.float32)  # nothing is drafted
@@ -141,6 +140,22 @@ def spec_round(tcfg, drafter, gamma: int, tparams, dparams, state: DecodeState, 
     state = state.replace(cache=cache, draft_cache=draft_cache,
                           anchor=jnp.where(active, nxt, state.anchor), keys=keys)
     state, appended = _commit(state, committed, count, active)
+    return state, n, committed, appended
+
+
+@functools.partial(jax.jit, static_argnames=("tcfg", "drafter", "gamma"), donate_argnames=("state",))
+def spec_round(tcfg, drafter, gamma: int, tparams, dparams, state: DecodeState, depth: jax.Array):
+    """One speculation round; `depth` [B] is each request's verification depth in [0, gamma]."""
+    active = ~state.done
+    depth = jnp.where(active, jnp.clip(depth, 0, gamma), 0).astype(jnp.int32)
+    k_draft, k_accept, keys = _split_keys(state.keys, 3)
+    draft, q, conf = _draft(drafter, gamma, tparams, dparams, state, k_draft)
+    tokens = jnp.concatenate([state.anchor[:, None], draft], axis=1)
+    q_lens = jnp.where(active, 1 + depth, 0)
+    taps_wanted = drafter.tap_layers if drafter is not None else ()
+    logits, cache, taps = target.step(tcfg, tparams, tokens, q_lens, state.cache, taps_wanted)
+    state, n, committed, appended = _accept_and_commit(
+        drafter, gamma, tparams, dparams, state, draft, q, logits, cache, taps, depth, active, k_accept, keys)
     info = RoundInfo(draft=draft, confidence=conf, depth=depth, accepted=n, committed=appended,
                      active=active)
     return state, info
@@ -302,17 +317,9 @@ def engine_round(tcfg, drafter, gamma: int, budget: int, policy: str, tparams, d
     rows; policy (static): one of POLICIES; stale [2, S, G]: the survival of the last two
     rounds (shifted here). Returns (state, stale, EngineRoundInfo).
     """
-    s = state.anchor.shape[0]
     active = ~state.done
-    pos0 = state.cache.lengths
     k_draft, k_accept, keys = _split_keys(state.keys, 3)
-    if drafter is not None and gamma > 0:
-        draft, q, conf = drafter.propose(dparams, tparams, state.draft_cache, state.anchor, pos0,
-                                         state.sampling, k_draft)
-    else:
-        draft = jnp.zeros((s, gamma), jnp.int32)
-        q = jnp.zeros((s, gamma, 1), jnp.float32)
-        conf = jnp.zeros((s, gamma), jnp.float32)
+    draft, q, conf = _draft(drafter, gamma, tparams, dparams, state, k_draft)
     # drafts past the room left (max_new - n_out - 1) could never be committed
     max_depth = jnp.clip(jnp.minimum(sched.max_depth, state.max_new - state.n_out - 1), 0, gamma)
     depth, survival, capacity = schedule_depths(policy, budget, conf, stale, sched, active, max_depth)
@@ -320,24 +327,8 @@ def engine_round(tcfg, drafter, gamma: int, budget: int, policy: str, tparams, d
     valid = active[:, None] & (jnp.arange(gamma + 1)[None, :] <= depth[:, None])
     taps_wanted = drafter.tap_layers if drafter is not None else ()
     logits, cache, taps = _verify(tcfg, tparams, tokens, valid, state.cache, taps_wanted, budget)
-    p = warp(logits, state.sampling)
-    if drafter is None or gamma == 0:
-        q = jnp.zeros(q.shape[:2] + p.shape[-1:], jnp.float32)
-    elif q.shape[-1] != p.shape[-1]:
-        raise ValueError(f"drafter vocabulary {q.shape[-1]} != target vocabulary {p.shape[-1]}")
-    n, nxt = accept_drafts(k_accept, draft, q, p, depth)
-    n = jnp.where(active, n, 0)
-    count = jnp.where(active, n + 1, 0)
-    cache = cache.replace(lengths=pos0 + count)
-    slot = jnp.arange(gamma + 1)[None, :]
-    committed = jnp.where(slot < n[:, None], jnp.pad(draft, ((0, 0), (0, 1))), nxt[:, None])
-    draft_cache = state.draft_cache
-    if drafter is not None:
-        feats = jnp.concatenate(taps, axis=-1)
-        draft_cache = drafter.ingest(dparams, tparams, draft_cache, feats, committed, pos0, count)
-    state = state.replace(cache=cache, draft_cache=draft_cache,
-                          anchor=jnp.where(active, nxt, state.anchor), keys=keys)
-    state, appended = _commit(state, committed, count, active)
+    state, n, committed, appended = _accept_and_commit(
+        drafter, gamma, tparams, dparams, state, draft, q, logits, cache, taps, depth, active, k_accept, keys)
     info = EngineRoundInfo(draft=draft, confidence=conf, survival=survival, depth=depth, accepted=n,
                            tokens=committed, appended=appended, active=active, done=state.done,
                            capacity=capacity, verified=jnp.sum(jnp.where(active, 1 + depth, 0)).astype(jnp.int32))
