@@ -317,7 +317,7 @@ class Engine:
         if self.policy == "production":
             # the device computes K from the same stale survival (global_capacity_jnp) and caps
             # it at the bucket, so a float32-vs-float64 tie broken differently only costs room
-            k = scheduler._global_capacity(self._stale_host[0][idx].astype(np.float64), self.sps)
+            k = scheduler.global_capacity(self._stale_host[0][idx].astype(np.float64), self.sps)
             need = min(need, n + k)
         elif self.policy in ("algorithm1", "threshold") and self.adaptive_budget and self._last_round:
             prev_n, prev_b = self._last_round
