@@ -16,6 +16,18 @@ The budget bucket is the one decision taken on the host. It uses only what is kn
 before the round (active slots, the room each has left, the survival of earlier
 rounds), so it can never depend on the current round's drafts; see speculate.py for why
 each policy's depths then stay lossless.
+
+Paged mode (`Engine(..., paged=True, page_size=16, num_pages=N)`, Qwen3 targets): the
+target cache is a `PagedKVCache` pool of N pages shared by all slots, attended with
+`pallas_kernels.verify_attention` (`attention_impl` / `attention_interpret`: "auto" is
+the jnp reference on CPU and the Pallas kernel on GPU / TPU). A host `PageAllocator`
+reserves a request's pages at admission, for prompt + max_new_tokens + gamma + 1 tokens
+(every position a round can write), so a running request never runs out; its pages go
+back when it finishes. A request that does not fit in the free pages waits in the queue
+(first come, first served: later requests do not overtake it) until finished requests
+free enough; one that could never fit, even in an empty pool, fails at submit with a
+one-line error. The page table reaches the device between rounds (a small device_put);
+the drafter's cache stays slot-based.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import numpy as np
 
 from dspark_jax import generation, profile_sps, scheduler, speculate, target
 from dspark_jax.errors import DSparkError
+from dspark_jax.paged_cache import PageAllocator, PagedKVCache, pages_needed
 from dspark_jax.sampling import SamplingParams, validate
 
 TokenCallback = Callable[[int, list, bool], None]  # (request id, new token ids, finished)
@@ -140,7 +153,9 @@ class Engine:
     def __init__(self, tcfg, tparams, drafter=None, dparams=None, *, slots: int = 4, max_len: int = 256,
                  policy: str | None = None, depth: int | None = None, threshold: float = 0.5, sps=None,
                  sps_file: str | None = None, buckets: Sequence[int] | None = None, adaptive_budget: bool = True,
-                 max_stop_ids: int = 8, mesh=None, clock: Callable[[], float] = time.perf_counter):
+                 max_stop_ids: int = 8, mesh=None, clock: Callable[[], float] = time.perf_counter,
+                 paged: bool = False, page_size: int = 16, num_pages: int | None = None,
+                 attention_impl: str = "auto", attention_interpret: bool = False):
         policy = policy or ("none" if drafter is None else
                             "production" if drafter_has_confidence(drafter) else "fixed")
         if policy not in speculate.POLICIES:
@@ -167,6 +182,8 @@ class Engine:
         self.buckets = tuple(sorted(set(int(b) for b in (buckets or profile_sps.budget_buckets(slots, self.gamma)))))
         if self.buckets[-1] < self.full_budget or self.buckets[0] < 1:
             raise DSparkError(f"buckets must be >= 1 and reach slots x (1 + gamma) = {self.full_budget}")
+        if paged and mesh is not None:
+            raise DSparkError("the paged engine does not support a mesh yet (use paged=False)")
         if mesh is not None:
             tparams = target.shard(tcfg, tparams, mesh)
             dparams = drafter.shard(dparams, mesh) if drafter is not None else None
@@ -175,7 +192,13 @@ class Engine:
         self._sps_dev = jnp.asarray(self.sps)
         self._threshold_dev = jnp.asarray(self.threshold, jnp.float32)
 
-        cache = target.init_cache(tcfg, slots, max_len)
+        self.paged = bool(paged)
+        self.allocator: PageAllocator | None = None
+        self._table_dirty = False
+        if self.paged:
+            cache = self._init_paged(page_size, num_pages, attention_impl, attention_interpret)
+        else:
+            cache = target.init_cache(tcfg, slots, max_len)
         if mesh is not None:
             cache = target.shard_cache(cache, mesh)
         self._state = speculate.DecodeState(
@@ -238,6 +261,11 @@ class Engine:
         if len(prompt) + max_new > self.max_len:
             raise DSparkError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new}) exceeds the engine's "
                               f"max length {self.max_len}")
+        if self.paged:
+            need = pages_needed(self._reserve_tokens(len(prompt), max_new), self.allocator.page_size)
+            if need > self.allocator.capacity:
+                raise DSparkError(f"request needs {need} KV cache pages but the whole pool has "
+                                  f"{self.allocator.capacity} (enlarge num_pages)")
         validate(np.float32(temperature), np.int32(top_k), np.float32(top_p))
         if not 0 <= seed < 2**32:
             raise DSparkError(f"seed must be in [0, 2^32); got {seed}")
@@ -266,6 +294,8 @@ class Engine:
         if self.metrics.started_at is None and not self.idle:
             self.metrics.started_at = now
         admitted, first = self._admit(now)
+        if self._table_dirty:  # finished rows' pages went back: clear their rows on device
+            self._sync_page_table()
         occupied = [s for s, r in enumerate(self._slot_req) if r is not None]
         if not occupied:
             return False
@@ -380,9 +410,60 @@ class Engine:
                                jnp.asarray(rows), jnp.asarray(prompts), jnp.asarray(lengths, jnp.int32), keys,
                                sampling, jnp.asarray(self._max_new), jnp.asarray(self._stops))
 
+    # ---------------------------------------------------------------- paged mode
+
+    def _init_paged(self, page_size: int, num_pages: int | None, impl: str, interpret: bool) -> PagedKVCache:
+        from dspark_jax.config import Qwen3Config
+
+        if not isinstance(self.tcfg, Qwen3Config):
+            raise DSparkError(f"the paged engine supports Qwen3 targets only; got {type(self.tcfg).__name__}")
+        if page_size < 1:
+            raise DSparkError(f"page_size must be >= 1; got {page_size}")
+        pages_per_seq = pages_needed(self.max_len + self.gamma + 1, page_size)
+        if num_pages is None:  # room for every slot at full length, plus the NULL page
+            num_pages = self.slots * pages_per_seq + 1
+        self.allocator = PageAllocator(num_pages, page_size)
+        c = self.tcfg
+        return PagedKVCache.init(num_layers=c.num_hidden_layers, num_pages=num_pages, page_size=page_size,
+                                 kv_heads=c.num_key_value_heads, head_dim=c.head_dim, batch=self.slots,
+                                 pages_per_seq=pages_per_seq, dtype=c.jnp_dtype, impl=impl, interpret=interpret)
+
+    def _reserve_tokens(self, prompt_len: int, max_new: int) -> int:
+        """Tokens reserved at admission: every cache position a round can write (the
+        writes stop at prompt + max_new - 2; gamma + 1 more is a margin)."""
+        return prompt_len + max_new + self.gamma + 1
+
+    def _take_waiting(self, free: list) -> list:
+        """(slot, request) pairs admitted now; in paged mode each reserves its pages and the
+        queue stops at the first request the free pages cannot hold (it waits)."""
+        take = []
+        for s in free:
+            if not self._waiting:
+                break
+            req = self._waiting[0]
+            if self.paged:
+                rid, n = req.result.request_id, self._reserve_tokens(len(req.prompt), req.result.max_new_tokens)
+                if not self.allocator.can_allocate(rid, n):
+                    break
+                self.allocator.allocate(rid, n)
+            take.append((s, self._waiting.popleft()))
+        return take
+
+    def _release_pages(self, req: _Request) -> None:
+        if self.paged and req.result.request_id in self.allocator:
+            self.allocator.release(req.result.request_id)
+            self._table_dirty = True  # the row points at free pages until the next sync
+
+    def _sync_page_table(self) -> None:
+        """Send the host page table (one row per slot) to the device cache."""
+        rids = [r.result.request_id if r is not None else None for r in self._slot_req]
+        table = self.allocator.page_table(rids, self._state.cache.pages_per_seq)
+        self._state = self._state.replace(cache=self._state.cache.replace(page_table=jnp.asarray(table)))
+        self._table_dirty = False
+
     def _admit(self, now: float):
         free = [s for s, r in enumerate(self._slot_req) if r is None]
-        take = [(s, self._waiting.popleft()) for s in free[:len(self._waiting)]]
+        take = self._take_waiting(free)
         if not take:
             return [], np.zeros(self.slots, np.int32)
         width = self._prefill_width(max(len(r.prompt) for _, r in take))
@@ -401,7 +482,17 @@ class Engine:
             self._stops[s, :len(req.stop_ids)] = req.stop_ids
             self._stale_host[:, s] = 0.0
             req.result.admitted_at = now
-        self._state, self._stale, first = self._run_admit(rows, prompts, lengths, seeds)
+        try:
+            if self.paged:
+                self._sync_page_table()
+            self._state, self._stale, first = self._run_admit(rows, prompts, lengths, seeds)
+        except Exception:
+            for s, req in reversed(take):  # give the pages and the queue places back
+                self._release_pages(req)
+                self._slot_req[s] = None
+                req.result.admitted_at = None
+                self._waiting.appendleft(req)
+            raise
         return [s for s, _ in take], first
 
     def _emit(self, slot: int, tokens: list, now: float) -> None:
@@ -420,6 +511,7 @@ class Engine:
         req = self._slot_req[slot]
         req.result.finished, req.result.finished_at = True, now
         self._slot_req[slot] = None
+        self._release_pages(req)
         if req.on_tokens is not None:
             req.on_tokens(req.result.request_id, [], True)
 

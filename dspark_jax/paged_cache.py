@@ -152,14 +152,21 @@ class PagedKVCache:
     v_pages: jax.Array     # [L, Hkv, P, page, D]
     lengths: jax.Array     # [B] int32 committed tokens per batch row
     page_table: jax.Array  # [B, pages_per_seq] int32 physical page of each logical page
+    # Static (hashable, part of the treedef): how the model attends over the pages, i.e.
+    # pallas_kernels.verify_attention's `impl` ("auto": the kernel of the default backend,
+    # the jnp reference on CPU) and `interpret` (run a kernel in the Pallas interpreter).
+    impl: str = struct.field(pytree_node=False, default="auto")
+    interpret: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
     def init(cls, *, num_layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int,
-             batch: int, pages_per_seq: int, dtype=jnp.float32) -> "PagedKVCache":
+             batch: int, pages_per_seq: int, dtype=jnp.float32, impl: str = "auto",
+             interpret: bool = False) -> "PagedKVCache":
         shape = (num_layers, kv_heads, num_pages, page_size, head_dim)
         return cls(k_pages=jnp.zeros(shape, dtype), v_pages=jnp.zeros(shape, dtype),
                    lengths=jnp.zeros((batch,), jnp.int32),
-                   page_table=jnp.full((batch, pages_per_seq), NULL_PAGE, jnp.int32))
+                   page_table=jnp.full((batch, pages_per_seq), NULL_PAGE, jnp.int32),
+                   impl=str(impl), interpret=bool(interpret))
 
     @property
     def page_size(self) -> int:

@@ -7,7 +7,10 @@ tokens in each row (the rest is padding and stays inert):
 - with a `KVCache`: request b's tokens sit at positions lengths[b] .. lengths[b]+T-1;
   their K/V are written into the cache (padded slots are dropped) and each token attends
   to everything before it. Prefill is this call on an empty cache; the speculative
-  verification call is this call with the anchor plus up to gamma drafts.
+  verification call is this call with the anchor plus up to gamma drafts;
+- with a `PagedKVCache`: the same, with K/V written into the request's pages and the
+  attention run by `pallas_kernels.verify_attention` (impl / interpret: the cache's
+  static fields; "auto" is the jnp reference on CPU, the Pallas kernel on GPU / TPU).
 
 `tap_layers` picks raw decoder-layer outputs (i = output of layer i, -1 = embeddings),
 the drafter's context features.
@@ -19,10 +22,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dspark_jax import paged_cache
 from dspark_jax.attention import attend, causal_mask
 from dspark_jax.config import Qwen3Config
 from dspark_jax.kv_cache import KVCache, write_index, write_layer
 from dspark_jax.models.layers import MLP, Attention, Proj, RMSNorm, embedding
+from dspark_jax.paged_cache import PagedKVCache
 
 
 def attention_module(cfg: Qwen3Config, name: str | None = None) -> Attention:
@@ -77,9 +82,10 @@ class Qwen3LM(nn.Module):
         positions = start[:, None] + steps[None, :]
         scale = self.cfg.head_dim ** -0.5
 
+        paged = isinstance(cache, PagedKVCache)
         if cache is None:
             mask = causal_mask(positions, q_valid, positions, q_valid)
-        else:
+        elif not paged:
             slots = jnp.arange(cache.max_len, dtype=jnp.int32)
             mask = causal_mask(positions, q_valid, jnp.broadcast_to(slots, (b, cache.max_len)),
                                jnp.ones((b, cache.max_len), bool))
@@ -91,6 +97,12 @@ class Qwen3LM(nn.Module):
             if cache is None:
                 def mix(q, k, v):
                     return attend(q, k, v, mask, scale=scale), None
+            elif paged:
+                def mix(q, k, v, i=i):
+                    nonlocal cache
+                    cache = paged_cache.write(cache, i, k, v, positions, q_valid)
+                    return _paged_attend(cache, i, q, cache.lengths + q_lens, q_lens, cache.page_table,
+                                         scale), None
             else:
                 def mix(q, k, v, i=i):
                     nonlocal cache
@@ -133,7 +145,12 @@ class Qwen3LM(nn.Module):
 
         Returns (hidden [N, E] after the final norm, cache with lengths unchanged: the
         caller commits, taps: one [N, E] per entry of `tap_layers`).
+
+        A `PagedKVCache` takes the same call; attention then runs on its pages with
+        `pallas_kernels.verify_attention` (see `_packed_paged`).
         """
+        if isinstance(cache, PagedKVCache):
+            return self._packed_paged(tokens, rows, positions, valid, cache, tap_layers, query_block)
         scale = self.cfg.head_dim ** -0.5
         slots = jnp.arange(cache.max_len, dtype=jnp.int32)
         index = write_index(positions, valid, cache.max_len)
@@ -167,3 +184,46 @@ class Qwen3LM(nn.Module):
             layer_out[i] = x
         taps = tuple(layer_out[i][:, 0] for i in tap_layers)
         return self.norm(x[:, 0]), cache, taps
+
+    def _packed_paged(self, tokens, rows, positions, valid, cache: PagedKVCache, tap_layers, query_block):
+        """`packed` over a paged cache: every valid token writes its K/V into its row's pages,
+        then attends with verify_attention, one query per token (`query_block=None`: the
+        token's own page-table row, kv_len = position + 1) or on the [rows, W] grid."""
+        scale = self.cfg.head_dim ** -0.5
+        tok_table = cache.page_table[rows]  # [N, pages_per_seq]
+        valid_i = valid.astype(jnp.int32)
+        if query_block is not None:
+            b = cache.batch
+            cols = positions - cache.lengths[rows]
+            grid_rows = jnp.where(valid, rows, b)  # invalid tokens scatter nowhere
+            grid_cols = jnp.clip(cols, 0, query_block - 1)
+            grid_q_lens = jnp.zeros((b,), jnp.int32).at[grid_rows].add(1, mode="drop")
+
+        x = self.embed_tokens(tokens)[:, None]  # [N, 1, E]
+        layer_out = {-1: x}
+        for i, layer in enumerate(self.layers):
+            def mix(q, k, v, i=i):
+                nonlocal cache
+                table = cache.page_table
+                cache = paged_cache.write(cache.replace(page_table=tok_table), i, k, v, positions[:, None],
+                                          valid[:, None]).replace(page_table=table)
+                if query_block is None:
+                    return _paged_attend(cache, i, q, jnp.where(valid, positions + 1, 0), valid_i, tok_table,
+                                         scale), None
+                grid_q = jnp.zeros((cache.batch, query_block) + q.shape[2:], q.dtype)
+                grid_q = grid_q.at[grid_rows, cols].set(q[:, 0], mode="drop")
+                o = _paged_attend(cache, i, grid_q, cache.lengths + grid_q_lens, grid_q_lens, table, scale)
+                return o[rows, grid_cols][:, None], None
+            x, _ = layer(x, positions[:, None], mix)
+            layer_out[i] = x
+        taps = tuple(layer_out[i][:, 0] for i in tap_layers)
+        return self.norm(x[:, 0]), cache, taps
+
+
+def _paged_attend(cache: PagedKVCache, layer: int, q, kv_lens, q_lens, page_table, scale: float):
+    """verify_attention over `layer`'s pages with the cache's static impl / interpret."""
+    from pallas_kernels import verify_attention
+
+    return verify_attention(q, cache.k_pages[layer], cache.v_pages[layer], kv_lens.astype(jnp.int32),
+                            q_lens.astype(jnp.int32), page_table, sm_scale=scale, impl=cache.impl,
+                            interpret=cache.interpret)
