@@ -25,7 +25,6 @@ Gemma4Eagle3Model folders are refused (not supported yet).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax.numpy as jnp
@@ -234,18 +233,7 @@ def load_gemma4_drafter(folder: str, tcfg, *, gamma: int | None = None, dtype: s
 def save_gemma4_drafter(folder: str, drafter: Gemma4BlockDrafter, params, target_hf: dict, tparams,
                         sts_temperatures=None) -> None:
     """Export in the DeepSpec layout, with copies of the target's embedding and LM head."""
-    from dspark_jax.drafters.loading import STS_FILE
+    from dspark_jax.drafters.loading import save_block_drafter
 
-    os.makedirs(folder, exist_ok=True)
-    hf = drafter_hf_config(target_hf, drafter.cfg, drafter.tcfg.num_hidden_layers)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2, sort_keys=True)
-    tensors = checkpoints.to_tensors(params, prefix="")
-    embed = np.asarray(tparams["embed_tokens"]["embedding"])
-    tensors["embed_tokens.weight"] = embed
-    head = tparams.get("lm_head")
-    tensors["lm_head.weight"] = embed if head is None else np.ascontiguousarray(np.asarray(head["kernel"]).T)
-    checkpoints.save_tensors(tensors, folder)
-    if sts_temperatures is not None:
-        with open(os.path.join(folder, STS_FILE), "w") as f:
-            json.dump({"temperatures": [float(t) for t in sts_temperatures]}, f, indent=2)
+    save_block_drafter(folder, drafter, params, target_hf, tparams, sts_temperatures,
+                       hf=drafter_hf_config(target_hf, drafter.cfg, drafter.tcfg.num_hidden_layers))

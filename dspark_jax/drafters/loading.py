@@ -127,10 +127,13 @@ def drafter_hf_config(target_hf: dict, cfg: DrafterConfig, num_target_layers: in
 
 
 def save_block_drafter(folder: str, drafter: BlockDrafter, params, target_hf: dict, tparams,
-                       sts_temperatures=None) -> None:
-    """Export in the DeepSpec layout, with copies of the target's embedding and LM head."""
+                       sts_temperatures=None, hf: dict | None = None) -> None:
+    """Export in the DeepSpec layout, with copies of the target's embedding and LM head.
+
+    `hf` overrides the config.json written (other architectures build their own)."""
     os.makedirs(folder, exist_ok=True)
-    hf = drafter_hf_config(target_hf, drafter.cfg, drafter.tcfg.num_hidden_layers)
+    if hf is None:
+        hf = drafter_hf_config(target_hf, drafter.cfg, drafter.tcfg.num_hidden_layers)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf, f, indent=2, sort_keys=True)
     tensors = checkpoints.to_tensors(params, prefix="")
