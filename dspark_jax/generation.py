@@ -26,7 +26,9 @@ class Completion:
     token_ids: list[int]
     rounds: int = 0
     accepted_per_position: list[int] = dataclasses.field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0          # wall time from the start until this request finished
+    steady_tokens: int = 0        # tokens committed after the first round
+    steady_seconds: float = 0.0   # and the time they took (compilation and prefill excluded)
     trace: list[dict] = dataclasses.field(default_factory=list)
 
     @property
@@ -37,6 +39,11 @@ class Completion:
 
     @property
     def tokens_per_second(self) -> float:
+        """Steady-state decoding rate: tokens committed after the first round over the time
+        they took (the first round and prefill carry one-off compilation). Falls back to the
+        whole run when there was at most one round."""
+        if self.steady_seconds > 0 and self.steady_tokens > 0:
+            return self.steady_tokens / self.steady_seconds
         return len(self.token_ids) / self.seconds if self.seconds > 0 else 0.0
 
 
@@ -125,6 +132,9 @@ def generate(tcfg, tparams, prompts: Sequence[Sequence[int]], *, max_new_tokens:
             c.rounds += 1
             for k in range(int(info.accepted[i])):
                 c.accepted_per_position[k] += 1
+            if c.rounds > 1:  # the first round carries compilation: measure from its end
+                c.steady_tokens += int(n_out[i]) - len(c.token_ids)
+                c.steady_seconds += now - c.seconds
             c.token_ids = out[i, :n_out[i]].tolist()
             c.seconds = now
             if trace:

@@ -131,7 +131,7 @@ def run_generate(req: GenerateRequest, emit: Callable[[dict], None], stream: boo
         text = tokenizer.decode(c.token_ids) if tokenizer is not None else None
         rec = {"prompt_index": pi, "sample_index": si, "token_ids": c.token_ids, "text": text,
                "rounds": c.rounds, "tau": round(c.tau, 4), "accepted_per_position": c.accepted_per_position,
-               "tokens_per_second": round(c.tokens_per_second, 3), "drafter": kind if drafter else "none",
+               "tokens_per_second": round(c.tokens_per_second, 3), "drafter": "none" if drafter is None else (drafter.kind if kind == "auto" else kind),
                "gamma": gamma}
         if req.trace:
             rec["trace"] = c.trace
@@ -142,9 +142,13 @@ def run_generate(req: GenerateRequest, emit: Callable[[dict], None], stream: boo
         elif streaming and text is not None and len(text) > len(shown[0]) and text.startswith(shown[0]):
             emit({"kind": "text", "text": text[len(shown[0]):]})
         emit({"kind": "completion", "record": rec})
-    n_tok = sum(len(c.token_ids) for c in comps)
     rounds = sum(c.rounds for c in comps)
-    secs = max(c.seconds for c in comps)
+    steady_tok = sum(c.steady_tokens for c in comps)
+    steady_secs = max(c.steady_seconds for c in comps)
+    if steady_secs > 0:
+        n_tok, secs = steady_tok, steady_secs
+    else:
+        n_tok, secs = sum(len(c.token_ids) for c in comps), max(c.seconds for c in comps)
     tau = sum(len(c.token_ids) - 1 for c in comps) / rounds if rounds else 0.0
     emit({"kind": "summary", "line": f"drafter {records[0]['drafter']}  tau {tau:.2f}  "
           f"tokens/s {n_tok / secs if secs else 0:.1f}  rounds {rounds}  completions {len(comps)}"})

@@ -21,7 +21,7 @@ import os
 import shutil
 import types
 
-from dspark_jax.errors import DSparkError, cli_errors
+from dspark_jax.errors import cli_errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARTIFACTS = os.path.join(REPO, "artifacts", "demo")
