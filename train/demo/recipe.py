@@ -137,8 +137,8 @@ def main(argv=None) -> None:
     p.add_argument("--work", default=os.path.join(REPO, "work", "demo"), help="scratch folder (not committed)")
     p.add_argument("--stage", action="append", choices=STAGES, help="run only these stages (repeatable)")
     p.add_argument("--target-steps", type=int, default=800)
-    p.add_argument("--drafter-steps", type=int, default=400)
-    p.add_argument("--regen-prompts", type=int, default=4800)
+    p.add_argument("--drafter-steps", type=int, default=300)
+    p.add_argument("--regen-prompts", type=int, default=1500)
     p.add_argument("--force", action="store_true", help="rebuild artifacts that exist")
     args = p.parse_args(argv)
     with cli_errors("train.demo.recipe"):
