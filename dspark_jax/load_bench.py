@@ -178,13 +178,15 @@ def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: 
 
 
 def run(tcfg, tparams, drafter, dparams, settings: LoadSettings, progress: Callable[[LoadRow], None] | None = None,
-        sps_progress: Callable[[], None] | None = None) -> list[LoadRow]:
+        sps_progress: Callable[[], None] | None = None, prompts=None) -> list[LoadRow]:
     """Every (mode, policy, concurrency) point; SPS curves are loaded or profiled once
-    per concurrency level for the policies that need them."""
+    per concurrency level for the policies that need them. `prompts` (token id lists,
+    at most settings.prompt_len long) replace the default random-token prompts."""
     if drafter is None and any(p != "none" for p in settings.policies):
         raise DSparkError("speculative policies need a drafter (pass --draft DIR or --policy none)")
-    prompts = bench.random_prompts(max(settings.concurrency) * settings.requests_per_client, settings.prompt_len,
-                                   tcfg.vocab_size, seed=settings.seed)
+    if prompts is None:
+        prompts = bench.random_prompts(max(settings.concurrency) * settings.requests_per_client,
+                                       settings.prompt_len, tcfg.vocab_size, seed=settings.seed)
     needs_sps = any(p in ("algorithm1", "production") for p in settings.policies)
     curves = {}
     if needs_sps:

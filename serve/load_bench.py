@@ -26,6 +26,8 @@ def main(argv=None) -> None:
                    help="closed loop and/or Poisson arrivals")
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=16, help="random prompt length (tokens)")
+    p.add_argument("--prompt-file", help="real prompts (one per line: text or JSON chat) instead of random tokens")
+    p.add_argument("--chat", action="store_true", help="apply the chat template to text prompts")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals per second per slot")
     p.add_argument("--threshold", type=float, default=0.5, help="confidence threshold of the threshold policy")
@@ -46,14 +48,22 @@ def main(argv=None) -> None:
         from dspark_jax import drafters, load_bench, target
         from dspark_jax.serving import GenerateRequest, resolve_folders
 
+        tfolder, dfolder, kind = resolve_folders(GenerateRequest(target=args.target, draft=args.draft,
+                                                                 drafter=args.drafter))
+        prompts = None
+        if args.prompt_file:
+            from dspark_jax import prompts as prompts_lib
+            from dspark_jax.tokenizer import Tokenizer
+
+            prompts = prompts_lib.encode_prompts(prompts_lib.read_prompt_file(args.prompt_file),
+                                                 Tokenizer(tfolder), args.chat)
+            args.prompt_len = max(len(x) for x in prompts)
         settings = load_bench.LoadSettings(
             concurrency=tuple(args.concurrency), policies=tuple(args.policies), modes=tuple(args.modes),
             requests_per_client=args.requests_per_client, prompt_len=args.prompt_len,
             max_new_tokens=args.max_new_tokens, rate=args.rate, threshold=args.threshold,
             temperature=args.temperature, seed=args.seed, max_len=args.max_len, sps_file=args.sps_file,
             buckets=args.buckets)
-        tfolder, dfolder, kind = resolve_folders(GenerateRequest(target=args.target, draft=args.draft,
-                                                                 drafter=args.drafter))
         tcfg, tparams = target.load(tfolder, args.dtype)
         drafter = dparams = None
         if dfolder is not None:
@@ -64,7 +74,7 @@ def main(argv=None) -> None:
                 bar.set_postfix_str(f"{row.mode} {row.policy} c={row.concurrency} {row.throughput:.0f} tok/s")
                 bar.update()
 
-            rows = load_bench.run(tcfg, tparams, drafter, dparams, settings, progress=progress)
+            rows = load_bench.run(tcfg, tparams, drafter, dparams, settings, progress=progress, prompts=prompts)
         meta = {"target": tfolder, "draft": dfolder, "drafter": getattr(drafter, "kind", "none"),
                 "gamma": getattr(drafter, "gamma", 0), "backend": jax.default_backend(),
                 "device_kind": jax.devices()[0].device_kind,

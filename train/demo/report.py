@@ -186,3 +186,7 @@ pooled AUC {_pooled(rep['calibration']['before'], 'auc')} -> {_pooled(rep['calib
 """
     with open(path, "w") as f:
         f.write(text)
+
+
+if __name__ == "__main__":
+    main()
