@@ -34,7 +34,7 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    from dspark_jax.profiling.measure import PRESET_NAMES
+    from dspark_jax.profiling.pairs import PRESET_NAMES
 
     p = argparse.ArgumentParser(prog="python -m serve.profile", description=__doc__.split("\n")[0])
     src = p.add_argument_group("what to profile (default: the bundled pair)")
