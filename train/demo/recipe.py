@@ -125,11 +125,13 @@ def stage_drafters(work: str, args) -> None:
 
 
 def stage_calibrate(work: str, args) -> None:
+    """STS at temperature 1: the confidence head is trained on c* = 1 - TV/2, the
+    acceptance rate of sampled verification, so it is calibrated for sampling."""
     from train import calibrate
 
     calibrate.main(["--target", os.path.join(ARTIFACTS, "target"), "--draft", os.path.join(ARTIFACTS, "dspark"),
                     "--data-dir", os.path.join(work, "data"), "--dataset", "demo_regen", "--split", "validation",
-                    "--out", os.path.join(work, "calibration")])
+                    "--temperature", "1", "--out", os.path.join(work, "calibration")])
 
 
 def main(argv=None) -> None:
