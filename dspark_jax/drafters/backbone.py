@@ -53,14 +53,21 @@ class BlockDrafterModule(nn.Module):
         cfg = self.cfg
         arch, dt = cfg.arch, cfg.arch.jnp_dtype
         self.fc = Proj((arch.hidden_size,), ("mlp", "embed"), dtype=dt)
-        self.hidden_norm = RMSNorm(arch.rms_norm_eps, dt)
-        self.layers = [DraftLayer(arch, name=f"layers_{i}") for i in range(arch.num_hidden_layers)]
-        self.norm = RMSNorm(arch.rms_norm_eps, dt)
+        self.hidden_norm = self.make_norm()
+        self.layers = [self.make_layer(i) for i in range(arch.num_hidden_layers)]
+        self.norm = self.make_norm()
         if cfg.markov_rank > 0:
             self.markov_head = SequentialHead(arch.vocab_size, cfg.markov_rank, arch.hidden_size,
                                               cfg.markov_head_type, dt)
         if cfg.has_confidence:
             self.confidence_head = ConfidenceHead(cfg.confidence_head_with_markov and cfg.markov_rank > 0, dt)
+
+    # Architecture hooks: a drafter for another target family overrides these two only.
+    def make_layer(self, i: int) -> nn.Module:
+        return DraftLayer(self.cfg.arch, name=f"layers_{i}")
+
+    def make_norm(self) -> nn.Module:
+        return RMSNorm(self.cfg.arch.rms_norm_eps, self.cfg.arch.jnp_dtype)
 
     def context(self, feats: jax.Array) -> jax.Array:
         """Tapped target features [B, T, m*D] -> H_ctx [B, T, D]."""

@@ -37,12 +37,10 @@ from dspark_jax.config_gemma4 import FULL, MODEL_TYPES, TOP_LEVEL_TYPES, Gemma4C
 from dspark_jax.drafters.backbone import BlockDrafterModule
 from dspark_jax.drafters.config import DrafterConfig, check_fits_target
 from dspark_jax.drafters.dspark import BlockDrafter
-from dspark_jax.drafters.heads import ConfidenceHead, SequentialHead
 from dspark_jax.errors import DSparkError
 from dspark_jax.kv_cache import KVCache
 from dspark_jax.models.gemma4 import DecoderLayer
 from dspark_jax.models.gemma4_layers import RMSNorm
-from dspark_jax.models.layers import Proj
 from dspark_jax.safetensors_io import open_folder
 
 ARCHITECTURES = {"dspark": "Gemma4DSparkModel", "dflash": "Gemma4DFlashModel"}
@@ -159,18 +157,11 @@ class Gemma4DraftLayer(DecoderLayer):
 class Gemma4BlockDrafterModule(BlockDrafterModule):
     """BlockDrafterModule with Gemma 4 draft layers and norms (same passes, same names)."""
 
-    def setup(self):
-        cfg = self.cfg
-        arch, dt = cfg.arch, cfg.arch.jnp_dtype
-        self.fc = Proj((arch.hidden_size,), ("mlp", "embed"), dtype=dt)
-        self.hidden_norm = RMSNorm(arch.rms_norm_eps, dt)
-        self.layers = [Gemma4DraftLayer(arch, i, name=f"layers_{i}") for i in range(arch.num_hidden_layers)]
-        self.norm = RMSNorm(arch.rms_norm_eps, dt)
-        if cfg.markov_rank > 0:
-            self.markov_head = SequentialHead(arch.vocab_size, cfg.markov_rank, arch.hidden_size,
-                                              cfg.markov_head_type, dt)
-        if cfg.has_confidence:
-            self.confidence_head = ConfidenceHead(cfg.confidence_head_with_markov and cfg.markov_rank > 0, dt)
+    def make_layer(self, i: int):
+        return Gemma4DraftLayer(self.cfg.arch, i, name=f"layers_{i}")
+
+    def make_norm(self):
+        return RMSNorm(self.cfg.arch.rms_norm_eps, self.cfg.arch.jnp_dtype)
 
 
 def check_target(tcfg, where: str) -> None:
