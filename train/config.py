@@ -95,21 +95,25 @@ def overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
     return cfg.replace(**changes)
 
 
+def import_config(path: str, cls):
+    """The `CONFIG` object of a configs/*.py file, which must be an instance of `cls`."""
+    if not os.path.exists(path):
+        raise DSparkError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location("_config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a broken config file: report it in one line
+        raise DSparkError(f"config file {path} failed to import: {type(e).__name__}: {e}") from None
+    cfg = getattr(module, "CONFIG", None)
+    if not isinstance(cfg, cls):
+        raise DSparkError(f"config file {path} must define CONFIG = {cls.__name__}(...)")
+    return cfg
+
+
 def load_config(path: str | None, sets: list[str] = ()) -> TrainConfig:
     """CONFIG from a configs/*.py file (or the defaults), then the --set overrides."""
-    cfg = TrainConfig()
-    if path:
-        if not os.path.exists(path):
-            raise DSparkError(f"config file {path} does not exist")
-        spec = importlib.util.spec_from_file_location("_train_config", path)
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except Exception as e:  # a broken config file: report it in one line
-            raise DSparkError(f"config file {path} failed to import: {type(e).__name__}: {e}") from None
-        cfg = getattr(module, "CONFIG", None)
-        if not isinstance(cfg, TrainConfig):
-            raise DSparkError(f"config file {path} must define CONFIG = TrainConfig(...)")
+    cfg = import_config(path, TrainConfig) if path else TrainConfig()
     cfg = overrides(cfg, list(sets))
     validate(cfg)
     return cfg

@@ -23,7 +23,7 @@ from dspark_jax.config import Qwen3Config
 from dspark_jax.errors import DSparkError, cli_errors
 from train import data
 from train.checkpointing import Checkpointer
-from train.config import _coerce
+from train.config import _coerce, import_config
 from train.loader import BatchLoader
 from train.step import TrainState, optimizer
 from train.trainer import _log, _truncate_log, global_batch, place_unsharded
@@ -144,19 +144,9 @@ def export(pc: PretrainConfig, params) -> str:
 
 
 def load_pretrain_config(path: str | None, sets: list[str]) -> PretrainConfig:
-    import importlib.util
     import typing
 
-    pc = PretrainConfig()
-    if path:
-        if not os.path.exists(path):
-            raise DSparkError(f"config file {path} does not exist")
-        spec = importlib.util.spec_from_file_location("_pretrain_config", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        pc = getattr(module, "CONFIG", None)
-        if not isinstance(pc, PretrainConfig):
-            raise DSparkError(f"config file {path} must define CONFIG = PretrainConfig(...)")
+    pc = import_config(path, PretrainConfig) if path else PretrainConfig()
     hints = typing.get_type_hints(PretrainConfig)
     model_hints = typing.get_type_hints(Qwen3Config)
     for item in sets:
