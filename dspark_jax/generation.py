@@ -73,6 +73,12 @@ def validate_request(prompt: Sequence[int], vocab_size: int, max_new_tokens: int
         raise DSparkError(f"prompt {index} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
 
 
+def _fill_tokens(comps: list[Completion], state, counts) -> None:
+    out = np.asarray(jax.device_get(state.out))
+    for c in comps:
+        c.token_ids = out[c.index, :counts[c.index]].tolist()
+
+
 def generate(tcfg, tparams, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: SamplingParams, seeds: Sequence[int], stop_ids: Sequence[int] = (),
              drafter=None, dparams=None, gamma: int | None = None, verify_depth: int | None = None,
@@ -113,9 +119,8 @@ def generate(tcfg, tparams, prompts: Sequence[Sequence[int]], *, max_new_tokens:
                             max_new_cap=max_new_tokens)
     comps = [Completion(i, [], accepted_per_position=[0] * gamma) for i in range(b)]
     n_out, done = jax.device_get((state.n_out, state.done))
-    out = np.asarray(jax.device_get(state.out))
+    counts = np.asarray(n_out).copy()  # tokens each request holds so far (host side)
     for c in comps:
-        c.token_ids = out[c.index, :n_out[c.index]].tolist()
         c.seconds = time.perf_counter() - t0
     fixed = jnp.full((b,), verify_depth, jnp.int32)
     for _ in range(max_new_tokens + 1):
@@ -123,7 +128,8 @@ def generate(tcfg, tparams, prompts: Sequence[Sequence[int]], *, max_new_tokens:
             break
         depth = fixed if depth_fn is None else depth_fn(state)
         state, info = speculate.spec_round(tcfg, drafter, gamma, tparams, dparams, state, depth)
-        info, n_out, done, out = jax.device_get((info, state.n_out, state.done, state.out))
+        # per round only the small summary comes back; the output buffer only when streaming
+        info, n_out, done = jax.device_get((info, state.n_out, state.done))
         now = time.perf_counter() - t0
         for c in comps:
             i = c.index
@@ -133,14 +139,16 @@ def generate(tcfg, tparams, prompts: Sequence[Sequence[int]], *, max_new_tokens:
             for k in range(int(info.accepted[i])):
                 c.accepted_per_position[k] += 1
             if c.rounds > 1:  # the first round carries compilation: measure from its end
-                c.steady_tokens += int(n_out[i]) - len(c.token_ids)
+                c.steady_tokens += int(n_out[i]) - int(counts[i])
                 c.steady_seconds += now - c.seconds
-            c.token_ids = out[i, :n_out[i]].tolist()
+            counts[i] = n_out[i]
             c.seconds = now
             if trace:
                 c.trace.append({"draft_tokens": info.draft[i].tolist(),
                                 "confidences": [round(float(x), 6) for x in info.confidence[i]],
                                 "verify_depth": int(info.depth[i]), "accepted": int(info.accepted[i])})
         if on_round is not None:
+            _fill_tokens(comps, state, counts)
             on_round(comps)
+    _fill_tokens(comps, state, counts)
     return comps
