@@ -225,8 +225,9 @@ def test_mismatched_draft_and_target_refused(capsys, pairs, tmp_path):
         (tcfg, _edited(tiny_draft, tmp_path / "taps", target_layer_ids=[0, 5]), "do not fit a 6-layer target"),
         (tcfg, _edited(tiny_draft, tmp_path / "layers", num_target_layers=8), "trained for a 8-layer target"),
         (tcfg, _edited(tiny_draft, tmp_path / "vocab", vocab_size=300), "vocab_size 300 does not match"),
+        # read as a Gemma 4 Eagle3 drafter (tests/test_gemma4_eagle3.py), whose layers have their own hidden_norm
         (tcfg, _edited(tiny_draft, tmp_path / "eagle3", architectures=["Gemma4Eagle3Model"]),
-         "Gemma4Eagle3Model (Gemma 4 Eagle3) drafters are not supported yet"),
+         "tensor layers.0.hidden_norm.weight is missing"),
     ]
     for cfg, dfolder, needle in cases:
         with pytest.raises(DSparkError) as e:

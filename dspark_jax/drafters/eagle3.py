@@ -12,6 +12,10 @@ For context positions g_t = fc(concatenated target taps at t); for drafted posit
 the drafter's own previous output h (pre-norm). With several draft layers, layer i+1 takes
 layer i's output as its g (the token embedding is shared). DeepSpec Eagle3 checkpoints may
 lack `self_attn.{q,k}_norm.weight`; those then load as ones (an identity scale).
+
+The Gemma 4 Eagle3 drafter (gemma4_eagle3.py) reuses the module and the drafter through
+their hooks: `make_layer` / `make_norm` / `attention_scale` on the module, and `decode` /
+`logits` on the drafter (there: the target's embedding and LM head).
 """
 
 from __future__ import annotations
@@ -118,9 +122,19 @@ class Eagle3Module(nn.Module):
         a, dt = self.cfg.arch, self.cfg.arch.jnp_dtype
         self.embed_tokens = embedding(a.vocab_size, a.hidden_size, dt, "embed_tokens")
         self.fc = Proj((a.hidden_size,), ("mlp", "embed"), dtype=dt)
-        self.layers = [Eagle3Layer(a, name=f"layers_{i}") for i in range(a.num_hidden_layers)]
-        self.norm = RMSNorm(a.rms_norm_eps, dt)
+        self.layers = [self.make_layer(i) for i in range(a.num_hidden_layers)]
+        self.norm = self.make_norm()
         self.lm_head = Proj((a.vocab_size,), ("embed", "vocab"), dtype=dt)
+
+    # Architecture hooks: a drafter for another target family overrides these three.
+    def make_layer(self, i: int) -> nn.Module:
+        return Eagle3Layer(self.cfg.arch, name=f"layers_{i}")
+
+    def make_norm(self) -> nn.Module:
+        return RMSNorm(self.cfg.arch.rms_norm_eps, self.cfg.arch.jnp_dtype)
+
+    def attention_scale(self) -> float:
+        return self.cfg.arch.head_dim ** -0.5
 
     def __call__(self, feats, tokens, q_lens):
         """Uncached forward over context positions 0..T-1 -> (hidden [B,T,D], logits [B,T,V])."""
@@ -141,15 +155,19 @@ class Eagle3Module(nn.Module):
         their positions and every query attends to cache rows <= its position (kv.lengths
         is left to the caller). Returns (output hidden [B,T,D] pre-norm, kv).
         """
-        b = tokens.shape[0]
-        scale = self.cfg.arch.head_dim ** -0.5
+        return self.decode_embedded(g, self.embed_tokens(tokens), positions, valid, kv)
+
+    def decode_embedded(self, g, emb, positions, valid, kv: KVCache | None = None):
+        """`decode` with the token embeddings emb [B,T,D] given (a drafter that reads
+        its target's embedding computes them outside)."""
+        b = emb.shape[0]
+        scale = self.attention_scale()
         if kv is None:
             mask = causal_mask(positions, valid, positions, valid)
         else:
             slots = jnp.broadcast_to(jnp.arange(kv.max_len, dtype=jnp.int32), (b, kv.max_len))
             mask = causal_mask(positions, valid, slots, jnp.ones(slots.shape, bool))
             index = write_index(positions, valid, kv.max_len)
-        emb = self.embed_tokens(tokens)
         h = g.astype(emb.dtype)
         for i, layer in enumerate(self.layers):
             if kv is None:
@@ -219,16 +237,24 @@ class Eagle3Drafter:
                           kv_heads=a.num_key_value_heads, head_dim=a.head_dim, dtype=a.jnp_dtype)
         return Eagle3Cache(kv=kv, last_hidden=jnp.zeros((batch, a.hidden_size), a.jnp_dtype))
 
+    # Run-time hooks: a drafter that reads its target's embedding and LM head overrides these.
+    def decode(self, dparams, tparams, g, tokens, positions, valid, kv: KVCache):
+        """The module's cached `decode` (this drafter carries its own embedding)."""
+        del tparams
+        return self.module.apply({"params": dparams}, g, tokens, positions, valid, kv, method="decode")
+
+    def logits(self, dparams, tparams, h):
+        """Pre-norm hidden [..., D] -> draft logits [..., V] float32."""
+        del tparams
+        return self.module.apply({"params": dparams}, h, method="logits")
+
     def ingest(self, dparams, tparams, dcache: Eagle3Cache, feats, next_tokens, start, count):
-        del tparams  # Eagle3 carries its own embedding
         b, t = next_tokens.shape
         steps = jnp.arange(t, dtype=jnp.int32)
         positions = start[:, None] + steps[None, :]
         valid = steps[None, :] < count[:, None]
-        variables = {"params": dparams}
-        g = self.module.apply(variables, feats, method="project")
-        h, kv = self.module.apply(variables, g, next_tokens, positions, valid, dcache.kv,
-                                  method="decode")
+        g = self.module.apply({"params": dparams}, feats, method="project")
+        h, kv = self.decode(dparams, tparams, g, next_tokens, positions, valid, dcache.kv)
         last = jnp.take_along_axis(h, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
         last = jnp.where((count > 0)[:, None], last.astype(dcache.last_hidden.dtype),
                          dcache.last_hidden)
@@ -238,14 +264,13 @@ class Eagle3Drafter:
     def propose(self, dparams, tparams, dcache: Eagle3Cache, anchor, start, sampling, keys):
         """Chain drafting: x_1 from last_hidden, then one layer pass per further token at
         positions start, start+1, ... on a local copy of the cache (discarded)."""
-        del tparams, anchor  # the anchor was ingested as the last slot's next token
+        del anchor  # the anchor was ingested as the last slot's next token
         g_len = self.gamma
         b = start.shape[0]
-        variables = {"params": dparams}
         step_keys = jax.vmap(lambda k: jax.random.split(k, g_len))(keys)  # [B, G]
 
         def draw(h, j):
-            probs = warp(self.module.apply(variables, h, method="logits"), sampling)
+            probs = warp(self.logits(dparams, tparams, h), sampling)
             return sample_rows(step_keys[:, j], probs), probs
 
         x1, q1 = draw(dcache.last_hidden, 0)
@@ -253,8 +278,7 @@ class Eagle3Drafter:
         def body(carry, j):
             kv, h, x = carry
             pos = (start + j - 1)[:, None]
-            h, kv = self.module.apply(variables, h[:, None], x[:, None], pos,
-                                      jnp.ones((b, 1), bool), kv, method="decode")
+            h, kv = self.decode(dparams, tparams, h[:, None], x[:, None], pos, jnp.ones((b, 1), bool), kv)
             h = h[:, 0].astype(dcache.last_hidden.dtype)
             x, q = draw(h, j)
             return (kv, h, x), (x, q)

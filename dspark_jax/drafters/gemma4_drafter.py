@@ -19,7 +19,7 @@ Folder layout: config.json is the target's Gemma 4 text config copied (a top-lev
 ["Gemma4DSparkModel"]` (or `Gemma4DFlashModel`), `num_hidden_layers` = draft layers and
 the Qwen3 drafters' fields; tensors carry the same names as the Qwen3 drafter's plus the
 Gemma layer's extra norms and `layers.{i}.layer_scalar` (loaded as ones when absent).
-Gemma4Eagle3Model folders are refused (not supported yet).
+Gemma4Eagle3Model folders load the Eagle3 chain drafter of gemma4_eagle3.py.
 """
 
 from __future__ import annotations
@@ -73,6 +73,18 @@ def new_config(tcfg: Gemma4Config, *, num_layers: int, target_layer_ids, **field
                          num_target_layers=tcfg.num_hidden_layers, **fields)
 
 
+def parse_draft_arch(text: dict, path: str, dtype: str | None = None) -> Gemma4Config:
+    """The draft layers' config from a flattened drafter config.json. The copied config
+    still lists the target's layer_types / per_layer_config: the full-attention layers'
+    shapes are resolved as for the target, then num_hidden_layers of them kept. Raises
+    TypeError / ValueError / DSparkError for the caller to put on one line."""
+    n_draft = int(text["num_hidden_layers"])
+    layer_types = text.get("layer_types")
+    n_parse = len(layer_types) if layer_types else int(text.get("num_target_layers") or n_draft)
+    full = Gemma4Config.from_hf(dict(text, num_hidden_layers=n_parse, num_kv_shared_layers=0), path, dtype)
+    return draft_arch(full, n_draft)
+
+
 def text_config(hf: dict) -> dict:
     """A Gemma 4 config dict flattened to its text decoder (top-level keys win, except
     model_type, which becomes the text one)."""
@@ -94,13 +106,7 @@ def block_config(hf: dict, path: str, dtype: str | None = None) -> DrafterConfig
         if key not in text:
             raise DSparkError(f"{path}: missing field {key}")
     try:
-        n_draft = int(text["num_hidden_layers"])
-        # the copied config still lists the target's layer_types / per_layer_config: resolve
-        # the full-attention layers' shapes as for the target, then keep n_draft of them
-        layer_types = text.get("layer_types")
-        n_parse = len(layer_types) if layer_types else int(text.get("num_target_layers") or n_draft)
-        full = Gemma4Config.from_hf(dict(text, num_hidden_layers=n_parse, num_kv_shared_layers=0), path, dtype)
-        arch = draft_arch(full, n_draft)
+        arch = parse_draft_arch(text, path, dtype)
         mask = text.get("mask_token_id")
         if mask is None or not 0 <= int(mask) < arch.vocab_size:
             raise DSparkError(f"{path}: mask_token_id {mask} is not a token of the "
@@ -198,27 +204,35 @@ def _is_layer_scalar(path: tuple[str, ...]) -> bool:
 
 def load_gemma4_drafter(folder: str, tcfg, *, gamma: int | None = None, dtype: str | None = None,
                         hf: dict | None = None):
-    """(Gemma4BlockDrafter, params) from a DeepSpec-layout Gemma 4 drafter folder."""
+    """(drafter, params) from a DeepSpec-layout Gemma 4 drafter folder: a Gemma4BlockDrafter,
+    or for a Gemma4Eagle3Model folder a Gemma4Eagle3Drafter (gemma4_eagle3.py)."""
     from dspark_jax.drafters.loading import _sts, check_gamma
 
     hf = checkpoints.read_config(folder) if hf is None else hf
+    if "Eagle3" in " ".join(hf.get("architectures") or []):  # its loader refuses a non-Gemma Eagle3 name
+        from dspark_jax.drafters.gemma4_eagle3 import load_gemma4_eagle3
+
+        return load_gemma4_eagle3(folder, tcfg, gamma=gamma, dtype=dtype, hf=hf)
     path = os.path.join(folder, "config.json")
-    if EAGLE3_ARCHITECTURE in (hf.get("architectures") or []):
-        raise DSparkError(f"{folder}: {EAGLE3_ARCHITECTURE} (Gemma 4 Eagle3) drafters are not supported yet")
     check_target(tcfg, folder)
     cfg = block_config(hf, path, dtype or tcfg.dtype)
     check_fits_target(cfg, tcfg, folder)
     drafter = Gemma4BlockDrafter(cfg, tcfg, check_gamma(gamma, cfg.block_size, folder), _sts(folder))
-    template, _ = drafter.param_shapes_and_axes()
+    return drafter, load_params(folder, drafter.param_shapes_and_axes()[0], cfg.arch.jnp_dtype)
+
+
+def load_params(folder: str, template, dtype):
+    """A Gemma 4 drafter's parameters (no tensor prefix) from a folder; absent
+    `layers.{i}.layer_scalar` tensors load as ones (identity)."""
     index = open_folder(folder)
     flat = traverse_util.flatten_dict(template)
     absent = {p for p in flat if _is_layer_scalar(p) and checkpoints.tensor_name(p, "") not in index}
     present = traverse_util.unflatten_dict({p: s for p, s in flat.items() if p not in absent})
-    params = traverse_util.flatten_dict(checkpoints.load_tree(
-        index, present, prefix="", dtype=cfg.arch.jnp_dtype, folder=folder))
-    for p in absent:  # checkpoints without per-layer scalars: identity
-        params[p] = np.ones(flat[p].shape, cfg.arch.jnp_dtype)
-    return drafter, traverse_util.unflatten_dict(params)
+    params = traverse_util.flatten_dict(checkpoints.load_tree(index, present, prefix="", dtype=dtype,
+                                                              folder=folder))
+    for p in absent:
+        params[p] = np.ones(flat[p].shape, dtype)
+    return traverse_util.unflatten_dict(params)
 
 
 def save_gemma4_drafter(folder: str, drafter: Gemma4BlockDrafter, params, target_hf: dict, tparams,

@@ -35,7 +35,7 @@ def architecture_kind(hf: dict, path: str) -> str:
         return "dspark" if int(rank) > 0 else "dflash"
     raise DSparkError(f"{path}: architectures {hf.get('architectures')} is not a drafter "
                       "(expected Qwen3DSparkModel, Qwen3DFlashModel, Qwen3Eagle3Model, "
-                      "Gemma4DSparkModel or Gemma4DFlashModel)")
+                      "Gemma4DSparkModel, Gemma4DFlashModel or Gemma4Eagle3Model)")
 
 
 def block_config(hf: dict, path: str, dtype: str | None = None) -> DrafterConfig:
