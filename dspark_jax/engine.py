@@ -12,10 +12,21 @@ packed verification in a token-budget bucket, lossless acceptance. Between round
 host reads a small summary back (new tokens, depths, survival), streams tokens, retires
 finished requests and frees their slots; requests join and leave only there.
 
-The budget bucket is the one decision taken on the host. It uses only what is known
+The budget bucket is one of two decisions taken on the host. It uses only what is known
 before the round (active slots, the room each has left, the survival of earlier
 rounds), so it can never depend on the current round's drafts; see speculate.py for why
 each policy's depths then stay lossless.
+
+The other is the drafting gate of the scheduled policies (algorithm1, production), on
+when the profile holds a drafting time (`draft_time` > 0): each round, before drafting,
+the host predicts the best speculative round from every slot's latest survival (a
+running mean per position stands in for slots not drafted for yet) and runs a plain
+decoding round instead when that one is expected to be faster
+(`scheduler.speculation_pays`). Plain rounds still feed the drafter the committed
+positions; after `probe_every` plain rounds in a row one speculative round refreshes the
+estimates. A plain round is every depth at 0, chosen before the drafts exist: lossless.
+The fixed policy with depth d < gamma drafts only d tokens (the drafter's gamma is cut
+to d), so MTP-1 costs one drafted token, not a block.
 
 Paged mode (`Engine(..., paged=True, page_size=16, num_pages=N)`, Qwen3 targets): the
 target cache is a `PagedKVCache` pool of N pages shared by all slots, attended with
@@ -43,96 +54,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dspark_jax import generation, profile_sps, scheduler, speculate, target
+from dspark_jax.engine_records import EngineMetrics, PendingRequest, RequestResult, TokenCallback, as_int, is_int
 from dspark_jax.errors import DSparkError
 from dspark_jax.paged_cache import PageAllocator, PagedKVCache, pages_needed
 from dspark_jax.sampling import SamplingParams, validate
-
-TokenCallback = Callable[[int, list, bool], None]  # (request id, new token ids, finished)
-
-
-@dataclasses.dataclass
-class RequestResult:
-    request_id: int
-    prompt_len: int
-    max_new_tokens: int
-    token_ids: list = dataclasses.field(default_factory=list)
-    error: str | None = None
-    finished: bool = False
-    rounds: int = 0
-    accepted_per_position: list = dataclasses.field(default_factory=list)
-    verified_per_round: list = dataclasses.field(default_factory=list)  # 1 + depth each round
-    submitted_at: float = 0.0
-    admitted_at: float | None = None
-    first_token_at: float | None = None
-    finished_at: float | None = None
-
-    @property
-    def tau(self) -> float:
-        """Tokens committed per round (bonus included; the prefill's token not counted)."""
-        return (len(self.token_ids) - 1) / self.rounds if self.rounds else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Per-user decoding speed: tokens over the time from admission to the last token."""
-        if self.admitted_at is None or self.finished_at is None or self.finished_at <= self.admitted_at:
-            return 0.0
-        return len(self.token_ids) / (self.finished_at - self.admitted_at)
-
-    def as_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.update(tau=round(self.tau, 4), tokens_per_second=round(self.tokens_per_second, 3))
-        return d
-
-
-@dataclasses.dataclass
-class EngineMetrics:
-    rounds: int = 0
-    tokens: int = 0           # tokens streamed so far (all requests)
-    verified: int = 0         # sum over rounds of B (verified tokens)
-    budget: int = 0           # sum over rounds of the compiled bucket N_b
-    active: int = 0           # sum over rounds of active slots
-    started_at: float | None = None
-    last_at: float | None = None
-
-    @property
-    def seconds(self) -> float:
-        return (self.last_at - self.started_at) if self.started_at is not None and self.last_at else 0.0
-
-    @property
-    def throughput(self) -> float:
-        """Aggregate tokens/s from the first step to the latest one."""
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def mean_verified(self) -> float:
-        return self.verified / self.rounds if self.rounds else 0.0
-
-    @property
-    def mean_budget(self) -> float:
-        return self.budget / self.rounds if self.rounds else 0.0
-
-    @property
-    def mean_active(self) -> float:
-        return self.active / self.rounds if self.rounds else 0.0
-
-    def as_dict(self) -> dict:
-        return {"rounds": self.rounds, "tokens": self.tokens, "seconds": round(self.seconds, 4),
-                "throughput": round(self.throughput, 3), "mean_verified": round(self.mean_verified, 3),
-                "mean_budget": round(self.mean_budget, 3), "mean_active": round(self.mean_active, 3)}
-
-
-@dataclasses.dataclass
-class _Request:
-    result: RequestResult
-    prompt: list
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int
-    stop_ids: tuple
-    max_depth: int
-    on_tokens: TokenCallback | None
-
 
 def drafter_has_confidence(drafter) -> bool:
     """Block drafters say so in their config; drafters without a config (test oracles)
@@ -147,13 +72,16 @@ class Engine:
     policy: "none" (plain decoding; the drafter is ignored), "fixed" (depth `depth`,
     default gamma), "threshold" (verify while c_k >= `threshold`), "algorithm1" or
     "production" (need `sps`: an array indexed by B, a {B: steps/s} dict, or None to
-    load / measure it with profile_sps, stored at `sps_file`).
+    load / measure it with profile_sps, stored at `sps_file`). draft_time: seconds of one
+    drafting pass for the scheduled policies' objective and gate (None: the profile's
+    when it is measured here, else 0, which is the paper's objective and no gate).
     """
 
     def __init__(self, tcfg, tparams, drafter=None, dparams=None, *, slots: int = 4, max_len: int = 256,
                  policy: str | None = None, depth: int | None = None, threshold: float = 0.5, sps=None,
                  sps_file: str | None = None, buckets: Sequence[int] | None = None, adaptive_budget: bool = True,
                  max_stop_ids: int = 8, mesh=None, clock: Callable[[], float] = time.perf_counter,
+                 draft_time: float | None = None, probe_every: int = 16,
                  paged: bool = False, page_size: int = 16, num_pages: int | None = None,
                  attention_impl: str = "auto", attention_interpret: bool = False):
         policy = policy or ("none" if drafter is None else
@@ -171,11 +99,16 @@ class Engine:
             raise DSparkError(f"need slots >= 1 and max_len >= 2; got {slots}, {max_len}")
         if max_len > tcfg.max_position_embeddings:
             raise DSparkError(f"max_len {max_len} exceeds the model's {tcfg.max_position_embeddings} positions")
+        gamma = drafter.gamma if drafter is not None else 0
+        self.depth = gamma if depth is None else int(depth)
+        if not 0 <= self.depth <= gamma:
+            raise DSparkError(f"depth must be in [0, gamma={gamma}]; got {depth}")
+        if policy == "fixed" and 0 < self.depth < gamma and dataclasses.is_dataclass(drafter):
+            drafter = dataclasses.replace(drafter, gamma=self.depth)  # draft only what is verified
+        if probe_every < 1:
+            raise DSparkError(f"probe_every must be >= 1; got {probe_every}")
         self.tcfg, self.drafter, self.policy = tcfg, drafter, policy
         self.gamma = drafter.gamma if drafter is not None else 0
-        self.depth = self.gamma if depth is None else int(depth)
-        if not 0 <= self.depth <= self.gamma:
-            raise DSparkError(f"depth must be in [0, gamma={self.gamma}]; got {depth}")
         self.slots, self.max_len, self.max_stop_ids = slots, max_len, max_stop_ids
         self.threshold, self.adaptive_budget, self.clock = float(threshold), adaptive_budget, clock
         self.full_budget = slots * (1 + self.gamma)
@@ -188,9 +121,15 @@ class Engine:
             tparams = target.shard(tcfg, tparams, mesh)
             dparams = drafter.shard(dparams, mesh) if drafter is not None else None
         self.tparams, self.dparams, self.mesh = tparams, dparams, mesh
-        self.sps = self._resolve_sps(sps, sps_file)
+        self.sps, profiled_draft = self._resolve_sps(sps, sps_file)
+        self.draft_time = float(profiled_draft if draft_time is None else draft_time)
+        if not np.isfinite(self.draft_time) or self.draft_time < 0:
+            raise DSparkError(f"draft_time must be >= 0 seconds; got {draft_time}")
+        self.gated = policy in ("algorithm1", "production") and self.draft_time > 0
+        self.probe_every = int(probe_every)
         self._sps_dev = jnp.asarray(self.sps)
         self._threshold_dev = jnp.asarray(self.threshold, jnp.float32)
+        self._draft_time_dev = jnp.asarray(self.draft_time, jnp.float32)
 
         self.paged = bool(paged)
         self.allocator: PageAllocator | None = None
@@ -210,7 +149,7 @@ class Engine:
         self._stale = jnp.zeros((2, slots, self.gamma), jnp.float32)
         # host mirrors of per-slot facts the budget choice and admission need
         self._stale_host = np.zeros((2, slots, self.gamma), np.float32)
-        self._slot_req: list[_Request | None] = [None] * slots
+        self._slot_req: list[PendingRequest | None] = [None] * slots
         self._n_out = np.zeros(slots, np.int64)
         self._temp = np.zeros(slots, np.float32)
         self._top_k = np.zeros(slots, np.int32)
@@ -219,7 +158,10 @@ class Engine:
         self._stops = np.full((slots, max_stop_ids), -1, np.int32)
         self._max_depth = np.zeros(slots, np.int32)
         self._last_round: tuple[int, int] | None = None  # (active slots, verified B)
-        self._waiting: collections.deque[_Request] = collections.deque()
+        self._latest = np.zeros((slots, self.gamma), np.float32)  # each slot's latest drafted survival
+        self._prior: np.ndarray | None = None  # running mean survival per position (drafted rounds)
+        self._plain_streak = 0
+        self._waiting: collections.deque[PendingRequest] = collections.deque()
         self._next_id = 0
         self.results: dict[int, RequestResult] = {}
         self.metrics = EngineMetrics()
@@ -234,7 +176,7 @@ class Engine:
         rid = self._next_id
         self._next_id += 1
         prompt = list(prompt_ids) if prompt_ids is not None else []
-        res = RequestResult(rid, len(prompt), int(max_new_tokens) if _is_int(max_new_tokens) else 0,
+        res = RequestResult(rid, len(prompt), int(max_new_tokens) if is_int(max_new_tokens) else 0,
                             accepted_per_position=[0] * self.gamma, submitted_at=self.clock())
         self.results[rid] = res
         try:
@@ -245,7 +187,7 @@ class Engine:
             if on_tokens is not None:
                 on_tokens(rid, [], True)
             return rid
-        self._waiting.append(_Request(res, prompt, float(temperature), int(top_k), float(top_p), int(seed),
+        self._waiting.append(PendingRequest(res, prompt, float(temperature), int(top_k), float(top_p), int(seed),
                                       stops, depth, on_tokens))
         return rid
 
@@ -253,7 +195,7 @@ class Engine:
         try:
             prompt = [operator.index(t) for t in prompt]
             stops = tuple(operator.index(t) for t in stop_ids)
-            max_new, top_k, seed = _as_int(max_new, "max_new_tokens"), _as_int(top_k, "top-k"), _as_int(seed, "seed")
+            max_new, top_k, seed = as_int(max_new, "max_new_tokens"), as_int(top_k, "top-k"), as_int(seed, "seed")
             temperature, top_p = float(temperature), float(top_p)
         except (TypeError, ValueError) as e:
             raise DSparkError(f"bad request field: {e}") from None
@@ -273,7 +215,7 @@ class Engine:
             raise DSparkError(f"stop_ids must be at most {self.max_stop_ids} ids in [0, {self.tcfg.vocab_size})")
         limit = self.depth if self.policy == "fixed" else self.gamma
         if max_depth is not None:
-            if _as_int(max_depth, "max_depth") < 0:
+            if as_int(max_depth, "max_depth") < 0:
                 raise DSparkError(f"max_depth must be >= 0; got {max_depth}")
             limit = min(limit, int(max_depth))
         return prompt, stops, limit
@@ -299,18 +241,24 @@ class Engine:
         occupied = [s for s, r in enumerate(self._slot_req) if r is not None]
         if not occupied:
             return False
-        budget = self.choose_budget(occupied)
+        draft = self.should_draft(occupied)
+        budget = self.choose_budget(occupied) if draft else self._bucket(len(occupied))
         self._state, self._stale, info = speculate.engine_round(
             self.tcfg, self.drafter, self.gamma, budget, self.policy, self.tparams, self.dparams,
-            self._state, self._stale, self._schedule())
+            self._state, self._stale, self._schedule(), draft=draft)
         first, info = jax.device_get((first, info))
         now = self.clock()
         for s in admitted:
             self._emit(s, [int(first[s])], now)
-        self._stale_host = np.stack([self._stale_host[1], info.survival])
         n_active = int(np.sum(info.active))
-        self._last_round = (n_active, int(info.verified))
         m = self.metrics
+        if draft:
+            self._stale_host = np.stack([self._stale_host[1], info.survival])
+            self._last_round = (n_active, int(info.verified))
+            self._learn_survival(occupied, info)
+        else:
+            m.plain_rounds += 1
+        self._plain_streak = 0 if draft else self._plain_streak + 1
         m.rounds, m.verified, m.budget, m.active = (m.rounds + 1, m.verified + int(info.verified),
                                                     m.budget + budget, m.active + n_active)
         for s in occupied:
@@ -336,18 +284,53 @@ class Engine:
             steps += 1
         return [self.results[i] for i in sorted(self.results)]
 
+    def _depth_limits(self, idx: np.ndarray) -> np.ndarray:
+        """Each slot's depth limit this round: its own max_depth and the room it has left."""
+        return np.clip(np.minimum(self._max_depth[idx], self._max_new[idx] - self._n_out[idx] - 1), 0, self.gamma)
+
+    def should_draft(self, occupied: Sequence[int]) -> bool:
+        """The drafting gate: draft unless a plain round is predicted faster (from earlier
+        rounds only). Always True for ungated policies."""
+        if not self.gated or self._prior is None or self._plain_streak >= self.probe_every:
+            return True
+        idx = np.asarray(occupied)
+        est = self._latest[idx].astype(np.float64)
+        unknown = est.max(axis=1) <= 0
+        est[unknown] = self._prior
+        est *= np.arange(self.gamma)[None, :] < self._depth_limits(idx)[:, None]
+        pays, _, _ = scheduler.speculation_pays(est, self.sps, draft_time=self.draft_time)
+        return pays
+
+    def _learn_survival(self, occupied: Sequence[int], info) -> None:
+        """Keep each drafted slot's survival and the running per-position mean."""
+        idx = np.asarray([s for s in occupied if info.active[s]], np.int64)
+        if not len(idx):
+            return
+        surv = np.asarray(info.survival[idx], np.float64)
+        live = np.arange(self.gamma)[None, :] < self._depth_limits(idx)[:, None]
+        self._latest[idx] = surv
+        counts = live.sum(axis=0)
+        if not counts.any():
+            return
+        mean = np.where(counts > 0, (surv * live).sum(axis=0) / np.maximum(counts, 1), 0.0)
+        if self._prior is None:
+            self._prior = np.where(counts > 0, mean, 0.0)
+        else:
+            self._prior = np.where(counts > 0, 0.8 * self._prior + 0.2 * mean, self._prior)
+
     def choose_budget(self, occupied: Sequence[int]) -> int:
         """The round's token bucket, from facts fixed before the round (never its drafts)."""
         n = len(occupied)
         if self.gamma == 0 or self.policy == "none":
             return self._bucket(n)
         idx = np.asarray(occupied)
-        limit = np.clip(np.minimum(self._max_depth[idx], self._max_new[idx] - self._n_out[idx] - 1), 0, self.gamma)
+        limit = self._depth_limits(idx)
         need = n + int(limit.sum())  # every active row at its depth limit
         if self.policy == "production":
             # the device computes K from the same stale survival (global_capacity_jnp) and caps
             # it at the bucket, so a float32-vs-float64 tie broken differently only costs room
-            k = scheduler.global_capacity(self._stale_host[0][idx].astype(np.float64), self.sps)
+            k = scheduler.global_capacity(self._stale_host[0][idx].astype(np.float64), self.sps,
+                                          draft_time=self.draft_time)
             need = min(need, n + k)
         elif self.policy in ("algorithm1", "threshold") and self.adaptive_budget and self._last_round:
             prev_n, prev_b = self._last_round
@@ -362,40 +345,49 @@ class Engine:
         return self.buckets[-1]
 
     def warmup(self, prompt_lens: Sequence[int] = (1,)) -> None:
-        """Compile every budget bucket's round and the prefill for these prompt lengths
-        (only while idle: the rounds run over empty slots and change nothing)."""
+        """Compile every budget bucket's round (and the gate's plain rounds) and the prefill
+        for these prompt lengths at every packed budget (only while idle: the rounds run
+        over empty slots and change nothing)."""
         if not self.idle:
             raise DSparkError("warmup needs an idle engine")
         s = self.slots
         for width in sorted({self._prefill_width(n) for n in prompt_lens}):
-            self._state, self._stale, _ = self._run_admit(np.zeros(s, bool), np.zeros((s, width), np.int32),
-                                                          np.ones(s, np.int32), np.zeros(s, np.uint32))
-        for b in self.buckets:
+            for budget in self._prefill_budgets(width):
+                self._state, self._stale, _ = self._run_admit(np.zeros(s, bool), np.zeros((s, width), np.int32),
+                                                              np.ones(s, np.int32), np.zeros(s, np.uint32), budget)
+        rounds = [(b, True) for b in self.buckets]
+        if self.gated:
+            rounds += [(b, False) for b in sorted({self._bucket(n) for n in range(1, s + 1)})]
+        for b, draft in rounds:
             self._state, self._stale, _ = speculate.engine_round(
                 self.tcfg, self.drafter, self.gamma, b, self.policy, self.tparams, self.dparams,
-                self._state, self._stale, self._schedule())
+                self._state, self._stale, self._schedule(), draft=draft)
         jax.block_until_ready(self._state.anchor)
 
     # ---------------------------------------------------------------- internals
 
     def _schedule(self) -> speculate.Schedule:
         return speculate.Schedule(sps=self._sps_dev, max_depth=jnp.asarray(self._max_depth),
-                                  threshold=self._threshold_dev)
+                                  threshold=self._threshold_dev, draft_time=self._draft_time_dev)
 
-    def _resolve_sps(self, sps, sps_file) -> np.ndarray:
+    def _resolve_sps(self, sps, sps_file) -> tuple[np.ndarray, float]:
+        """(SPS at every budget, the profiled drafting seconds or 0 when none was profiled)."""
         bmax = self.full_budget
         if sps is None and self.policy not in ("algorithm1", "production"):
-            return np.ones(bmax + 1, np.float32)  # unused by the other policies
+            return np.ones(bmax + 1, np.float32), 0.0  # unused by the other policies
+        draft_seconds = 0.0
         if sps is None:
-            sps, _ = profile_sps.load_or_profile(
+            sps, rec = profile_sps.load_or_profile(
                 self.tcfg, self.tparams, slots=self.slots, gamma=self.gamma, max_len=self.max_len,
-                buckets=self.buckets, tap_layers=self.drafter.tap_layers, mesh=self.mesh, path=sps_file)
+                buckets=self.buckets, tap_layers=self.drafter.tap_layers, mesh=self.mesh, path=sps_file,
+                drafter=self.drafter if self.dparams is not None else None, dparams=self.dparams)
+            draft_seconds = float(rec.get("draft_seconds", 0.0))
         elif isinstance(sps, dict):
             sps = profile_sps.interpolate(sps, bmax)
         sps = np.asarray(sps, np.float32).reshape(-1)
         if len(sps) < bmax + 1:  # a shorter table ends there (later budgets are never chosen)
             sps = np.concatenate([sps, np.zeros(bmax + 1 - len(sps), np.float32)])
-        return sps[:bmax + 1]
+        return sps[:bmax + 1], draft_seconds
 
     def _prefill_width(self, n: int) -> int:
         w = 16
@@ -403,12 +395,25 @@ class Engine:
             w *= 2
         return min(w, self.max_len)
 
-    def _run_admit(self, rows, prompts, lengths, seeds):
+    def _prefill_budget(self, tokens: int, width: int) -> int:
+        """The packed prefill's token bucket: a power of two >= tokens (at least 16), at
+        most the dense pass's slots x width."""
+        b = 16
+        while b < tokens:
+            b *= 2
+        return min(b, self.slots * width)
+
+    def _prefill_budgets(self, width: int) -> list[int]:
+        return sorted({self._prefill_budget(n, width) for n in range(self.slots * width + 1)})
+
+    def _run_admit(self, rows, prompts, lengths, seeds, budget: int | None = None):
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
         sampling = SamplingParams(jnp.asarray(self._temp), jnp.asarray(self._top_k), jnp.asarray(self._top_p))
+        if budget is None:
+            budget = self._prefill_budget(int(np.sum(np.where(rows, lengths, 0))), prompts.shape[1])
         return speculate.admit(self.tcfg, self.drafter, self.tparams, self.dparams, self._state, self._stale,
                                jnp.asarray(rows), jnp.asarray(prompts), jnp.asarray(lengths, jnp.int32), keys,
-                               sampling, jnp.asarray(self._max_new), jnp.asarray(self._stops))
+                               sampling, jnp.asarray(self._max_new), jnp.asarray(self._stops), budget=budget)
 
     # ---------------------------------------------------------------- paged mode
 
@@ -449,7 +454,7 @@ class Engine:
             take.append((s, self._waiting.popleft()))
         return take
 
-    def _release_pages(self, req: _Request) -> None:
+    def _release_pages(self, req: PendingRequest) -> None:
         if self.paged and req.result.request_id in self.allocator:
             self.allocator.release(req.result.request_id)
             self._table_dirty = True  # the row points at free pages until the next sync
@@ -481,6 +486,7 @@ class Engine:
             self._stops[s] = -1
             self._stops[s, :len(req.stop_ids)] = req.stop_ids
             self._stale_host[:, s] = 0.0
+            self._latest[s] = 0.0
             req.result.admitted_at = now
         try:
             if self.paged:
@@ -514,13 +520,3 @@ class Engine:
         self._release_pages(req)
         if req.on_tokens is not None:
             req.on_tokens(req.result.request_id, [], True)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _as_int(x, name: str) -> int:
-    if not _is_int(x):
-        raise DSparkError(f"{name} must be an integer; got {x!r}")
-    return int(x)

@@ -53,6 +53,8 @@ class LoadSettings:
     max_len: int | None = None  # default: prompt + max_new_tokens rounded up to 16
     sps_file: str | None = None
     buckets: str = "auto"       # "pow2" | "full" (one program per engine) | "auto": full on CPU
+    draft_cost: bool = True     # charge the profiled drafting time in the scheduled policies' objective
+    repeats: int = 1            # timed runs per point, interleaved across policies; the median is reported
 
     def __post_init__(self):
         bad = [p for p in self.policies if p not in POLICIES]
@@ -63,7 +65,7 @@ class LoadSettings:
             raise DSparkError(f"unknown arrival mode {bad[0]} (choose from {', '.join(MODES)})")
         if not self.concurrency or min(self.concurrency) < 1:
             raise DSparkError("concurrency levels must be >= 1")
-        for name in ("requests_per_client", "prompt_len", "max_new_tokens"):
+        for name in ("requests_per_client", "prompt_len", "max_new_tokens", "repeats"):
             if getattr(self, name) < 1:
                 raise DSparkError(f"{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
         if self.rate <= 0:
@@ -98,6 +100,9 @@ class LoadRow:
     mean_budget: float       # mean compiled bucket N_b per round
     tau: float
     errors: int = 0
+    runs: int = 1               # timed runs behind the row (the median-throughput one is reported)
+    throughput_min: float = 0.0
+    throughput_max: float = 0.0
 
 
 def engine_options(policy: str, gamma: int, threshold: float) -> dict:
@@ -149,16 +154,18 @@ def _drive(engine: Engine, prompts, settings: LoadSettings, mode: str, clients: 
 
 
 def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: int, settings: LoadSettings,
-              prompts, sps=None, clock=time.perf_counter, sleep=time.sleep) -> LoadRow:
+              prompts, sps=None, draft_time: float = 0.0, clock=time.perf_counter, sleep=time.sleep,
+              compile_first: bool = True) -> LoadRow:
     """One (policy, mode, concurrency) measurement."""
     gamma = drafter.gamma if drafter is not None else 0
     opts = engine_options(policy, gamma, settings.threshold)
 
     def make():
         return Engine(tcfg, tparams, drafter, dparams, slots=clients, max_len=settings.cache_len, sps=sps,
-                      buckets=settings.bucket_set(clients, gamma), **opts)
+                      draft_time=draft_time, buckets=settings.bucket_set(clients, gamma), **opts)
 
-    _drive(make(), prompts, settings, "closed", clients, clock, sleep)  # compiles what the run needs
+    if compile_first:
+        _drive(make(), prompts, settings, "closed", clients, clock, sleep)  # compiles what the run needs
     engine = make()
     if mode != "closed":  # arrival timing may reach other buckets: compile them all
         engine.warmup([settings.prompt_len])
@@ -174,7 +181,8 @@ def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: 
                    per_user=statistics.fmean(r.tokens_per_second for r in ok) if ok else 0.0,
                    mean_verified=m.mean_verified, mean_budget=m.mean_budget,
                    tau=sum(len(r.token_ids) - 1 for r in ok) / rounds if rounds else 0.0,
-                   errors=len(results) - len(ok))
+                   errors=len(results) - len(ok), throughput_min=tokens / secs if secs > 0 else 0.0,
+                   throughput_max=tokens / secs if secs > 0 else 0.0)
 
 
 def run(tcfg, tparams, drafter, dparams, settings: LoadSettings, progress: Callable[[LoadRow], None] | None = None,
@@ -188,23 +196,41 @@ def run(tcfg, tparams, drafter, dparams, settings: LoadSettings, progress: Calla
         prompts = bench.random_prompts(max(settings.concurrency) * settings.requests_per_client,
                                        settings.prompt_len, tcfg.vocab_size, seed=settings.seed)
     needs_sps = any(p in ("algorithm1", "production") for p in settings.policies)
-    curves = {}
+    curves, draft_times = {}, {}
     if needs_sps:
         for c in settings.concurrency:
-            curves[c], _ = profile_sps.load_or_profile(
+            curves[c], rec = profile_sps.load_or_profile(
                 tcfg, tparams, slots=c, gamma=drafter.gamma, max_len=settings.cache_len,
                 buckets=settings.bucket_set(c, drafter.gamma), tap_layers=drafter.tap_layers,
-                path=settings.sps_file, progress=sps_progress)
-    rows = []
-    for mode in settings.modes:
-        for policy in settings.policies:
-            for c in settings.concurrency:
-                row = run_point(tcfg, tparams, drafter if policy != "none" else None, dparams, policy, mode, c,
-                                settings, prompts, sps=curves.get(c))
-                rows.append(row)
-                if progress is not None:
-                    progress(row)
-    return rows
+                path=settings.sps_file, progress=sps_progress, drafter=drafter, dparams=dparams)
+            draft_times[c] = float(rec.get("draft_seconds", 0.0)) if settings.draft_cost else 0.0
+    import jax
+
+    runs: dict[tuple[str, str, int], list[LoadRow]] = {}
+    for c in settings.concurrency:
+        for mode in settings.modes:
+            for rep in range(settings.repeats):  # interleaved, so slow drifts of the machine hit every policy
+                for policy in settings.policies:
+                    row = run_point(tcfg, tparams, drafter if policy != "none" else None, dparams, policy, mode,
+                                    c, settings, prompts, sps=curves.get(c), draft_time=draft_times.get(c, 0.0),
+                                    compile_first=rep == 0)
+                    runs.setdefault((mode, policy, c), []).append(row)
+                    if progress is not None:
+                        progress(row)
+        # every concurrency level compiles its own programs; dropping them keeps a long
+        # sweep from exhausting the process's memory maps (XLA:CPU maps each executable)
+        jax.clear_caches()
+    return [median_row(runs[(mode, policy, c)]) for mode in settings.modes for policy in settings.policies
+            for c in settings.concurrency]
+
+
+def median_row(runs: Sequence[LoadRow]) -> LoadRow:
+    """The run with the median throughput (the lower middle one for an even count),
+    carrying the spread of all runs."""
+    ordered = sorted(runs, key=lambda r: r.throughput)
+    mid = ordered[(len(ordered) - 1) // 2]
+    return dataclasses.replace(mid, runs=len(runs), throughput_min=ordered[0].throughput,
+                               throughput_max=ordered[-1].throughput)
 
 
 def markdown(rows: Sequence[LoadRow], title: str = "Load benchmark") -> str:
@@ -213,7 +239,8 @@ def markdown(rows: Sequence[LoadRow], title: str = "Load benchmark") -> str:
              "mean bucket | tau | requests |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r.mode} | {LABELS.get(r.policy, r.policy)} | {r.concurrency} | {r.throughput:.1f} | "
+        spread = f" ({r.throughput_min:.0f}-{r.throughput_max:.0f})" if r.runs > 1 else ""
+        lines.append(f"| {r.mode} | {LABELS.get(r.policy, r.policy)} | {r.concurrency} | {r.throughput:.1f}{spread} | "
                      f"{r.per_user:.1f} | {r.mean_verified:.2f} | {r.mean_budget:.2f} | {r.tau:.2f} | "
                      f"{r.requests}{f' ({r.errors} failed)' if r.errors else ''} |")
     return "\n".join(lines)

@@ -5,11 +5,14 @@ of verifying them, Theta = tau* x SPS(B). The engine compiles the verification p
 a few budget buckets; this module times that pass at every bucket (warm-up first, then
 timed repeats with block_until_ready), interpolates step time linearly to every integer
 B, and stores the table in a JSON file keyed by everything that changes it: backend,
-device kind, model shape, mesh, slots, gamma and cache length. `load_or_profile` reuses
-a matching entry and profiles otherwise.
+device kind, model shape, mesh, slots, gamma and cache length. Given the drafter, it
+also times one drafting pass over all slots (`draft_seconds`, greedy rows): the fixed
+cost of a speculative round that the scheduler's objective charges (scheduler.py).
+`load_or_profile` reuses a matching entry and profiles otherwise.
 
 File layout: {"version": 1, "profiles": {digest: {"key": {...}, "table": {"B": sps},
-"sps": [interpolated, index = B], "created": unix time}}}.
+"sps": [interpolated, index = B], "draft_seconds": float (with a drafter),
+"created": unix time}}}.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def budget_buckets(slots: int, gamma: int) -> tuple[int, ...]:
 
 
 def profile_key(tcfg, *, slots: int, gamma: int, max_len: int, tap_layers: Sequence[int] = (),
-                mesh=None) -> dict:
+                mesh=None, drafter=None) -> dict:
     """Everything the measured curve depends on, as a JSON-able dict."""
     dev = jax.devices()[0]
     fields = dataclasses.asdict(tcfg) if dataclasses.is_dataclass(tcfg) else {}
@@ -57,10 +60,27 @@ def profile_key(tcfg, *, slots: int, gamma: int, max_len: int, tap_layers: Seque
                     "num_key_value_heads", "head_dim", "vocab_size", "dtype")
     model = {k: fields[k] for k in shape_fields if k in fields}
     model["type"] = type(tcfg).__name__
-    return {"backend": jax.default_backend(), "device_kind": dev.device_kind,
-            "mesh": {str(k): int(v) for k, v in mesh.shape.items()} if mesh is not None else {"devices": 1},
-            "model": model, "slots": int(slots), "gamma": int(gamma), "max_len": int(max_len),
-            "taps": len(tuple(tap_layers))}
+    key = {"backend": jax.default_backend(), "device_kind": dev.device_kind,
+           "mesh": {str(k): int(v) for k, v in mesh.shape.items()} if mesh is not None else {"devices": 1},
+           "model": model, "slots": int(slots), "gamma": int(gamma), "max_len": int(max_len),
+           "taps": len(tuple(tap_layers))}
+    if drafter is not None:
+        key["drafter"] = drafter_key(drafter)
+    return key
+
+
+def drafter_key(drafter) -> dict:
+    """The drafter facts its drafting time depends on."""
+    cfg = getattr(drafter, "cfg", None)
+    arch = getattr(cfg, "arch", cfg)
+    out = {"type": type(drafter).__name__, "kind": str(getattr(drafter, "kind", "")), "gamma": int(drafter.gamma)}
+    for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "dtype"):
+        if hasattr(arch, name):
+            out[name] = getattr(arch, name)
+    for name in ("markov_rank", "markov_head_type"):
+        if hasattr(cfg, name):
+            out[name] = getattr(cfg, name)
+    return out
 
 
 def digest(key: dict) -> str:
@@ -109,6 +129,27 @@ def measure(tcfg, tparams, *, slots: int, gamma: int, max_len: int, buckets: Seq
     return table
 
 
+def measure_draft(drafter, dparams, tparams, *, slots: int, max_len: int, warmup: int = 2,
+                  repeats: int = 10) -> float:
+    """Median seconds of one `drafter.propose` over `slots` greedy rows on a half-full cache."""
+    from dspark_jax.sampling import SamplingParams
+
+    dcache = drafter.init_cache(slots, max_len)
+    start = jnp.full((slots,), max(1, max_len // 2 - 1 - drafter.gamma), jnp.int32)
+    anchor = jnp.full((slots,), 5, jnp.int32)
+    sampling = SamplingParams.make(slots)
+    keys = jax.vmap(jax.random.key)(jnp.arange(slots, dtype=jnp.uint32))
+    propose = jax.jit(drafter.propose)
+    for _ in range(max(1, warmup)):
+        jax.block_until_ready(propose(dparams, tparams, dcache, anchor, start, sampling, keys))
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        jax.block_until_ready(propose(dparams, tparams, dcache, anchor, start, sampling, keys))
+        times.append(time.perf_counter() - t0)
+    return float(statistics.median(times))
+
+
 def interpolate(table: dict[int, float], bmax: int) -> np.ndarray:
     """SPS at every integer B in [0, bmax] (index 0 unused): step time is linear between
     measured budgets and flat beyond the ends."""
@@ -135,19 +176,24 @@ def _read(path: str) -> dict:
 
 
 def lookup(path: str, key: dict, buckets: Sequence[int]) -> dict | None:
-    """The stored record for `key` if it covers every bucket, else None."""
+    """The stored record for `key` if it covers every bucket (and has the drafting time
+    when the key names a drafter), else None."""
     rec = _read(path)["profiles"].get(digest(key))
     if rec is None or rec.get("key") != key:
         return None
     if any(str(int(b)) not in rec.get("table", {}) for b in buckets):
         return None
+    if "drafter" in key and "draft_seconds" not in rec:
+        return None
     return rec
 
 
-def save(path: str, key: dict, table: dict[int, float], bmax: int) -> dict:
+def save(path: str, key: dict, table: dict[int, float], bmax: int, draft_seconds: float | None = None) -> dict:
     data = _read(path)
     rec = {"key": key, "table": {str(b): float(v) for b, v in sorted(table.items())},
            "sps": interpolate(table, bmax).tolist(), "created": time.time()}
+    if draft_seconds is not None:
+        rec["draft_seconds"] = float(draft_seconds)
     data["profiles"][digest(key)] = rec
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -159,18 +205,27 @@ def save(path: str, key: dict, table: dict[int, float], bmax: int) -> dict:
 
 def load_or_profile(tcfg, tparams, *, slots: int, gamma: int, max_len: int, buckets: Sequence[int] | None = None,
                     tap_layers: Sequence[int] = (), mesh=None, path: str | None = None, force: bool = False,
-                    warmup: int = 2, repeats: int = 10, progress=None) -> tuple[np.ndarray, dict]:
+                    warmup: int = 2, repeats: int = 10, progress=None, drafter=None,
+                    dparams=None) -> tuple[np.ndarray, dict]:
     """(sps [slots * (1 + gamma) + 1], record): the stored curve when one matches, else a
-    fresh measurement (then stored)."""
+    fresh measurement (then stored). With `drafter` and `dparams` the record also holds
+    `draft_seconds`."""
     buckets = tuple(buckets or budget_buckets(slots, gamma))
     bmax = slots * (1 + gamma)
     path = path or default_path()
-    key = profile_key(tcfg, slots=slots, gamma=gamma, max_len=max_len, tap_layers=tap_layers, mesh=mesh)
+    if drafter is not None and dparams is None:
+        raise DSparkError("timing the drafter needs its parameters (dparams)")
+    key = profile_key(tcfg, slots=slots, gamma=gamma, max_len=max_len, tap_layers=tap_layers, mesh=mesh,
+                      drafter=drafter)
     rec = None if force else lookup(path, key, buckets)
     if rec is None:
         table = measure(tcfg, tparams, slots=slots, gamma=gamma, max_len=max_len, buckets=buckets,
                         tap_layers=tap_layers, warmup=warmup, repeats=repeats, mesh=mesh, progress=progress)
-        rec = save(path, key, table, bmax)
+        draft_seconds = None
+        if drafter is not None:
+            draft_seconds = measure_draft(drafter, dparams, tparams, slots=slots, max_len=max_len, warmup=warmup,
+                                          repeats=repeats)
+        rec = save(path, key, table, bmax, draft_seconds)
     table = {int(b): float(v) for b, v in rec["table"].items()}
     return interpolate(table, bmax), rec
 
@@ -190,7 +245,12 @@ def plot(rec: dict, png: str) -> str:
     ax.plot(sorted(table), [table[b] for b in sorted(table)], "o", label="measured bucket")
     ax.plot(bs, sps[1:] * bs, ":", label="tokens/s if all accepted (B x SPS)")
     k = rec["key"]
-    ax.set_title(f"SPS(B): {k['device_kind']}, slots {k['slots']}, gamma {k['gamma']}", fontsize=9)
+    title = f"SPS(B): {k['device_kind']}, slots {k['slots']}, gamma {k['gamma']}"
+    if rec.get("draft_seconds") is not None:
+        d = float(rec["draft_seconds"])
+        ax.plot(bs, sps[1:] * bs / (1.0 + d * sps[1:]), "--", label="B tokens/s with drafting")
+        title += f", drafting {d * 1e3:.2f} ms"
+    ax.set_title(title, fontsize=9)
     ax.set_xlabel("verification budget B (tokens)")
     ax.set_ylabel("steps / s")
     ax.legend(fontsize=8)
@@ -206,4 +266,6 @@ def markdown(rec: dict) -> str:
     lines = ["| B | steps/s | ms/step | B x steps/s |", "| ---: | ---: | ---: | ---: |"]
     for b, v in sorted((int(b), float(v)) for b, v in rec["table"].items()):
         lines.append(f"| {b} | {v:.1f} | {1000.0 / v:.3f} | {b * v:.0f} |")
+    if rec.get("draft_seconds") is not None:
+        lines.append(f"\ndrafting pass (all slots): {float(rec['draft_seconds']) * 1e3:.3f} ms")
     return "\n".join(lines)

@@ -51,26 +51,44 @@ def _bcast(x: jax.Array, ndim: int) -> jax.Array:
 
 
 def warp(logits: jax.Array, sp: SamplingParams) -> jax.Array:
-    """Logits [B, ..., V] -> probabilities [B, ..., V] under each row's sampling params."""
+    """Logits [B, ..., V] -> probabilities [B, ..., V] under each row's sampling params.
+
+    The two sorts that top-k / top-p need cost more than a small model's forward pass
+    on a CPU, so they run (lax.cond) only when some sampled row asks for a truncation,
+    and a batch of greedy rows skips the softmax as well. Every branch gives each row
+    exactly the distribution the full rule gives it.
+    """
     logits = logits.astype(jnp.float32)
     nd, v = logits.ndim, logits.shape[-1]
     t = _bcast(sp.temperature, nd)
     greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), v, dtype=jnp.float32)
+    sampled = sp.temperature > 0
+    truncated = sampled & ((sp.top_k > 0) & (sp.top_k < v) | (sp.top_p < 1))
+
+    def plain(scaled):
+        return jax.nn.softmax(scaled, axis=-1)
+
+    def nucleus(scaled):
+        # top-k: keep logits >= the k-th largest (ties at the boundary are kept)
+        k = _bcast(sp.top_k, nd)
+        sorted_desc = -jnp.sort(-scaled, axis=-1)
+        kth = jnp.take_along_axis(sorted_desc, jnp.clip(k - 1, 0, v - 1), axis=-1)
+        scaled = jnp.where((k > 0) & (scaled < kth), -jnp.inf, scaled)
+        # top-p (nucleus): smallest prefix of the sorted distribution with mass >= p
+        probs = jax.nn.softmax(scaled, axis=-1)
+        sorted_p = -jnp.sort(-probs, axis=-1)
+        before = jnp.cumsum(sorted_p, axis=-1) - sorted_p  # mass strictly above each entry
+        keep_sorted = before < _bcast(sp.top_p, nd)
+        # the smallest kept probability is the threshold in the unsorted order
+        thresh = jnp.min(jnp.where(keep_sorted, sorted_p, jnp.inf), axis=-1, keepdims=True)
+        probs = jnp.where(probs >= thresh, probs, 0.0)
+        return probs / jnp.sum(probs, axis=-1, keepdims=True)
+
+    def sampled_probs(scaled):
+        return jax.lax.cond(jnp.any(truncated), nucleus, plain, scaled)
+
     scaled = logits / jnp.where(t > 0, t, 1.0)
-    # top-k: keep logits >= the k-th largest (ties at the boundary are kept)
-    k = _bcast(sp.top_k, nd)
-    sorted_desc = -jnp.sort(-scaled, axis=-1)
-    kth = jnp.take_along_axis(sorted_desc, jnp.clip(k - 1, 0, v - 1), axis=-1)
-    scaled = jnp.where((k > 0) & (scaled < kth), -jnp.inf, scaled)
-    # top-p (nucleus): smallest prefix of the sorted distribution with mass >= p
-    probs = jax.nn.softmax(scaled, axis=-1)
-    sorted_p = -jnp.sort(-probs, axis=-1)
-    before = jnp.cumsum(sorted_p, axis=-1) - sorted_p  # mass strictly above each entry
-    keep_sorted = before < _bcast(sp.top_p, nd)
-    # the smallest kept probability is the threshold in the unsorted order
-    thresh = jnp.min(jnp.where(keep_sorted, sorted_p, jnp.inf), axis=-1, keepdims=True)
-    probs = jnp.where(probs >= thresh, probs, 0.0)
-    probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
+    probs = jax.lax.cond(jnp.any(sampled), sampled_probs, lambda x: greedy, scaled)
     return jnp.where(t > 0, probs, greedy)
 
 

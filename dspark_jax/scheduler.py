@@ -4,16 +4,26 @@ Inputs are prefix survival probabilities a[r, j] (request r, draft position j+1;
 cumulative product of STS-calibrated confidences, non-increasing in j) and the engine's
 profiled throughput curve sps[B] = target forward steps per second at a batch of B
 tokens (index 0 unused). A round verifies B = sum_r (1 + l_r) tokens and is expected to
-commit tau* = sum_r (1 + sum_{j<=l_r} a[r, j]); the objective is Theta = tau* x SPS(B).
+commit tau* = sum_r (1 + sum_{j<=l_r} a[r, j]); the objective is the round's token rate
+
+    Theta = tau* / (T_draft + 1 / SPS(B))
+
+where T_draft (seconds, `draft_time`, default 0) is the drafting pass that every
+speculative round pays whatever its depths. With T_draft = 0 this is the paper's
+tau* x SPS(B). On hardware where verification is nearly free (a memory-bound GPU) the
+two agree; where drafting costs as much as a verification step (a CPU, a tiny target)
+the fixed cost makes each round worth filling and decides whether drafting pays at
+all: `speculation_pays` compares the best speculative round predicted from earlier
+rounds' survival with a plain decoding round (R tokens at SPS(R), no drafting).
 
 Policies (all pure; `*_jnp` variants run inside jit on device):
 
-- `schedule_prefix_lengths(survival, sps)` -- Algorithm 1 with causal early stop: admit
+- `schedule_prefix_lengths(survival, sps, *, draft_time=0.0)` -- Algorithm 1 with causal early stop: admit
   candidates (r, j) in decreasing a[r, j]; keep each while Theta improves, and STOP at
   the first that does not. The early stop is required for losslessness: a[r, j+1]
   depends on the sampled x[r, j], and a search that looks past a drop would let that
   token decide whether it is itself verified (the Appendix A counterexample).
-- `production_depths(survival, stale_survival, sps)` -- capacity K from the confidences
+- `production_depths(survival, stale_survival, sps, *, draft_time=0.0)` -- capacity K from the confidences
   of two rounds earlier (global search, no early stop: K cannot depend on the current
   tokens), then the current top-K candidates by survival.
 - `threshold_depths(confidence, threshold)` -- verify while each step's c_k >= threshold.
@@ -40,13 +50,19 @@ def _check(survival: np.ndarray, sps: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return survival, sps
 
 
-def throughput(survival, sps, depths) -> float:
-    """Theta = tau* x SPS(B) of a depth assignment."""
+def rate(tau, sps_b, draft_time=0.0):
+    """Theta = tau / (draft_time + 1 / sps_b), written so that sps_b = 0 (a budget past
+    the table) gives 0; works on numpy and jax arrays alike."""
+    return tau * sps_b / (1.0 + draft_time * sps_b)
+
+
+def throughput(survival, sps, depths, *, draft_time: float = 0.0) -> float:
+    """Theta of a depth assignment (tau* x SPS(B) when draft_time is 0)."""
     survival, sps = _check(survival, sps)
     depths = np.asarray(depths)
     b = int(np.sum(1 + depths))
     tau = float(np.sum(1 + np.array([survival[r, :l].sum() for r, l in enumerate(depths)])))
-    return tau * float(sps[b]) if b < len(sps) else 0.0
+    return float(rate(tau, float(sps[b]), draft_time)) if b < len(sps) else 0.0
 
 
 def _sorted_candidates(survival: np.ndarray):
@@ -57,32 +73,53 @@ def _sorted_candidates(survival: np.ndarray):
     return r_idx[order], j_idx[order]
 
 
-def schedule_prefix_lengths(survival, sps) -> np.ndarray:
+def schedule_prefix_lengths(survival, sps, *, draft_time: float = 0.0) -> np.ndarray:
     """Algorithm 1 (causal early stop). survival [R, gamma], sps 1-D -> depths int [R]."""
     survival, sps = _check(survival, sps)
     r_count = survival.shape[0]
     depths = np.zeros(r_count, np.int64)
     b, tau = r_count, float(r_count)
-    best = tau * sps[b]
+    best = rate(tau, sps[b], draft_time)
     for r, j in zip(*_sorted_candidates(survival)):
         if j != depths[r] or b + 1 >= len(sps):
             break  # (prefix order is guaranteed; a table end stops the search)
-        theta = (tau + survival[r, j]) * sps[b + 1]
+        theta = rate(tau + survival[r, j], sps[b + 1], draft_time)
         if theta <= best:
             break
         depths[r], b, tau, best = j + 1, b + 1, tau + survival[r, j], theta
     return depths
 
 
-def global_capacity(survival: np.ndarray, sps: np.ndarray) -> int:
-    """argmax over K of Theta when the top-K candidates are admitted (no early stop)."""
+def _capacity_curve(survival: np.ndarray, sps: np.ndarray, draft_time: float):
+    """(K values, Theta when the top-K candidates are admitted) for every admissible K."""
     r_count = survival.shape[0]
     r_idx, j_idx = _sorted_candidates(survival)
     gains = survival[r_idx, j_idx]
     ks = np.arange(len(gains) + 1)
     ks = ks[r_count + ks < len(sps)]
     taus = r_count + np.concatenate([[0.0], np.cumsum(gains)])[ks]
-    return int(ks[np.argmax(taus * sps[r_count + ks])])
+    return ks, rate(taus, sps[r_count + ks], draft_time)
+
+
+def global_capacity(survival: np.ndarray, sps: np.ndarray, *, draft_time: float = 0.0) -> int:
+    """argmax over K of Theta when the top-K candidates are admitted (no early stop)."""
+    ks, theta = _capacity_curve(np.asarray(survival, np.float64), np.asarray(sps, np.float64), draft_time)
+    return int(ks[np.argmax(theta)])
+
+
+def speculation_pays(survival, sps, *, draft_time: float) -> tuple[bool, float, float]:
+    """Whether a speculative round is expected to beat a plain decoding round.
+
+    survival [R, gamma]: the best available estimate of this round's prefix survival
+    (earlier rounds' values: the decision must not depend on this round's drafts).
+    Returns (pays, predicted Theta of the best speculative round (drafting included),
+    Theta of a plain round: R tokens at SPS(R), nothing drafted).
+    """
+    survival, sps = _check(survival, sps)
+    r_count = survival.shape[0]
+    _, theta = _capacity_curve(survival, sps, draft_time)
+    spec, plain = float(np.max(theta)), float(rate(r_count, sps[r_count]))
+    return spec > plain, spec, plain
 
 
 def _top_k_depths(survival: np.ndarray, k: int) -> np.ndarray:
@@ -93,17 +130,17 @@ def _top_k_depths(survival: np.ndarray, k: int) -> np.ndarray:
     return depths
 
 
-def retrospective_prefix_lengths(survival, sps) -> np.ndarray:
+def retrospective_prefix_lengths(survival, sps, *, draft_time: float = 0.0) -> np.ndarray:
     """Global search on the current survival (BIASED; for demonstrations only)."""
     survival, sps = _check(survival, sps)
-    return _top_k_depths(survival, global_capacity(survival, sps))
+    return _top_k_depths(survival, global_capacity(survival, sps, draft_time=draft_time))
 
 
-def production_depths(survival, stale_survival, sps) -> np.ndarray:
+def production_depths(survival, stale_survival, sps, *, draft_time: float = 0.0) -> np.ndarray:
     """Capacity from survival of two rounds earlier, filled with the current top-K."""
     survival, sps = _check(survival, sps)
     stale, _ = _check(stale_survival, sps)
-    return _top_k_depths(survival, global_capacity(stale, sps))
+    return _top_k_depths(survival, global_capacity(stale, sps, draft_time=draft_time))
 
 
 def threshold_depths(confidence, threshold: float) -> np.ndarray:
@@ -131,7 +168,8 @@ def _depths_from_admitted(order_r, order_j, admitted, r):
     return jnp.zeros((r,), jnp.int32).at[order_r].max(jnp.where(admitted, order_j + 1, 0).astype(jnp.int32))
 
 
-def schedule_prefix_lengths_jnp(survival: jax.Array, sps: jax.Array, active: jax.Array | None = None):
+def schedule_prefix_lengths_jnp(survival: jax.Array, sps: jax.Array, active: jax.Array | None = None,
+                                draft_time=0.0):
     """Algorithm 1 inside jit: [R, G] survival, sps [Bmax+1] -> depths [R] int32.
 
     Inactive rows (finished requests) take no tokens and do not count in B.
@@ -143,14 +181,15 @@ def schedule_prefix_lengths_jnp(survival: jax.Array, sps: jax.Array, active: jax
     k = jnp.arange(1, r * g + 1)
     b = base + k
     taus = base + jnp.cumsum(gains)
-    theta = taus * jnp.take(sps, jnp.minimum(b, sps.shape[0] - 1)) * (b < sps.shape[0])
-    prev = jnp.concatenate([jnp.array([base * sps[jnp.minimum(base, sps.shape[0] - 1)]], theta.dtype), theta[:-1]])
+    theta = rate(taus, jnp.take(sps, jnp.minimum(b, sps.shape[0] - 1)) * (b < sps.shape[0]), draft_time)
+    theta0 = rate(base, sps[jnp.minimum(base, sps.shape[0] - 1)], draft_time)
+    prev = jnp.concatenate([jnp.reshape(theta0, (1,)).astype(theta.dtype), theta[:-1]])
     improving = (theta > prev) & (gains > 0)
     admitted = jnp.cumprod(improving.astype(jnp.int32)) > 0
     return _depths_from_admitted(order_r, order_j, admitted, r)
 
 
-def global_capacity_jnp(survival: jax.Array, sps: jax.Array, active: jax.Array) -> jax.Array:
+def global_capacity_jnp(survival: jax.Array, sps: jax.Array, active: jax.Array, draft_time=0.0) -> jax.Array:
     """K maximising Theta over top-K admissions (no early stop), inside jit."""
     r, g = survival.shape
     gains, _, _ = _sorted_gains_jnp(survival, active)
@@ -158,7 +197,8 @@ def global_capacity_jnp(survival: jax.Array, sps: jax.Array, active: jax.Array) 
     k = jnp.arange(r * g + 1)
     b = base + k
     taus = base + jnp.concatenate([jnp.zeros((1,)), jnp.cumsum(gains)])
-    theta = jnp.where(b < sps.shape[0], taus * jnp.take(sps, jnp.minimum(b, sps.shape[0] - 1)), -1.0)
+    theta = jnp.where(b < sps.shape[0], rate(taus, jnp.take(sps, jnp.minimum(b, sps.shape[0] - 1)), draft_time),
+                      -1.0)
     theta = jnp.where(jnp.concatenate([jnp.array([True]), gains > 0]), theta, -1.0)
     return jnp.argmax(theta).astype(jnp.int32)
 

@@ -115,7 +115,7 @@ def _draft(drafter, gamma: int, tparams, dparams, state: DecodeState, key):
 
 
 def _accept_and_commit(drafter, gamma: int, tparams, dparams, state: DecodeState, draft, q, logits,
-                       cache, taps, depth, active, k_accept, keys):
+                       cache, taps, depth, active, k_accept, keys, drafted: bool = True):
     """Lossless acceptance of the verified drafts, then every update a round makes:
     target cache length, drafter ingest of the committed positions, anchor, output.
 
@@ -123,7 +123,7 @@ def _accept_and_commit(drafter, gamma: int, tparams, dparams, state: DecodeState
     """
     pos0 = state.cache.lengths
     p = warp(logits, state.sampling)
-    if drafter is None or gamma == 0:
+    if drafter is None or gamma == 0 or not drafted:
         q = jnp.zeros(q.shape[:2] + p.shape[-1:], jnp.float32)  # nothing is drafted
     elif q.shape[-1] != p.shape[-1]:
         raise ValueError(f"drafter vocabulary {q.shape[-1]} != target vocabulary {p.shape[-1]}")
@@ -176,7 +176,10 @@ def spec_round(tcfg, drafter, gamma: int, tparams, dparams, state: DecodeState, 
 #                       current survival, where (r, j) ranks behind (r, j-1);
 #   the budget bucket   chosen by the host from previous rounds; algorithm1 sees SPS past
 #                       it as 0 (a fixed curve), production caps K, and `cap_depths`
-#                       admits position-major.
+#                       admits position-major;
+#   plain rounds        (draft=False) the host's choice, from previous rounds' survival,
+#                       to skip drafting: every depth is 0, the drafter still ingests the
+#                       committed positions, and the stale survival is kept as it was.
 
 POLICIES = ("none", "fixed", "algorithm1", "production", "threshold")
 
@@ -188,6 +191,7 @@ class Schedule:
     sps: jax.Array        # [Bmax + 1] float32 target steps/s at B verified tokens (index 0 unused)
     max_depth: jax.Array  # [S] int32 per-request depth limit (the fixed policy's depth)
     threshold: jax.Array  # [] float32 per-step confidence threshold
+    draft_time: jax.Array  # [] float32 seconds of one drafting pass (0: the paper's objective)
 
 
 @struct.dataclass
@@ -236,9 +240,9 @@ def schedule_depths(policy: str, budget: int, confidence: jax.Array, stale: jax.
     elif policy == "threshold":
         depth = scheduler.threshold_depths_jnp(confidence, sched.threshold)
     elif policy == "algorithm1":
-        depth = scheduler.schedule_prefix_lengths_jnp(survival, sched.sps[:budget + 1], active)
+        depth = scheduler.schedule_prefix_lengths_jnp(survival, sched.sps[:budget + 1], active, sched.draft_time)
     elif policy == "production":
-        capacity = scheduler.global_capacity_jnp(stale[0], sched.sps, active)
+        capacity = scheduler.global_capacity_jnp(stale[0], sched.sps, active, sched.draft_time)
         capacity = jnp.minimum(capacity, budget - jnp.sum(active)).astype(jnp.int32)
         depth = scheduler.top_k_depths_jnp(survival, capacity, active)
     else:
@@ -277,20 +281,43 @@ def _verify(tcfg, tparams, tokens: jax.Array, valid: jax.Array, cache, taps_want
     return unpack(logits), cache, tuple(unpack(t) for t in taps)
 
 
-@functools.partial(jax.jit, static_argnames=("tcfg", "drafter"), donate_argnames=("state", "stale"))
+def _prefill_packed(tcfg, tparams, prompts, q_lens, cache, taps_wanted, budget: int):
+    """Prefill of the q_lens [S] leading tokens of prompts [S, W] in one packed pass of
+    `budget` (>= sum q_lens) tokens -> (last-token logits [S, V], cache, taps [S, W, E])."""
+    s, w = prompts.shape
+    valid = jnp.arange(w)[None, :] < q_lens[:, None]
+    flat = valid.reshape(-1)
+    (idx,) = jnp.nonzero(flat, size=budget, fill_value=s * w)
+    ok = idx < s * w
+    idx = jnp.minimum(idx, s * w - 1)
+    where = jnp.clip(jnp.cumsum(flat) - 1, 0, budget - 1)  # packed index of every grid slot
+    last = where[jnp.arange(s) * w + jnp.maximum(q_lens - 1, 0)]
+    logits, cache, taps = target.prefill_packed(tcfg, tparams, prompts.reshape(-1)[idx], idx // w, idx % w, ok,
+                                                last, cache, taps_wanted, query_block=w)
+    return logits, cache, tuple(t[where].reshape((s, w) + t.shape[1:]) for t in taps)
+
+
+@functools.partial(jax.jit, static_argnames=("tcfg", "drafter", "budget"), donate_argnames=("state", "stale"))
 def admit(tcfg, drafter, tparams, dparams, state: DecodeState, stale, rows, prompts, lengths, keys,
-          sampling: SamplingParams, max_new, stop_ids):
+          sampling: SamplingParams, max_new, stop_ids, budget: int | None = None):
     """Prefill prompts [S, T] into the slots selected by `rows` [S] bool and sample their
     first tokens; other rows have q_len 0 and stay exactly as they were.
 
     keys [S]: fresh per-request keys (read for admitted rows); sampling, max_new, stop_ids:
-    the full per-slot arrays after admission. Returns (state, stale, first tokens [S]).
+    the full per-slot arrays after admission; budget (static): when given (>= the admitted
+    prompt tokens, on a target with a packed pass) the prefill packs the admitted tokens
+    into one pass of that many, instead of a dense [S, T] pass over every slot.
+    Returns (state, stale, first tokens [S]).
     """
     old = state.cache.lengths
     q_lens = jnp.where(rows, lengths, 0).astype(jnp.int32)
     cache = state.cache.replace(lengths=jnp.where(rows, 0, old))
     taps_wanted = drafter.tap_layers if drafter is not None else ()
-    last, cache, taps = target.prefill(tcfg, tparams, prompts, q_lens, cache, taps_wanted)
+    if budget is not None and target.supports_packed(tcfg):
+        last, cache, taps = _prefill_packed(tcfg, tparams, prompts, q_lens, cache, taps_wanted, budget)
+        cache = cache.replace(lengths=jnp.where(rows, lengths, old))
+    else:
+        last, cache, taps = target.prefill(tcfg, tparams, prompts, q_lens, cache, taps_wanted)
     k_first, k_next = _split_keys(keys, 2)
     first = sample_rows(k_first, warp(last, sampling))
     draft_cache = state.draft_cache
@@ -307,29 +334,34 @@ def admit(tcfg, drafter, tparams, dparams, state: DecodeState, stale, rows, prom
     return state, jnp.where(rows[None, :, None], 0.0, stale), first
 
 
-@functools.partial(jax.jit, static_argnames=("tcfg", "drafter", "gamma", "budget", "policy"),
+@functools.partial(jax.jit, static_argnames=("tcfg", "drafter", "gamma", "budget", "policy", "draft"),
                    donate_argnames=("state", "stale"))
 def engine_round(tcfg, drafter, gamma: int, budget: int, policy: str, tparams, dparams,
-                 state: DecodeState, stale: jax.Array, sched: Schedule):
+                 state: DecodeState, stale: jax.Array, sched: Schedule, draft: bool = True):
     """One round over the engine's slots with on-device depth scheduling.
 
     budget (static): the verification pass's token bucket N_b, >= the number of active
     rows; policy (static): one of POLICIES; stale [2, S, G]: the survival of the last two
-    rounds (shifted here). Returns (state, stale, EngineRoundInfo).
+    speculative rounds (shifted here); draft (static): False runs a plain decoding round
+    (nothing drafted, every depth 0, stale kept). Returns (state, stale, EngineRoundInfo).
     """
     active = ~state.done
     k_draft, k_accept, keys = _split_keys(state.keys, 3)
-    draft, q, conf = _draft(drafter, gamma, tparams, dparams, state, k_draft)
+    draft_tokens, q, conf = _draft(drafter if draft else None, gamma, tparams, dparams, state, k_draft)
     # drafts past the room left (max_new - n_out - 1) could never be committed
     max_depth = jnp.clip(jnp.minimum(sched.max_depth, state.max_new - state.n_out - 1), 0, gamma)
-    depth, survival, capacity = schedule_depths(policy, budget, conf, stale, sched, active, max_depth)
-    tokens = jnp.concatenate([state.anchor[:, None], draft], axis=1)
+    depth, survival, capacity = schedule_depths(policy if draft else "none", budget, conf, stale, sched, active,
+                                                max_depth)
+    if not draft:
+        survival = jnp.zeros_like(survival)
+    tokens = jnp.concatenate([state.anchor[:, None], draft_tokens], axis=1)
     valid = active[:, None] & (jnp.arange(gamma + 1)[None, :] <= depth[:, None])
     taps_wanted = drafter.tap_layers if drafter is not None else ()
     logits, cache, taps = _verify(tcfg, tparams, tokens, valid, state.cache, taps_wanted, budget)
     state, n, committed, appended = _accept_and_commit(
-        drafter, gamma, tparams, dparams, state, draft, q, logits, cache, taps, depth, active, k_accept, keys)
-    info = EngineRoundInfo(draft=draft, confidence=conf, survival=survival, depth=depth, accepted=n,
+        drafter, gamma, tparams, dparams, state, draft_tokens, q, logits, cache, taps, depth, active, k_accept,
+        keys, drafted=draft)
+    info = EngineRoundInfo(draft=draft_tokens, confidence=conf, survival=survival, depth=depth, accepted=n,
                            tokens=committed, appended=appended, active=active, done=state.done,
                            capacity=capacity, verified=jnp.sum(jnp.where(active, 1 + depth, 0)).astype(jnp.int32))
-    return state, jnp.stack([stale[1], survival]), info
+    return state, (jnp.stack([stale[1], survival]) if draft else stale), info

@@ -116,6 +116,21 @@ def step(cfg, params, tokens, q_lens, cache: KVCache, tap_layers=()):
     return logits(cfg, params, hidden), cache, taps
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "tap_layers", "query_block"), donate_argnames=("cache",))
+def prefill_packed(cfg, params, tokens, rows, positions, valid, last, cache: KVCache, tap_layers=(),
+                   query_block: int | None = None):
+    """Packed prefill: N prompt tokens of several rows in one pass whose token-wise work
+    scales with N (see Qwen3LM.packed), logits only where they are needed.
+
+    tokens, rows, positions, valid: [N]; last [B]: packed index of each row's last prompt
+    token. Returns (logits [B, V] at those tokens, cache, taps [N, E] each); the cache's
+    K/V hold the valid tokens and its lengths are unchanged (the caller sets them).
+    """
+    hidden, cache, taps = module_for(cfg).apply({"params": params}, tokens, rows, positions, valid, cache,
+                                                tuple(tap_layers), query_block, method="packed")
+    return logits(cfg, params, hidden[last]), cache, taps
+
+
 def greedy_decode(cfg, params, prompts: list[list[int]], max_new_tokens: int, max_len: int | None = None):
     """Plain greedy decoding of a batch of prompts: the reference every speculative path
     must reproduce token for token. Returns a list of generated id lists."""

@@ -38,6 +38,10 @@ def main(argv=None) -> None:
     p.add_argument("--buckets", default="auto", choices=("auto", "pow2", "full"),
                    help="budget buckets: powers of two, one full bucket, or auto (full on CPU)")
     p.add_argument("--sps-file", default=None, help="SPS profile file (default: ~/.cache/dspark_jax/sps.json)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed runs per point, interleaved across policies; the median is reported")
+    p.add_argument("--no-draft-cost", action="store_true",
+                   help="the paper's objective tau x SPS(B): no drafting time, no drafting gate")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--out-dir", default="load_bench_out")
     args = p.parse_args(argv)
@@ -63,12 +67,12 @@ def main(argv=None) -> None:
             requests_per_client=args.requests_per_client, prompt_len=args.prompt_len,
             max_new_tokens=args.max_new_tokens, rate=args.rate, threshold=args.threshold,
             temperature=args.temperature, seed=args.seed, max_len=args.max_len, sps_file=args.sps_file,
-            buckets=args.buckets)
+            buckets=args.buckets, repeats=args.repeats, draft_cost=not args.no_draft_cost)
         tcfg, tparams = target.load(tfolder, args.dtype)
         drafter = dparams = None
         if dfolder is not None:
             drafter, dparams = drafters.load(dfolder, tcfg, kind=kind, gamma=args.gamma, dtype=args.dtype)
-        points = len(settings.modes) * len(settings.policies) * len(settings.concurrency)
+        points = len(settings.modes) * len(settings.policies) * len(settings.concurrency) * settings.repeats
         with tqdm(total=points, desc="load bench", unit="point") as bar:
             def progress(row):
                 bar.set_postfix_str(f"{row.mode} {row.policy} c={row.concurrency} {row.throughput:.0f} tok/s")

@@ -2,7 +2,8 @@
 
     python -m serve.profile_sps --target T --draft D --slots 8 [--out FILE] [--plot sps.png]
 
-The curve is stored in FILE (default $DSPARK_SPS_FILE or ~/.cache/dspark_jax/sps.json)
+With a drafter, one drafting pass over all slots is timed too (the fixed cost the
+scheduler charges a speculative round). The curve is stored in FILE (default $DSPARK_SPS_FILE or ~/.cache/dspark_jax/sps.json)
 under a key of backend, device kind, model shape, mesh, slots, gamma and cache length;
 the engine reuses a matching entry at start-up. A matching entry is reused here too
 unless --force.
@@ -43,9 +44,9 @@ def main(argv=None) -> None:
         tfolder, dfolder, kind = resolve_folders(GenerateRequest(target=args.target, draft=args.draft,
                                                                  drafter=args.drafter))
         tcfg, tparams = target.load(tfolder, args.dtype)
-        gamma, taps = args.gamma or 0, ()
+        gamma, taps, drafter, dparams = args.gamma or 0, (), None, None
         if dfolder is not None:
-            drafter, _ = drafters.load(dfolder, tcfg, kind=kind, gamma=args.gamma, dtype=args.dtype)
+            drafter, dparams = drafters.load(dfolder, tcfg, kind=kind, gamma=args.gamma, dtype=args.dtype)
             gamma, taps = drafter.gamma, drafter.tap_layers
         if args.max_len > tcfg.max_position_embeddings:
             raise DSparkError(f"--max-len {args.max_len} exceeds the model's {tcfg.max_position_embeddings}")
@@ -54,7 +55,7 @@ def main(argv=None) -> None:
             _, rec = profile_sps.load_or_profile(
                 tcfg, tparams, slots=args.slots, gamma=gamma, max_len=args.max_len, buckets=buckets,
                 tap_layers=taps, path=args.out, force=args.force, warmup=args.warmup, repeats=args.repeats,
-                progress=bar.update)
+                progress=bar.update, drafter=drafter, dparams=dparams)
         if args.plot:
             profile_sps.plot(rec, args.plot)
         if args.json:

@@ -132,15 +132,17 @@ def test_packed_equals_dense(pair, query_block):
 
 # ------------------------------------------------------------------ greedy equality
 
-@pytest.mark.parametrize("policy", ["none", "fixed", "threshold", "algorithm1", "production"])
+@pytest.mark.parametrize("policy", ["none", "fixed", "mtp1", "threshold", "algorithm1", "production"])
 def test_engine_oracle_equals_greedy(pair, policy):
     tcfg, tparams, ref = pair
     drafter, dparams = slot_oracle(tcfg, ref)
     # several buckets where the budget adapts (2 <= slots: per-token attention; 4, 8: per
     # row); one bucket elsewhere, to keep compiles few
     buckets = {"none": (SLOTS,), "algorithm1": (4, FULL), "production": ADAPTIVE}.get(policy, (FULL,))
+    depth = 1 if policy == "mtp1" else None
+    policy = "fixed" if policy == "mtp1" else policy
     engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy=policy, sps=SPS,
-                    threshold=0.6, buckets=buckets)
+                    threshold=0.6, buckets=buckets, depth=depth)
     streamed = {}
     results = run_staggered(engine, streamed)
     for res, want in zip(results, ref):
@@ -155,6 +157,53 @@ def test_engine_oracle_equals_greedy(pair, policy):
     else:
         assert max(taus) > 1.5  # real acceptances happened
     assert engine.metrics.tokens == sum(NEW) and engine.metrics.throughput > 0
+
+
+@pytest.mark.parametrize("policy,draft_time", [("production", 0.004), ("algorithm1", 0.004), ("production", 1.0)])
+def test_drafting_gate_equals_greedy(pair, policy, draft_time):
+    """With a drafting cost in the objective the gate mixes plain and speculative rounds
+    (a huge cost: plain rounds with a probe every `probe_every`); output stays greedy."""
+    tcfg, tparams, ref = pair
+    drafter, dparams = slot_oracle(tcfg, ref)
+    engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy=policy, sps=SPS,
+                    buckets=ADAPTIVE, draft_time=draft_time, probe_every=3)
+    assert engine.gated
+    results = run_staggered(engine)
+    assert [r.token_ids for r in results] == ref
+    m = engine.metrics
+    assert 0 < m.plain_rounds < m.rounds, m.as_dict()
+    if draft_time == 1.0:  # only the first round and the probes draft
+        assert m.rounds - m.plain_rounds <= 1 + m.rounds // 4
+
+
+def test_gate_decision_follows_the_cost_model(pair):
+    tcfg, tparams, ref = pair
+    drafter, dparams = slot_oracle(tcfg, ref)
+    engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="production", sps=SPS,
+                    buckets=ADAPTIVE, draft_time=0.004)
+    engine.submit(PROMPTS[0], 12)
+    engine.submit(PROMPTS[2], 10)
+    assert engine.should_draft([0, 1])  # nothing known yet: draft
+    engine.step()  # admits both (their depth limits are known from here on) and drafts
+    assert engine.metrics.plain_rounds == 0 and engine._prior is not None
+    engine._prior = np.zeros(GAMMA)
+    engine._latest[:] = 0.0
+    assert not engine.should_draft([0, 1])  # nothing would survive: drafting cannot pay
+    engine._latest[:] = np.cumprod(np.full((SLOTS, GAMMA), 0.95), axis=1)
+    pays, spec, plain = scheduler.speculation_pays(engine._latest.astype(np.float64), engine.sps, draft_time=0.004)
+    assert engine.should_draft([0, 1]) == pays and pays and spec > plain
+    engine._plain_streak = engine.probe_every  # a probe is due whatever the estimate
+    engine._latest[:] = 0.0
+    assert engine.should_draft([0, 1])
+    # without a drafting time there is no gate, and ungated policies always draft
+    assert not Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="production",
+                      sps=SPS, buckets=ADAPTIVE).gated
+    fixed = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="fixed", depth=1,
+                   draft_time=0.004, buckets=(FULL,))
+    assert not fixed.gated and fixed.gamma == 1 and fixed.drafter.gamma == 1  # MTP-1 drafts one token
+    with pytest.raises(DSparkError, match="draft_time"):
+        Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="production", sps=SPS,
+               draft_time=-1.0)
 
 
 @pytest.mark.parametrize("policy", ["production"] + [pytest.param(p, marks=pytest.mark.slow) for p in
@@ -197,7 +246,8 @@ def test_production_capacity_uses_stale_survival():
     stale = jnp.stack([jnp.array([[0.5, 0.1, 0.0], [0.2, 0.0, 0.0], [1.0, 1.0, 1.0]]),  # two rounds ago
                        jnp.ones((s, g))]).astype(jnp.float32)  # last round: must NOT be used
     sched = speculate.Schedule(sps=jnp.asarray(100.0 / (1.0 + 0.2 * np.arange(budget + 1)), jnp.float32),
-                               max_depth=jnp.full((s,), g, jnp.int32), threshold=jnp.float32(0.5))
+                               max_depth=jnp.full((s,), g, jnp.int32), threshold=jnp.float32(0.5),
+                               draft_time=jnp.float32(0.0))
     depth, survival, k = speculate.schedule_depths("production", budget, current, stale, sched, active,
                                                    sched.max_depth)
     want_k = scheduler.global_capacity_jnp(stale[0], sched.sps, active)

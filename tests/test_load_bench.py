@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from dspark_jax import load_bench, profile_sps, target
+from dspark_jax import drafters, load_bench, profile_sps, target
 from dspark_jax.engine import Engine
 from serve import load_bench as load_bench_cli
 from serve import profile_sps as profile_sps_cli
@@ -49,8 +49,9 @@ def test_load_bench_cli_end_to_end(pair, tmp_path, capsys):
     draft = write_block_drafter(tmp_path / "draft", TARGET, tparams, drafter, dparams)
     # a stored SPS curve matching this engine is reused (no profiling at start-up)
     sps_file = str(tmp_path / "sps.json")
-    key = profile_sps.profile_key(tcfg, slots=2, gamma=3, max_len=32, tap_layers=drafter.tap_layers)
-    profile_sps.save(sps_file, key, {8: 50.0}, 8)
+    key = profile_sps.profile_key(tcfg, slots=2, gamma=3, max_len=32, tap_layers=drafter.tap_layers,
+                                  drafter=drafters.load(draft, tcfg)[0])
+    profile_sps.save(sps_file, key, {8: 50.0}, 8, draft_seconds=0.001)
     out = tmp_path / "out"
     load_bench_cli.main(["--target", TARGET, "--draft", draft, "--concurrency", "2", "--policy", "none",
                          "production", "--mode", "closed", "poisson", "--requests-per-client", "1",

@@ -24,22 +24,23 @@ def random_case(rng, r, g, jagged=True):
     return survival, sps
 
 
-def brute_force_best(survival, sps):
+def brute_force_best(survival, sps, draft_time=0.0):
     r, g = survival.shape
-    return max(scheduler.throughput(survival, sps, d) for d in itertools.product(range(g + 1), repeat=r))
+    return max(scheduler.throughput(survival, sps, d, draft_time=draft_time)
+               for d in itertools.product(range(g + 1), repeat=r))
 
 
-def rule_by_hand(survival, sps):
+def rule_by_hand(survival, sps, draft_time=0.0):
     """Algorithm 1 written as plainly as possible (the test's own implementation)."""
     r, g = survival.shape
     cands = sorted(((survival[i, j], j, i) for i in range(r) for j in range(g) if survival[i, j] > 0),
                    key=lambda t: (-t[0], t[1], t[2]))
     depth = [0] * r
-    best = scheduler.throughput(survival, sps, depth)
+    best = scheduler.throughput(survival, sps, depth, draft_time=draft_time)
     for _, j, i in cands:
         trial = list(depth)
         trial[i] = j + 1
-        theta = scheduler.throughput(survival, sps, trial)
+        theta = scheduler.throughput(survival, sps, trial, draft_time=draft_time)
         if theta <= best:
             break
         depth, best = trial, theta
@@ -117,3 +118,41 @@ def test_appendix_a_counterexample():
     tol = 4 * np.sqrt(0.25 / 40000)  # ~0.01
     np.testing.assert_allclose(causal, [0.7, 0.3], atol=tol)
     np.testing.assert_allclose(retro, [0.85, 0.15], atol=tol)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_drafting_cost_objective_against_brute_force(seed):
+    """Theta = tau / (T_draft + 1/SPS(B)): Algorithm 1 follows its rule, the global search
+    reaches the optimum, and the gate drafts exactly when the best round beats plain decoding."""
+    rng = np.random.default_rng(100 + seed)
+    r, g = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+    survival, sps = random_case(rng, r, g, jagged=seed % 2 == 0)
+    draft_time = float(rng.choice([0.0, 0.3, 1.0, 5.0]))
+    depths = scheduler.schedule_prefix_lengths(survival, sps, draft_time=draft_time)
+    want, want_theta = rule_by_hand(survival, sps, draft_time)
+    np.testing.assert_array_equal(depths, want)
+    assert scheduler.throughput(survival, sps, depths, draft_time=draft_time) == pytest.approx(want_theta)
+    got = scheduler.schedule_prefix_lengths_jnp(jnp.asarray(survival, jnp.float32), jnp.asarray(sps, jnp.float32),
+                                                draft_time=jnp.float32(draft_time))
+    np.testing.assert_array_equal(np.asarray(got), depths)
+    best = brute_force_best(survival, sps, draft_time)
+    prod = scheduler.production_depths(survival, survival, sps, draft_time=draft_time)
+    assert scheduler.throughput(survival, sps, prod, draft_time=draft_time) == pytest.approx(best)
+    k = scheduler.global_capacity_jnp(jnp.asarray(survival, jnp.float32), jnp.asarray(sps, jnp.float32),
+                                      jnp.ones(r, bool), jnp.float32(draft_time))
+    assert int(k) == int(np.sum(prod))
+    pays, spec, plain = scheduler.speculation_pays(survival, sps, draft_time=draft_time)
+    assert spec == pytest.approx(best) and plain == pytest.approx(r * sps[r])
+    assert pays == (best > r * sps[r])
+
+
+def test_drafting_cost_moves_the_choice():
+    """A fixed drafting cost makes a round worth filling (deeper at equal survival), and
+    a large enough one makes plain decoding the better round."""
+    survival = np.cumprod(np.full((2, 4), 0.6), axis=1)
+    sps = 10.0 / (1.0 + 0.25 * np.arange(11))
+    free = scheduler.schedule_prefix_lengths(survival, sps)
+    costly = scheduler.schedule_prefix_lengths(survival, sps, draft_time=0.2)
+    assert costly.sum() > free.sum()
+    assert scheduler.speculation_pays(survival, sps, draft_time=0.0)[0]
+    assert not scheduler.speculation_pays(survival, sps, draft_time=0.2)[0]

@@ -111,3 +111,38 @@ def test_biased_acceptance_rule_fails_the_same_test(pair, monkeypatch):
         jax.clear_caches()
     z = chi_square_z(counts, probs)
     assert z > 10.0, f"the biased sampler was not detected (z={z:.2f})"
+
+
+def _warp_by_the_rule(logits, t, k, p):
+    """One row's warp written out in numpy: greedy one-hot, or temperature, top-k, top-p."""
+    if t == 0:
+        return np.eye(len(logits))[np.argmax(logits)]
+    z = logits / t
+    if k > 0:
+        z = np.where(z >= np.sort(z)[::-1][min(k, len(z)) - 1], z, -np.inf)
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    before = np.cumsum(probs[order]) - probs[order]
+    keep = probs >= probs[order][before < p].min()
+    probs = np.where(keep, probs, 0.0)
+    return probs / probs.sum()
+
+
+@pytest.mark.parametrize("mix", ["greedy", "plain", "truncated", "all"])
+def test_warp_branches_match_the_rule(mix):
+    """warp skips its sorts (and softmax) for batches that need none; every row must still
+    get exactly the rule's distribution, whichever branch the batch takes."""
+    rng = np.random.default_rng(len(mix))
+    b, v = 8, 40
+    logits = rng.normal(size=(b, 3, v)).astype(np.float32) * 3
+    t = {"greedy": np.zeros(b), "plain": rng.choice([0.0, 0.7, 1.3], b)}.get(mix, rng.choice([0.0, 0.8, 1.0], b))
+    k = rng.choice([0, 3, 10], b) if mix in ("truncated", "all") else np.zeros(b, int)
+    p = rng.choice([1.0, 0.5, 0.9], b) if mix in ("truncated", "all") else np.ones(b)
+    if mix == "all":
+        t[0], k[1], p[2] = 0.0, 5, 0.3
+    got = np.asarray(sampling.warp(jnp.asarray(logits), sampling.SamplingParams.make(b, t, k, p)))
+    for r in range(b):
+        for s in range(3):
+            np.testing.assert_allclose(got[r, s], _warp_by_the_rule(logits[r, s].astype(np.float64), t[r], k[r],
+                                                                    p[r]), atol=2e-6)
