@@ -295,8 +295,7 @@ class Engine:
             return True
         idx = np.asarray(occupied)
         est = self._latest[idx].astype(np.float64)
-        unknown = est.max(axis=1) <= 0
-        est[unknown] = self._prior
+        est[est.max(axis=1) <= 0] = self._prior
         est *= np.arange(self.gamma)[None, :] < self._depth_limits(idx)[:, None]
         pays, _, _ = scheduler.speculation_pays(est, self.sps, draft_time=self.draft_time)
         return pays
@@ -329,8 +328,10 @@ class Engine:
         if self.policy == "production":
             # the device computes K from the same stale survival (global_capacity_jnp) and caps
             # it at the bucket, so a float32-vs-float64 tie broken differently only costs room
-            k = scheduler.global_capacity(self._stale_host[0][idx].astype(np.float64), self.sps,
-                                          draft_time=self.draft_time)
+            stale = self._stale_host[0][idx].astype(np.float64)
+            stale = np.where(stale.max(axis=1, keepdims=True) > 0, stale, self._prior_or_zeros()[None, :])
+            stale *= np.arange(self.gamma)[None, :] < limit[:, None]
+            k = scheduler.global_capacity(stale, self.sps, draft_time=self.draft_time)
             need = min(need, n + k)
         elif self.policy in ("algorithm1", "threshold") and self.adaptive_budget and self._last_round:
             prev_n, prev_b = self._last_round
@@ -368,7 +369,11 @@ class Engine:
 
     def _schedule(self) -> speculate.Schedule:
         return speculate.Schedule(sps=self._sps_dev, max_depth=jnp.asarray(self._max_depth),
-                                  threshold=self._threshold_dev, draft_time=self._draft_time_dev)
+                                  threshold=self._threshold_dev, draft_time=self._draft_time_dev,
+                                  prior=jnp.asarray(self._prior_or_zeros(), jnp.float32))
+
+    def _prior_or_zeros(self) -> np.ndarray:
+        return self._prior.astype(np.float32) if self._prior is not None else np.zeros(self.gamma, np.float32)
 
     def _resolve_sps(self, sps, sps_file) -> tuple[np.ndarray, float]:
         """(SPS at every budget, the profiled drafting seconds or 0 when none was profiled)."""

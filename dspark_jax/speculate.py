@@ -192,6 +192,7 @@ class Schedule:
     max_depth: jax.Array  # [S] int32 per-request depth limit (the fixed policy's depth)
     threshold: jax.Array  # [] float32 per-step confidence threshold
     draft_time: jax.Array  # [] float32 seconds of one drafting pass (0: the paper's objective)
+    prior: jax.Array       # [G] float32 survival assumed for rows with no history yet (production)
 
 
 @struct.dataclass
@@ -221,6 +222,13 @@ def cap_depths(depth: jax.Array, active: jax.Array, budget: int, gamma: int) -> 
     return jnp.sum(requested & (rank < room), axis=0).astype(jnp.int32)
 
 
+def stale_estimate(stale: jax.Array, prior: jax.Array, live: jax.Array):
+    """Survival two rounds old [S, G], with `prior` [G] for rows that have none yet (just
+    admitted), masked to each row's live positions: what production's capacity reads."""
+    known = jnp.any(stale > 0, axis=1, keepdims=True)
+    return jnp.where(known, stale, prior[None, :]) * live
+
+
 def schedule_depths(policy: str, budget: int, confidence: jax.Array, stale: jax.Array,
                     sched: Schedule, active: jax.Array, max_depth: jax.Array):
     """Depths [S] for this round -> (depth, survival [S, G], capacity []).
@@ -242,7 +250,8 @@ def schedule_depths(policy: str, budget: int, confidence: jax.Array, stale: jax.
     elif policy == "algorithm1":
         depth = scheduler.schedule_prefix_lengths_jnp(survival, sched.sps[:budget + 1], active, sched.draft_time)
     elif policy == "production":
-        capacity = scheduler.global_capacity_jnp(stale[0], sched.sps, active, sched.draft_time)
+        capacity = scheduler.global_capacity_jnp(stale_estimate(stale[0], sched.prior, live), sched.sps, active,
+                                                 sched.draft_time)
         capacity = jnp.minimum(capacity, budget - jnp.sum(active)).astype(jnp.int32)
         depth = scheduler.top_k_depths_jnp(survival, capacity, active)
     else:

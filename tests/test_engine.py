@@ -247,7 +247,7 @@ def test_production_capacity_uses_stale_survival():
                        jnp.ones((s, g))]).astype(jnp.float32)  # last round: must NOT be used
     sched = speculate.Schedule(sps=jnp.asarray(100.0 / (1.0 + 0.2 * np.arange(budget + 1)), jnp.float32),
                                max_depth=jnp.full((s,), g, jnp.int32), threshold=jnp.float32(0.5),
-                               draft_time=jnp.float32(0.0))
+                               draft_time=jnp.float32(0.0), prior=jnp.zeros((g,), jnp.float32))
     depth, survival, k = speculate.schedule_depths("production", budget, current, stale, sched, active,
                                                    sched.max_depth)
     want_k = scheduler.global_capacity_jnp(stale[0], sched.sps, active)
@@ -260,6 +260,16 @@ def test_production_capacity_uses_stale_survival():
     assert int(k) <= 1 and int(jnp.sum(jnp.where(active, 1 + depth, 0))) <= 3
     capped = speculate.cap_depths(jnp.array([3, 3, 3]), active, 5, g)
     np.testing.assert_array_equal(capped, [2, 1, 0])  # position-major: both firsts, then one second
+    # a row without history (just admitted) counts with the prior, never with zeros
+    fresh = stale.at[0, 1].set(0.0)
+    prior = jnp.array([0.9, 0.8, 0.7], jnp.float32)
+    est = speculate.stale_estimate(fresh[0], prior, jnp.broadcast_to(active[:, None], (s, g)))
+    np.testing.assert_allclose(est, [[0.5, 0.1, 0.0], [0.9, 0.8, 0.7], [0, 0, 0]], rtol=1e-6)
+    with_prior = sched.replace(prior=prior)
+    _, _, k_prior = speculate.schedule_depths("production", budget, current, fresh, with_prior, active,
+                                              sched.max_depth)
+    _, _, k_zero = speculate.schedule_depths("production", budget, current, fresh, sched, active, sched.max_depth)
+    assert int(k_prior) == int(scheduler.global_capacity_jnp(est, sched.sps, active)) > int(k_zero)
 
 
 def test_engine_shifts_survival_state(pair):
