@@ -50,11 +50,12 @@ class LoadSettings:
     threshold: float = 0.5
     temperature: float = 0.0
     seed: int = 0
-    max_len: int | None = None  # default: prompt + max_new_tokens rounded up to 16
+    max_len: int | None = None  # default: prompt + the longest request, rounded up to 16
     sps_file: str | None = None
     buckets: str = "auto"       # "pow2" | "full" (one program per engine) | "auto": full on CPU
     draft_cost: bool = True     # charge the profiled drafting time in the scheduled policies' objective
     repeats: int = 1            # timed runs per point, interleaved across policies; the median is reported
+    length_spread: float = 0.0  # request i asks for max_new_tokens x U[1 - s, 1 + s] (seeded, same for all policies)
 
     def __post_init__(self):
         bad = [p for p in self.policies if p not in POLICIES]
@@ -68,6 +69,8 @@ class LoadSettings:
         for name in ("requests_per_client", "prompt_len", "max_new_tokens", "repeats"):
             if getattr(self, name) < 1:
                 raise DSparkError(f"{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
+        if not 0.0 <= self.length_spread < 1.0:
+            raise DSparkError(f"length spread must be in [0, 1); got {self.length_spread}")
         if self.rate <= 0:
             raise DSparkError(f"rate must be > 0; got {self.rate}")
         if self.buckets not in BUCKETS:
@@ -75,7 +78,8 @@ class LoadSettings:
 
     @property
     def cache_len(self) -> int:
-        return self.max_len or -(-(self.prompt_len + self.max_new_tokens) // 16) * 16
+        longest = int(np.ceil(self.max_new_tokens * (1 + self.length_spread)))
+        return self.max_len or -(-(self.prompt_len + longest) // 16) * 16
 
     def bucket_set(self, slots: int, gamma: int) -> tuple[int, ...]:
         """The engine's budget buckets. "auto" is one full bucket on CPU, where compiling
@@ -122,12 +126,13 @@ def _drive(engine: Engine, prompts, settings: LoadSettings, mode: str, clients: 
            clock: Callable[[], float], sleep: Callable[[float], None]):
     """Submit the workload and step until done; returns the results."""
     total = clients * settings.requests_per_client
-    kw = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature)
+    lengths = request_lengths(settings, total)
     submitted = []
 
     def submit():
         i = len(submitted)
-        submitted.append(engine.submit(prompts[i % len(prompts)], seed=settings.seed + i, **kw))
+        submitted.append(engine.submit(prompts[i % len(prompts)], seed=settings.seed + i, max_new_tokens=int(lengths[i]),
+                                       temperature=settings.temperature))
 
     if mode == "closed":
         for _ in range(min(clients, total)):
@@ -151,6 +156,17 @@ def _drive(engine: Engine, prompts, settings: LoadSettings, mode: str, clients: 
                 continue
             engine.step()
     return [engine.results[r] for r in submitted]
+
+
+def request_lengths(settings: LoadSettings, count: int) -> np.ndarray:
+    """max_new_tokens of requests 0..count-1: all equal, or spread around the setting
+    (seeded: every policy serves the same requests)."""
+    n = settings.max_new_tokens
+    if settings.length_spread == 0:
+        return np.full(count, n, np.int64)
+    rng = np.random.default_rng(settings.seed + 7919)
+    s = settings.length_spread
+    return np.maximum(1, np.rint(n * rng.uniform(1 - s, 1 + s, count))).astype(np.int64)
 
 
 def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: int, settings: LoadSettings,

@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import statistics
 import time
 from typing import Callable, Sequence
 
@@ -123,7 +122,7 @@ def measure(tcfg, tparams, *, slots: int, gamma: int, max_len: int, buckets: Seq
                                                query_block=qb)
             out.block_until_ready()
             times.append(time.perf_counter() - t0)
-        table[int(b)] = 1.0 / max(statistics.median(times), 1e-9)
+        table[int(b)] = 1.0 / max(low_quartile(times), 1e-9)
         if progress is not None:
             progress()
     return table
@@ -147,17 +146,37 @@ def measure_draft(drafter, dparams, tparams, *, slots: int, max_len: int, warmup
         t0 = time.perf_counter()
         jax.block_until_ready(propose(dparams, tparams, dcache, anchor, start, sampling, keys))
         times.append(time.perf_counter() - t0)
-    return float(statistics.median(times))
+    return low_quartile(times)
+
+
+def low_quartile(times: Sequence[float]) -> float:
+    """The 25th percentile of repeated timings: noise on a shared machine only ever adds
+    time, so a low quantile tracks the pass's own cost better than the median."""
+    return float(np.percentile(np.asarray(times, np.float64), 25))
+
+
+def monotone(step_time: np.ndarray) -> np.ndarray:
+    """Step times made non-decreasing in B (pool-adjacent-violators): a pass over more
+    tokens is never faster, and a noisy dip or bump would mislead Algorithm 1's early
+    stop into a local optimum."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for t in np.asarray(step_time, np.float64):
+        blocks.append([float(t), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, c2), (m1, c1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2])
+    return np.concatenate([np.full(int(c), m) for m, c in blocks])
 
 
 def interpolate(table: dict[int, float], bmax: int) -> np.ndarray:
-    """SPS at every integer B in [0, bmax] (index 0 unused): step time is linear between
-    measured budgets and flat beyond the ends."""
+    """SPS at every integer B in [0, bmax] (index 0 unused): step time is made
+    non-decreasing over the measured budgets (`monotone`), linear between them and flat
+    beyond the ends."""
     if not table:
         raise DSparkError("empty SPS table")
     table = {int(b): float(v) for b, v in table.items()}
     bs = np.array(sorted(table), np.float64)
-    step_time = np.array([1.0 / table[int(b)] for b in bs])
+    step_time = monotone(np.array([1.0 / table[int(b)] for b in bs]))
     t = np.interp(np.arange(bmax + 1, dtype=np.float64), bs, step_time)
     return (1.0 / t).astype(np.float32)
 

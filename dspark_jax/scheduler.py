@@ -18,14 +18,16 @@ rounds' survival with a plain decoding round (R tokens at SPS(R), no drafting).
 
 Policies (all pure; `*_jnp` variants run inside jit on device):
 
-- `schedule_prefix_lengths(survival, sps, *, draft_time=0.0)` -- Algorithm 1 with causal early stop: admit
-  candidates (r, j) in decreasing a[r, j]; keep each while Theta improves, and STOP at
-  the first that does not. The early stop is required for losslessness: a[r, j+1]
-  depends on the sampled x[r, j], and a search that looks past a drop would let that
-  token decide whether it is itself verified (the Appendix A counterexample).
-- `production_depths(survival, stale_survival, sps, *, draft_time=0.0)` -- capacity K from the confidences
-  of two rounds earlier (global search, no early stop: K cannot depend on the current
-  tokens), then the current top-K candidates by survival.
+- `schedule_prefix_lengths(survival, sps, *, draft_time=0.0)` -- Algorithm 1 with causal
+  early stop: admit candidates (r, j) in decreasing a[r, j]; keep each while Theta
+  improves, and STOP at the first that does not. The early stop is required for
+  losslessness: a[r, j+1] depends on the sampled x[r, j], and a search that looks past
+  a drop would let that token decide whether it is itself verified (the Appendix A
+  counterexample).
+- `production_depths(survival, stale_survival, sps, *, draft_time=0.0)` -- capacity K
+  from the confidences of two rounds earlier (global search, no early stop: K cannot
+  depend on the current tokens), then the current top-K candidates by survival. The
+  engine lets rows with no history yet (just admitted) count with a running mean.
 - `threshold_depths(confidence, threshold)` -- verify while each step's c_k >= threshold.
 - `fixed_depths(num_requests, depth)`.
 

@@ -40,6 +40,8 @@ def main(argv=None) -> None:
     p.add_argument("--sps-file", default=None, help="SPS profile file (default: ~/.cache/dspark_jax/sps.json)")
     p.add_argument("--repeats", type=int, default=1,
                    help="timed runs per point, interleaved across policies; the median is reported")
+    p.add_argument("--length-spread", type=float, default=0.0,
+                   help="request lengths vary: max_new_tokens x U[1-s, 1+s] per request (same for every policy)")
     p.add_argument("--no-draft-cost", action="store_true",
                    help="the paper's objective tau x SPS(B): no drafting time, no drafting gate")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
@@ -67,7 +69,8 @@ def main(argv=None) -> None:
             requests_per_client=args.requests_per_client, prompt_len=args.prompt_len,
             max_new_tokens=args.max_new_tokens, rate=args.rate, threshold=args.threshold,
             temperature=args.temperature, seed=args.seed, max_len=args.max_len, sps_file=args.sps_file,
-            buckets=args.buckets, repeats=args.repeats, draft_cost=not args.no_draft_cost)
+            buckets=args.buckets, repeats=args.repeats, draft_cost=not args.no_draft_cost,
+            length_spread=args.length_spread)
         tcfg, tparams = target.load(tfolder, args.dtype)
         drafter = dparams = None
         if dfolder is not None:

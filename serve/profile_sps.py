@@ -3,10 +3,10 @@
     python -m serve.profile_sps --target T --draft D --slots 8 [--out FILE] [--plot sps.png]
 
 With a drafter, one drafting pass over all slots is timed too (the fixed cost the
-scheduler charges a speculative round). The curve is stored in FILE (default $DSPARK_SPS_FILE or ~/.cache/dspark_jax/sps.json)
-under a key of backend, device kind, model shape, mesh, slots, gamma and cache length;
-the engine reuses a matching entry at start-up. A matching entry is reused here too
-unless --force.
+scheduler charges a speculative round). The curve is stored in FILE (default
+$DSPARK_SPS_FILE or ~/.cache/dspark_jax/sps.json) under a key of backend, device kind,
+model shape, mesh, slots, gamma, cache length and drafter; the engine reuses a matching
+entry at start-up. A matching entry is reused here too unless --force.
 """
 
 from __future__ import annotations

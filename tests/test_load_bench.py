@@ -41,6 +41,11 @@ def test_sps_profile_is_stored_reused_and_plotted(pair, tmp_path, monkeypatch):
     assert os.path.getsize(profile_sps.plot(rec, str(tmp_path / "sps.png"))) > 0
     np.testing.assert_allclose(profile_sps.interpolate({2: 10.0, 4: 5.0}, 5),
                                [10, 10, 10, 1 / 0.15, 5, 5], rtol=1e-6)
+    # a noisy bump (B=2 slower than B=4 and 8) is pooled away: step time never falls with B
+    np.testing.assert_allclose(profile_sps.monotone([3.0, 5.5, 5.4, 5.3]), [3.0, 5.4, 5.4, 5.4])
+    np.testing.assert_allclose(profile_sps.monotone([1.0, 2.0, 4.0]), [1.0, 2.0, 4.0])
+    curve = profile_sps.interpolate({1: 1 / 3.0, 2: 1 / 5.5, 4: 1 / 5.4, 8: 1 / 5.3}, 8)
+    assert np.all(np.diff(1.0 / curve[1:]) >= -1e-6)
 
 
 def test_load_bench_cli_end_to_end(pair, tmp_path, capsys):
@@ -71,6 +76,18 @@ def test_load_bench_cli_end_to_end(pair, tmp_path, capsys):
     for name in ("throughput_vs_per_user.png", "budget_vs_concurrency.png"):
         assert (out / name).stat().st_size > 0
     assert len(json.loads(open(sps_file).read())["profiles"]) == 1
+
+
+def test_request_lengths_spread_is_seeded_and_bounded():
+    fixed = load_bench.LoadSettings(max_new_tokens=32)
+    assert list(load_bench.request_lengths(fixed, 5)) == [32] * 5
+    spread = load_bench.LoadSettings(max_new_tokens=32, length_spread=0.5, prompt_len=10)
+    a, b = load_bench.request_lengths(spread, 200), load_bench.request_lengths(spread, 200)
+    np.testing.assert_array_equal(a, b)  # every policy serves the same requests
+    assert a.min() >= 16 and a.max() <= 48 and len(set(a.tolist())) > 10
+    assert spread.cache_len >= 10 + 48
+    with pytest.raises(load_bench.DSparkError, match="spread"):
+        load_bench.LoadSettings(length_spread=1.5)
 
 
 def test_load_bench_rejects_bad_settings():
