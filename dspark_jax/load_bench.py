@@ -226,7 +226,8 @@ def run(tcfg, tparams, drafter, dparams, settings: LoadSettings, progress: Calla
     for c in settings.concurrency:
         for mode in settings.modes:
             for rep in range(settings.repeats):  # interleaved, so slow drifts of the machine hit every policy
-                for policy in settings.policies:
+                # every other repeat runs the policies in reverse, so no policy always runs first or last
+                for policy in settings.policies if rep % 2 == 0 else settings.policies[::-1]:
                     row = run_point(tcfg, tparams, drafter if policy != "none" else None, dparams, policy, mode,
                                     c, settings, prompts, sps=curves.get(c), draft_time=draft_times.get(c, 0.0),
                                     compile_first=rep == 0)
