@@ -104,6 +104,7 @@ class LoadRow:
     mean_budget: float       # mean compiled bucket N_b per round
     tau: float
     errors: int = 0
+    plain_rounds: int = 0       # rounds the drafting gate ran without drafting
     runs: int = 1               # timed runs behind the row (the median-throughput one is reported)
     throughput_min: float = 0.0
     throughput_max: float = 0.0
@@ -197,7 +198,7 @@ def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: 
                    per_user=statistics.fmean(r.tokens_per_second for r in ok) if ok else 0.0,
                    mean_verified=m.mean_verified, mean_budget=m.mean_budget,
                    tau=sum(len(r.token_ids) - 1 for r in ok) / rounds if rounds else 0.0,
-                   errors=len(results) - len(ok), throughput_min=tokens / secs if secs > 0 else 0.0,
+                   errors=len(results) - len(ok), plain_rounds=m.plain_rounds, throughput_min=tokens / secs if secs > 0 else 0.0,
                    throughput_max=tokens / secs if secs > 0 else 0.0)
 
 

@@ -130,7 +130,7 @@ def measure(tcfg, tparams, *, slots: int, gamma: int, max_len: int, buckets: Seq
 
 def measure_draft(drafter, dparams, tparams, *, slots: int, max_len: int, warmup: int = 2,
                   repeats: int = 10) -> float:
-    """Median seconds of one `drafter.propose` over `slots` greedy rows on a half-full cache."""
+    """Seconds (low quartile) of one `drafter.propose` over `slots` greedy rows on a half-full cache."""
     from dspark_jax.sampling import SamplingParams
 
     dcache = drafter.init_cache(slots, max_len)

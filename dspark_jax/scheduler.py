@@ -159,11 +159,11 @@ def fixed_depths(num_requests: int, depth: int) -> np.ndarray:
 
 def _sorted_gains_jnp(survival: jax.Array, active: jax.Array):
     r, g = survival.shape
-    a = jnp.where(active[:, None], survival, 0.0).reshape(-1)
-    j = jnp.tile(jnp.arange(g), r)
-    # sort key: -a, then position, then request (matches the numpy tie order)
-    order = jnp.lexsort((jnp.repeat(jnp.arange(r), g), j, -a))
-    return a[order], order // g, order % g
+    # position-major flattening (index j * r + r_) and ONE stable sort on -a: ties keep
+    # position-then-request order, the numpy tie order, without a three-key lexsort
+    a = jnp.where(active[None, :], survival.T, 0.0).reshape(-1)
+    order = jnp.argsort(-a, stable=True)
+    return a[order], order % r, order // r
 
 
 def _depths_from_admitted(order_r, order_j, admitted, r):

@@ -69,7 +69,7 @@ def test_load_bench_cli_end_to_end(pair, tmp_path, capsys):
     assert len(data["rows"]) == 4 and data["meta"]["gamma"] == 3
     for row in data["rows"]:
         assert row["requests"] == 2 and row["errors"] == 0 and row["tokens"] == 12 and row["throughput"] > 0
-        assert row["mean_verified"] >= 1
+        assert row["mean_verified"] >= 1 and 0 <= row["plain_rounds"]
     none = [r for r in data["rows"] if r["policy"] == "none"]
     assert all(r["tau"] == 1.0 and r["mean_verified"] <= 2 for r in none)
     assert (out / "results.md").read_text().startswith("### Load benchmark")
