@@ -160,6 +160,7 @@ class Engine:
         self._last_round: tuple[int, int] | None = None  # (active slots, verified B)
         self._latest = np.zeros((slots, self.gamma), np.float32)  # each slot's latest drafted survival
         self._prior: np.ndarray | None = None  # running mean survival per position (drafted rounds)
+        self._prior_dev = jnp.zeros((self.gamma,), jnp.float32)  # its device copy (zeros until known)
         self._plain_streak = 0
         self._waiting: collections.deque[PendingRequest] = collections.deque()
         self._next_id = 0
@@ -316,6 +317,7 @@ class Engine:
             self._prior = np.where(counts > 0, mean, 0.0)
         else:
             self._prior = np.where(counts > 0, 0.8 * self._prior + 0.2 * mean, self._prior)
+        self._prior_dev = jnp.asarray(self._prior, jnp.float32)
 
     def choose_budget(self, occupied: Sequence[int]) -> int:
         """The round's token bucket, from facts fixed before the round (never its drafts)."""
@@ -370,7 +372,7 @@ class Engine:
     def _schedule(self) -> speculate.Schedule:
         return speculate.Schedule(sps=self._sps_dev, max_depth=jnp.asarray(self._max_depth),
                                   threshold=self._threshold_dev, draft_time=self._draft_time_dev,
-                                  prior=jnp.asarray(self._prior_or_zeros(), jnp.float32))
+                                  prior=self._prior_dev)
 
     def _prior_or_zeros(self) -> np.ndarray:
         return self._prior.astype(np.float32) if self._prior is not None else np.zeros(self.gamma, np.float32)

@@ -154,31 +154,38 @@ PROMPT = [1, 4, 2, 5, 0]
 N = 4000
 
 
-def test_sampling_matches_target_distribution():
-    tcfg = gemma4_tiny(vocab_size=V, num_hidden_layers=3, layer_types=(SLIDING, FULL, FULL), num_kv_shared_layers=1)
-    tparams = fill(target.param_shapes_and_axes(tcfg)[0], 7, scale=12.0)  # peaked, varied p
-    drafter, dparams = make_drafter(tcfg, rank=8, layers=1, block_size=2, taps=(0,), scale=12.0, seed=3)
-    sp = (1.0, 0, 0.9)
-    # exact P(t1, t2, t3) of plain sampling from the warped target
-    seqs = np.array([PROMPT + [a, b] for a in range(V) for b in range(V)], np.int32)
-    n = len(PROMPT)
-    spb = sampling.SamplingParams.make(len(seqs), *sp)
-
-    @jax.jit
-    def probs_of(tp, toks):
-        h, _, _ = target.forward(tcfg, tp, toks, jnp.full((toks.shape[0],), n + 2, jnp.int32))
-        return sampling.warp(target.logits(tcfg, tp, h), spb)
-
-    p = np.asarray(probs_of(tparams, jnp.asarray(seqs)), np.float64)
-    probs = p[0, n - 1][:, None, None] * p[::V, n].reshape(V, V)[:, :, None] * p[:, n + 1].reshape(V, V, V)
-
+def joint_counts(tcfg, tparams, drafter, dparams, sp):
+    """Counts of (t1, t2, t3) over N speculative samples of PROMPT, and tau."""
     comps = generation.generate(tcfg, tparams, [PROMPT] * N, max_new_tokens=3,
                                 sampling=sampling.SamplingParams.make(N, *sp), seeds=range(N),
                                 drafter=drafter, dparams=dparams)
     counts = np.zeros((V, V, V))
     for c in comps:
         counts[tuple(c.token_ids)] += 1
-    tau = 2 * N / sum(c.rounds for c in comps)
+    return counts, 2 * N / sum(c.rounds for c in comps)
+
+
+def exact_joint(tcfg, tparams, sp):
+    """P(t1, t2, t3) of plain sampling from the warped target, [V, V, V]."""
+    seqs = np.array([PROMPT + [a, b] for a in range(V) for b in range(V)], np.int32)
+    n = len(PROMPT)
+
+    @jax.jit
+    def probs_of(tp, toks):
+        h, _, _ = target.forward(tcfg, tp, toks, jnp.full((len(seqs),), n + 2, jnp.int32))
+        return sampling.warp(target.logits(tcfg, tp, h), sampling.SamplingParams.make(len(seqs), *sp))
+
+    p = np.asarray(probs_of(tparams, jnp.asarray(seqs)), np.float64)
+    return p[0, n - 1][:, None, None] * p[::V, n].reshape(V, V)[:, :, None] * p[:, n + 1].reshape(V, V, V)
+
+
+def test_sampling_matches_target_distribution():
+    tcfg = gemma4_tiny(vocab_size=V, num_hidden_layers=3, layer_types=(SLIDING, FULL, FULL), num_kv_shared_layers=1)
+    tparams = fill(target.param_shapes_and_axes(tcfg)[0], 7, scale=12.0)  # peaked, varied p
+    drafter, dparams = make_drafter(tcfg, rank=8, layers=1, block_size=2, taps=(0,), scale=12.0, seed=3)
+    sp = (1.0, 0, 0.9)
+    probs = exact_joint(tcfg, tparams, sp)
+    counts, tau = joint_counts(tcfg, tparams, drafter, dparams, sp)
     assert 1.05 < tau < 2.95, tau  # some drafts accepted, some rejected
     z = chi_square_z(counts, probs)
     assert z < 4.0, f"speculative samples deviate from the target distribution (z={z:.2f})"

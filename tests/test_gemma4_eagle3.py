@@ -29,7 +29,7 @@ from dspark_jax.errors import DSparkError
 from dspark_jax.safetensors_io import open_folder, save_file
 from serve import generate
 from tests.conftest import FIXTURES
-from tests.test_gemma4_drafters import fill, random_depths, records
+from tests.test_gemma4_drafters import PROMPT, V, exact_joint, fill, joint_counts, random_depths, records
 from tests.test_speculation_distribution import chi_square_z
 
 TINY = os.path.join(FIXTURES, "gemma4_tiny")
@@ -201,11 +201,6 @@ def test_shard_places_params_on_mesh(pairs):
 
 # ------------------------------------------------- a 6-token target: deep acceptances
 
-V = 6
-PROMPT = [1, 4, 2, 5, 0]
-N = 4000
-
-
 SP = (1.0, 0, 0.9)  # temperature 1, top-p 0.9
 
 
@@ -228,30 +223,6 @@ def test_small_vocab_greedy_with_deep_acceptances(small):
         assert got == ref
         # some rounds accepted the whole draft
         assert sum(c.accepted_per_position[-1] for c in comps) > 0, [c.accepted_per_position for c in comps]
-
-
-def joint_counts(tcfg, tparams, drafter, dparams, sp):
-    comps = generation.generate(tcfg, tparams, [PROMPT] * N, max_new_tokens=3,
-                                sampling=sampling.SamplingParams.make(N, *sp), seeds=range(N),
-                                drafter=drafter, dparams=dparams)
-    counts = np.zeros((V, V, V))
-    for c in comps:
-        counts[tuple(c.token_ids)] += 1
-    return counts, 2 * N / sum(c.rounds for c in comps)
-
-
-def exact_joint(tcfg, tparams, sp):
-    """P(t1, t2, t3) of plain sampling from the warped target, [V, V, V]."""
-    seqs = np.array([PROMPT + [a, b] for a in range(V) for b in range(V)], np.int32)
-    n = len(PROMPT)
-
-    @jax.jit
-    def probs_of(tp, toks):
-        h, _, _ = target.forward(tcfg, tp, toks, jnp.full((len(seqs),), n + 2, jnp.int32))
-        return sampling.warp(target.logits(tcfg, tp, h), sampling.SamplingParams.make(len(seqs), *sp))
-
-    p = np.asarray(probs_of(tparams, jnp.asarray(seqs)), np.float64)
-    return p[0, n - 1][:, None, None] * p[::V, n].reshape(V, V)[:, :, None] * p[:, n + 1].reshape(V, V, V)
 
 
 def test_sampling_matches_target_distribution(small):
