@@ -244,3 +244,45 @@ def position_metrics(conf, accepted, depth, bins: int = 15) -> dict:
             "prefix_pooled": summary(a, py, pv, bins),
             "step": [summary(c[:, k], sy[:, k], sv[:, k], bins) for k in range(g)],
             "step_pooled": summary(c, sy, sv, bins)}
+
+
+# ------------------------------------------------------------ online correction (serving)
+
+class OnlineCorrection:
+    """A per-position factor on the served confidences c_k, learnt from what verification
+    reveals, for greedy and sampled rows separately (STS is fitted at one temperature;
+    acceptance at temperature 0 differs).
+
+    For class m and position k: g[m, k] = (A + w) / (P + w), where A and P are decayed
+    sums, over the rounds that verified x_k with x_1..x_{k-1} accepted, of the outcome
+    (x_k accepted) and of the raw c_k, and w pseudo-events pull g to 1 while little is
+    seen. The engine multiplies c_k by g (clipped to 1) before scheduling; g only ever
+    reads finished rounds, so the depths it changes stay lossless.
+    """
+
+    def __init__(self, gamma: int, decay: float = 0.995, pseudo: float = 8.0):
+        if not 0.0 < decay <= 1.0 or pseudo <= 0:
+            raise ValueError(f"need 0 < decay <= 1 and pseudo > 0; got {decay}, {pseudo}")
+        self.gamma, self.decay, self.pseudo = gamma, decay, pseudo
+        self.observed = np.zeros((2, gamma))
+        self.predicted = np.zeros((2, gamma))
+
+    def update(self, confidence, accepted, depth, sampled) -> None:
+        """One round: confidence [R, G] raw c_k, accepted / depth [R], sampled [R] bool."""
+        if not len(depth) or self.gamma == 0:
+            return
+        labels, valid = conditional_outcomes(accepted, depth, self.gamma)
+        conf = np.asarray(confidence, np.float64)
+        cls = np.asarray(sampled, bool).astype(np.int64)
+        self.observed *= self.decay
+        self.predicted *= self.decay
+        for m in (0, 1):
+            rows = cls == m
+            self.observed[m] += (labels * valid)[rows].sum(0)
+            self.predicted[m] += (conf * valid)[rows].sum(0)
+
+    @property
+    def scale(self) -> np.ndarray:
+        """[2, G] float32 factors (row 0 greedy, row 1 sampled)."""
+        w = self.pseudo
+        return ((self.observed + w) / (self.predicted + w)).astype(np.float32)

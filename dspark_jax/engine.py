@@ -5,12 +5,14 @@
     results = engine.run_until_done()
 
 Each slot is one row of a fixed-length KV cache (target and drafter) and of the jitted
-DecodeState. `step()` admits waiting requests into free slots (one batched prefill in
-which the other rows have q_len 0 and stay inert), then runs one speculation round over
-the active slots (`speculate.engine_round`): drafting, depth scheduling on device,
-packed verification in a token-budget bucket, lossless acceptance. Between rounds the
-host reads a small summary back (new tokens, depths, survival), streams tokens, retires
-finished requests and frees their slots; requests join and leave only there.
+DecodeState. `step()` admits waiting requests into free slots, then runs one speculation
+round over the decoding slots (`speculate.engine_round`): drafting, depth scheduling on
+device, packed verification in a token-budget bucket, lossless acceptance. Admission
+(engine_slots.py) is a batched prefill pass when no slot decodes, and otherwise chunked
+prefill: the new prompt rides along in the rounds' verification passes, `prefill_chunk`
+tokens per round. Between rounds the host reads a small summary back (new tokens,
+depths, survival), streams tokens, retires finished requests and frees their slots;
+requests join and leave only there.
 
 The budget bucket is one of two decisions taken on the host. It uses only what is known
 before the round (active slots, the room each has left, the survival of earlier
@@ -28,6 +30,12 @@ estimates. A plain round is every depth at 0, chosen before the drafts exist: lo
 The fixed policy with depth d < gamma drafts only d tokens (the drafter's gamma is cut
 to d), so MTP-1 costs one drafted token, not a block.
 
+Two opt-in refinements of the scheduled policies, both learnt from finished rounds only
+(fixed before each round: lossless): `recalibrate=True` reads the confidences through
+`calibration.OnlineCorrection`, a per-position factor for greedy and for sampled rows
+(STS is fitted at one temperature; greedy acceptance differs); `online_costs=True`
+replaces the profiled drafting time by the measured cost of rounds (`RoundCosts`).
+
 Paged mode (`Engine(..., paged=True, page_size=16, num_pages=N)`, Qwen3 targets): the
 target cache is a `PagedKVCache` pool of N pages shared by all slots, attended with
 `pallas_kernels.verify_attention` (`attention_impl` / `attention_interpret`: "auto" is
@@ -38,13 +46,15 @@ back when it finishes. A request that does not fit in the free pages waits in th
 (first come, first served: later requests do not overtake it) until finished requests
 free enough; one that could never fit, even in an empty pool, fails at submit with a
 one-line error. The page table reaches the device between rounds (a small device_put);
-the drafter's cache stays slot-based.
+the drafter's cache stays slot-based. Paged mode admits by prefill passes only (no
+chunked prefill yet).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import operator
 import time
 from typing import Callable, Sequence
@@ -54,9 +64,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from dspark_jax import generation, profile_sps, scheduler, speculate, target
-from dspark_jax.engine_records import EngineMetrics, PendingRequest, RequestResult, TokenCallback, as_int, is_int
+from dspark_jax.calibration import OnlineCorrection
+from dspark_jax.engine_records import (EngineMetrics, PendingRequest, RequestResult, RoundCosts, TokenCallback,
+                                      as_int, is_int)
+from dspark_jax.engine_slots import SlotAdmission
 from dspark_jax.errors import DSparkError
-from dspark_jax.paged_cache import PageAllocator, PagedKVCache, pages_needed
+from dspark_jax.paged_cache import PageAllocator, pages_needed
 from dspark_jax.sampling import SamplingParams, validate
 
 def drafter_has_confidence(drafter) -> bool:
@@ -66,7 +79,7 @@ def drafter_has_confidence(drafter) -> bool:
     return cfg is None or bool(getattr(cfg, "has_confidence", False))
 
 
-class Engine:
+class Engine(SlotAdmission):
     """Fixed slots, slot-based caches of `max_len` positions, one policy for every round.
 
     policy: "none" (plain decoding; the drafter is ignored), "fixed" (depth `depth`,
@@ -75,13 +88,21 @@ class Engine:
     load / measure it with profile_sps, stored at `sps_file`). draft_time: seconds of one
     drafting pass for the scheduled policies' objective and gate (None: the profile's
     when it is measured here, else 0, which is the paper's objective and no gate).
+    prefill_chunk: prompt tokens per round mixed into the verification pass while other
+    slots decode (chunked prefill, packed targets; 0: a separate prefill pass instead).
+    recalibrate: the scheduled policies correct the confidences online from observed
+    acceptances (`calibration.OnlineCorrection`; default off: it served deeper-is-better
+    CPU runs worse, see docs/load_bench_cpu). online_costs: the gated policies replace
+    the profiled drafting time by what rounds really cost beyond their target pass
+    (`RoundCosts`; default off: decisions then depend on wall-clock timing).
     """
 
     def __init__(self, tcfg, tparams, drafter=None, dparams=None, *, slots: int = 4, max_len: int = 256,
                  policy: str | None = None, depth: int | None = None, threshold: float = 0.5, sps=None,
                  sps_file: str | None = None, buckets: Sequence[int] | None = None, adaptive_budget: bool = True,
                  max_stop_ids: int = 8, mesh=None, clock: Callable[[], float] = time.perf_counter,
-                 draft_time: float | None = None, probe_every: int = 16,
+                 draft_time: float | None = None, probe_every: int = 16, prefill_chunk: int = 64,
+                 recalibrate: bool = False, online_costs: bool = False,
                  paged: bool = False, page_size: int = 16, num_pages: int | None = None,
                  attention_impl: str = "auto", attention_interpret: bool = False):
         policy = policy or ("none" if drafter is None else
@@ -107,6 +128,8 @@ class Engine:
             drafter = dataclasses.replace(drafter, gamma=self.depth)  # draft only what is verified
         if probe_every < 1:
             raise DSparkError(f"probe_every must be >= 1; got {probe_every}")
+        if prefill_chunk < 0:
+            raise DSparkError(f"prefill_chunk must be >= 0; got {prefill_chunk}")
         self.tcfg, self.drafter, self.policy = tcfg, drafter, policy
         self.gamma = drafter.gamma if drafter is not None else 0
         self.slots, self.max_len, self.max_stop_ids = slots, max_len, max_stop_ids
@@ -127,6 +150,8 @@ class Engine:
             raise DSparkError(f"draft_time must be >= 0 seconds; got {draft_time}")
         self.gated = policy in ("algorithm1", "production") and self.draft_time > 0
         self.probe_every = int(probe_every)
+        self.prefill_chunk = int(prefill_chunk)
+        self.mixing = self.prefill_chunk > 0 and target.supports_packed(tcfg) and not paged
         self._sps_dev = jnp.asarray(self.sps)
         self._threshold_dev = jnp.asarray(self.threshold, jnp.float32)
         self._draft_time_dev = jnp.asarray(self.draft_time, jnp.float32)
@@ -162,6 +187,12 @@ class Engine:
         self._prior: np.ndarray | None = None  # running mean survival per position (drafted rounds)
         self._prior_dev = jnp.zeros((self.gamma,), jnp.float32)  # its device copy (zeros until known)
         self._plain_streak = 0
+        scheduled = policy in ("algorithm1", "production") and self.gamma > 0
+        self.correction = OnlineCorrection(self.gamma) if scheduled and recalibrate else None
+        self._conf_scale_dev = jnp.ones((2, self.gamma), jnp.float32) if self.correction is not None else None
+        self.costs = RoundCosts(self.draft_time) if self.gated and online_costs else None
+        self._prefill_at = np.zeros(slots, np.int64)  # prompt tokens in the cache, for chunked prefill
+        self._prefilling: list[int] = []  # slots whose prompt is entering chunk by chunk, in arrival order
         self._waiting: collections.deque[PendingRequest] = collections.deque()
         self._next_id = 0
         self.results: dict[int, RequestResult] = {}
@@ -239,30 +270,42 @@ class Engine:
         admitted, first = self._admit(now)
         if self._table_dirty:  # finished rows' pages went back: clear their rows on device
             self._sync_page_table()
-        occupied = [s for s, r in enumerate(self._slot_req) if r is not None]
+        occupied = [s for s, r in enumerate(self._slot_req) if r is not None and s not in self._prefilling]
         if not occupied:
             return False
+        adm, plan = self._plan_chunks()
         draft = self.should_draft(occupied)
         budget = self.choose_budget(occupied) if draft else self._bucket(len(occupied))
+        started_at = self.clock()
         self._state, self._stale, info = speculate.engine_round(
             self.tcfg, self.drafter, self.gamma, budget, self.policy, self.tparams, self.dparams,
-            self._state, self._stale, self._schedule(), draft=draft)
+            self._state, self._stale, self._schedule(), draft=draft, admission=adm)
         first, info = jax.device_get((first, info))
         now = self.clock()
+        if self.costs is not None and adm is None:  # a chunk's extra work would blur the estimate
+            verified = int(info.verified)
+            self.costs.observe(draft, now - started_at, 1.0 / max(float(self.sps[min(verified, len(self.sps) - 1)]),
+                                                                   1e-9))
+            self._draft_time_dev = jnp.asarray(self.current_draft_time, jnp.float32)
         for s in admitted:
             self._emit(s, [int(first[s])], now)
+        started = self._advance_chunks(plan)
+        for s in started:
+            self._emit(s, [int(info.first[s])], now)
         n_active = int(np.sum(info.active))
         m = self.metrics
         if draft:
             self._stale_host = np.stack([self._stale_host[1], info.survival])
             self._last_round = (n_active, int(info.verified))
             self._learn_survival(occupied, info)
+            self._learn_correction(occupied, info)
         else:
             m.plain_rounds += 1
         self._plain_streak = 0 if draft else self._plain_streak + 1
         m.rounds, m.verified, m.budget, m.active = (m.rounds + 1, m.verified + int(info.verified),
                                                     m.budget + budget, m.active + n_active)
-        for s in occupied:
+        m.prefill_chunks += len(plan)
+        for s in occupied + started:
             req = self._slot_req[s]
             if info.active[s]:
                 res = req.result
@@ -298,7 +341,9 @@ class Engine:
         est = self._latest[idx].astype(np.float64)
         est[est.max(axis=1) <= 0] = self._prior
         est *= np.arange(self.gamma)[None, :] < self._depth_limits(idx)[:, None]
-        pays, _, _ = scheduler.speculation_pays(est, self.sps, draft_time=self.draft_time)
+        plain_time = self.costs.plain_time if self.costs is not None else 0.0
+        pays, _, _ = scheduler.speculation_pays(est, self.sps, draft_time=self.current_draft_time,
+                                                plain_time=plain_time)
         return pays
 
     def _learn_survival(self, occupied: Sequence[int], info) -> None:
@@ -319,6 +364,19 @@ class Engine:
             self._prior = np.where(counts > 0, 0.8 * self._prior + 0.2 * mean, self._prior)
         self._prior_dev = jnp.asarray(self._prior, jnp.float32)
 
+    @property
+    def current_draft_time(self) -> float:
+        """The drafting time the scheduled policies use now (measured once rounds ran)."""
+        return self.costs.draft_time if self.costs is not None else self.draft_time
+
+    def _learn_correction(self, occupied: Sequence[int], info) -> None:
+        """Feed the round's verified outcomes to the online confidence correction."""
+        if self.correction is None:
+            return
+        idx = np.asarray([s for s in occupied if info.active[s]], np.int64)
+        self.correction.update(info.confidence[idx], info.accepted[idx], info.depth[idx], self._temp[idx] > 0)
+        self._conf_scale_dev = jnp.asarray(self.correction.scale)
+
     def choose_budget(self, occupied: Sequence[int]) -> int:
         """The round's token bucket, from facts fixed before the round (never its drafts)."""
         n = len(occupied)
@@ -333,7 +391,7 @@ class Engine:
             stale = self._stale_host[0][idx].astype(np.float64)
             stale = np.where(stale.max(axis=1, keepdims=True) > 0, stale, self._prior_or_zeros()[None, :])
             stale *= np.arange(self.gamma)[None, :] < limit[:, None]
-            k = scheduler.global_capacity(stale, self.sps, draft_time=self.draft_time)
+            k = scheduler.global_capacity(stale, self.sps, draft_time=self.current_draft_time)
             need = min(need, n + k)
         elif self.policy in ("algorithm1", "threshold") and self.adaptive_budget and self._last_round:
             prev_n, prev_b = self._last_round
@@ -348,9 +406,10 @@ class Engine:
         return self.buckets[-1]
 
     def warmup(self, prompt_lens: Sequence[int] = (1,)) -> None:
-        """Compile every budget bucket's round (and the gate's plain rounds) and the prefill
-        for these prompt lengths at every packed budget (only while idle: the rounds run
-        over empty slots and change nothing)."""
+        """Compile every budget bucket's round (and the gate's plain rounds; each also with
+        every chunk width of chunked prefill) and the prefill for these prompt lengths at
+        every packed budget (only while idle: the rounds run over empty slots and change
+        nothing)."""
         if not self.idle:
             raise DSparkError("warmup needs an idle engine")
         s = self.slots
@@ -361,10 +420,11 @@ class Engine:
         rounds = [(b, True) for b in self.buckets]
         if self.gated:
             rounds += [(b, False) for b in sorted({self._bucket(n) for n in range(1, s + 1)})]
-        for b, draft in rounds:
+        chunks = [None] + ([self._empty_admission(c) for c in self._chunk_widths()] if self.mixing else [])
+        for (b, draft), adm in itertools.product(rounds, chunks):
             self._state, self._stale, _ = speculate.engine_round(
                 self.tcfg, self.drafter, self.gamma, b, self.policy, self.tparams, self.dparams,
-                self._state, self._stale, self._schedule(), draft=draft)
+                self._state, self._stale, self._schedule(), draft=draft, admission=adm)
         jax.block_until_ready(self._state.anchor)
 
     # ---------------------------------------------------------------- internals
@@ -372,7 +432,7 @@ class Engine:
     def _schedule(self) -> speculate.Schedule:
         return speculate.Schedule(sps=self._sps_dev, max_depth=jnp.asarray(self._max_depth),
                                   threshold=self._threshold_dev, draft_time=self._draft_time_dev,
-                                  prior=self._prior_dev)
+                                  prior=self._prior_dev, conf_scale=self._conf_scale_dev)
 
     def _prior_or_zeros(self) -> np.ndarray:
         return self._prior.astype(np.float32) if self._prior is not None else np.zeros(self.gamma, np.float32)
@@ -395,118 +455,6 @@ class Engine:
         if len(sps) < bmax + 1:  # a shorter table ends there (later budgets are never chosen)
             sps = np.concatenate([sps, np.zeros(bmax + 1 - len(sps), np.float32)])
         return sps[:bmax + 1], draft_seconds
-
-    def _prefill_width(self, n: int) -> int:
-        w = 16
-        while w < n:
-            w *= 2
-        return min(w, self.max_len)
-
-    def _prefill_budget(self, tokens: int, width: int) -> int:
-        """The packed prefill's token bucket: a power of two >= tokens (at least 16), at
-        most the dense pass's slots x width."""
-        b = 16
-        while b < tokens:
-            b *= 2
-        return min(b, self.slots * width)
-
-    def _prefill_budgets(self, width: int) -> list[int]:
-        return sorted({self._prefill_budget(n, width) for n in range(self.slots * width + 1)})
-
-    def _run_admit(self, rows, prompts, lengths, seeds, budget: int | None = None):
-        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-        sampling = SamplingParams(jnp.asarray(self._temp), jnp.asarray(self._top_k), jnp.asarray(self._top_p))
-        if budget is None:
-            budget = self._prefill_budget(int(np.sum(np.where(rows, lengths, 0))), prompts.shape[1])
-        return speculate.admit(self.tcfg, self.drafter, self.tparams, self.dparams, self._state, self._stale,
-                               jnp.asarray(rows), jnp.asarray(prompts), jnp.asarray(lengths, jnp.int32), keys,
-                               sampling, jnp.asarray(self._max_new), jnp.asarray(self._stops), budget=budget)
-
-    # ---------------------------------------------------------------- paged mode
-
-    def _init_paged(self, page_size: int, num_pages: int | None, impl: str, interpret: bool) -> PagedKVCache:
-        from dspark_jax.config import Qwen3Config
-
-        if not isinstance(self.tcfg, Qwen3Config):
-            raise DSparkError(f"the paged engine supports Qwen3 targets only; got {type(self.tcfg).__name__}")
-        if page_size < 1:
-            raise DSparkError(f"page_size must be >= 1; got {page_size}")
-        pages_per_seq = pages_needed(self.max_len + self.gamma + 1, page_size)
-        if num_pages is None:  # room for every slot at full length, plus the NULL page
-            num_pages = self.slots * pages_per_seq + 1
-        self.allocator = PageAllocator(num_pages, page_size)
-        c = self.tcfg
-        return PagedKVCache.init(num_layers=c.num_hidden_layers, num_pages=num_pages, page_size=page_size,
-                                 kv_heads=c.num_key_value_heads, head_dim=c.head_dim, batch=self.slots,
-                                 pages_per_seq=pages_per_seq, dtype=c.jnp_dtype, impl=impl, interpret=interpret)
-
-    def _reserve_tokens(self, prompt_len: int, max_new: int) -> int:
-        """Tokens reserved at admission: every cache position a round can write (the
-        writes stop at prompt + max_new - 2; gamma + 1 more is a margin)."""
-        return prompt_len + max_new + self.gamma + 1
-
-    def _take_waiting(self, free: list) -> list:
-        """(slot, request) pairs admitted now; in paged mode each reserves its pages and the
-        queue stops at the first request the free pages cannot hold (it waits)."""
-        take = []
-        for s in free:
-            if not self._waiting:
-                break
-            req = self._waiting[0]
-            if self.paged:
-                rid, n = req.result.request_id, self._reserve_tokens(len(req.prompt), req.result.max_new_tokens)
-                if not self.allocator.can_allocate(rid, n):
-                    break
-                self.allocator.allocate(rid, n)
-            take.append((s, self._waiting.popleft()))
-        return take
-
-    def _release_pages(self, req: PendingRequest) -> None:
-        if self.paged and req.result.request_id in self.allocator:
-            self.allocator.release(req.result.request_id)
-            self._table_dirty = True  # the row points at free pages until the next sync
-
-    def _sync_page_table(self) -> None:
-        """Send the host page table (one row per slot) to the device cache."""
-        rids = [r.result.request_id if r is not None else None for r in self._slot_req]
-        table = self.allocator.page_table(rids, self._state.cache.pages_per_seq)
-        self._state = self._state.replace(cache=self._state.cache.replace(page_table=jnp.asarray(table)))
-        self._table_dirty = False
-
-    def _admit(self, now: float):
-        free = [s for s, r in enumerate(self._slot_req) if r is None]
-        take = self._take_waiting(free)
-        if not take:
-            return [], np.zeros(self.slots, np.int32)
-        width = self._prefill_width(max(len(r.prompt) for _, r in take))
-        rows = np.zeros(self.slots, bool)
-        prompts = np.zeros((self.slots, width), np.int32)
-        lengths = np.ones(self.slots, np.int32)
-        seeds = np.zeros(self.slots, np.uint32)
-        for s, req in take:
-            rows[s], lengths[s], seeds[s] = True, len(req.prompt), req.seed
-            prompts[s, :len(req.prompt)] = req.prompt
-            self._slot_req[s] = req
-            self._temp[s], self._top_k[s], self._top_p[s] = req.temperature, req.top_k, req.top_p
-            # n_out counts the first token, which the admission samples (read back after the round)
-            self._max_new[s], self._max_depth[s], self._n_out[s] = req.result.max_new_tokens, req.max_depth, 1
-            self._stops[s] = -1
-            self._stops[s, :len(req.stop_ids)] = req.stop_ids
-            self._stale_host[:, s] = 0.0
-            self._latest[s] = 0.0
-            req.result.admitted_at = now
-        try:
-            if self.paged:
-                self._sync_page_table()
-            self._state, self._stale, first = self._run_admit(rows, prompts, lengths, seeds)
-        except Exception:
-            for s, req in reversed(take):  # give the pages and the queue places back
-                self._release_pages(req)
-                self._slot_req[s] = None
-                req.result.admitted_at = None
-                self._waiting.appendleft(req)
-            raise
-        return [s for s, _ in take], first
 
     def _emit(self, slot: int, tokens: list, now: float) -> None:
         req = self._slot_req[slot]

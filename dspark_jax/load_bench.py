@@ -56,6 +56,9 @@ class LoadSettings:
     draft_cost: bool = True     # charge the profiled drafting time in the scheduled policies' objective
     repeats: int = 1            # timed runs per point, interleaved across policies; the median is reported
     length_spread: float = 0.0  # request i asks for max_new_tokens x U[1 - s, 1 + s] (seeded, same for all policies)
+    prefill_chunk: int = 64     # chunked-prefill tokens per round (0: a separate prefill pass per admission)
+    recalibrate: bool = False   # the scheduled policies' online confidence correction
+    online_costs: bool = False  # the gated policies learn round costs from the clock
 
     def __post_init__(self):
         bad = [p for p in self.policies if p not in POLICIES]
@@ -69,6 +72,8 @@ class LoadSettings:
         for name in ("requests_per_client", "prompt_len", "max_new_tokens", "repeats"):
             if getattr(self, name) < 1:
                 raise DSparkError(f"{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
+        if self.prefill_chunk < 0:
+            raise DSparkError(f"prefill-chunk must be >= 0; got {self.prefill_chunk}")
         if not 0.0 <= self.length_spread < 1.0:
             raise DSparkError(f"length spread must be in [0, 1); got {self.length_spread}")
         if self.rate <= 0:
@@ -179,12 +184,14 @@ def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: 
 
     def make():
         return Engine(tcfg, tparams, drafter, dparams, slots=clients, max_len=settings.cache_len, sps=sps,
-                      draft_time=draft_time, buckets=settings.bucket_set(clients, gamma), **opts)
+                      draft_time=draft_time, buckets=settings.bucket_set(clients, gamma),
+                      prefill_chunk=settings.prefill_chunk, recalibrate=settings.recalibrate,
+                      online_costs=settings.online_costs, **opts)
 
     if compile_first:
         _drive(make(), prompts, settings, "closed", clients, clock, sleep)  # compiles what the run needs
     engine = make()
-    if mode != "closed":  # arrival timing may reach other buckets: compile them all
+    if mode != "closed" or settings.online_costs:  # timing may reach other buckets: compile them all
         engine.warmup([settings.prompt_len])
     t0 = clock()
     results = _drive(engine, prompts, settings, mode, clients, clock, sleep)

@@ -109,18 +109,19 @@ def global_capacity(survival: np.ndarray, sps: np.ndarray, *, draft_time: float 
     return int(ks[np.argmax(theta)])
 
 
-def speculation_pays(survival, sps, *, draft_time: float) -> tuple[bool, float, float]:
+def speculation_pays(survival, sps, *, draft_time: float, plain_time: float = 0.0) -> tuple[bool, float, float]:
     """Whether a speculative round is expected to beat a plain decoding round.
 
     survival [R, gamma]: the best available estimate of this round's prefix survival
     (earlier rounds' values: the decision must not depend on this round's drafts).
-    Returns (pays, predicted Theta of the best speculative round (drafting included),
-    Theta of a plain round: R tokens at SPS(R), nothing drafted).
+    draft_time / plain_time: seconds a speculative / plain round costs beyond its target
+    pass 1 / SPS(B). Returns (pays, predicted Theta of the best speculative round
+    (drafting included), Theta of a plain round: R tokens at SPS(R), nothing drafted).
     """
     survival, sps = _check(survival, sps)
     r_count = survival.shape[0]
     _, theta = _capacity_curve(survival, sps, draft_time)
-    spec, plain = float(np.max(theta)), float(rate(r_count, sps[r_count]))
+    spec, plain = float(np.max(theta)), float(rate(r_count, sps[r_count], plain_time))
     return spec > plain, spec, plain
 
 

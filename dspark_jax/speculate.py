@@ -115,10 +115,13 @@ def _draft(drafter, gamma: int, tparams, dparams, state: DecodeState, key):
 
 
 def _accept_and_commit(drafter, gamma: int, tparams, dparams, state: DecodeState, draft, q, logits,
-                       cache, taps, depth, active, k_accept, keys, drafted: bool = True):
+                       cache, taps, depth, active, k_accept, keys, drafted: bool = True, chunk=None):
     """Lossless acceptance of the verified drafts, then every update a round makes:
     target cache length, drafter ingest of the committed positions, anchor, output.
 
+    chunk: None, or (length [B], next tokens [B, W]) of prompt chunks that rode along in
+    the verification pass (rows with length > 0, never active): their cache length grows
+    by the chunk and the drafter ingests it in the same call (taps are then [B, W, E]).
     Returns (state, accepted n [B], committed tokens [B, G + 1], appended [B]).
     """
     pos0 = state.cache.lengths
@@ -130,13 +133,19 @@ def _accept_and_commit(drafter, gamma: int, tparams, dparams, state: DecodeState
     n, nxt = accept_drafts(k_accept, draft, q, p, depth)
     n = jnp.where(active, n, 0)
     count = jnp.where(active, n + 1, 0)
-    cache = cache.replace(lengths=pos0 + count)
     slot = jnp.arange(gamma + 1)[None, :]
     committed = jnp.where(slot < n[:, None], jnp.pad(draft, ((0, 0), (0, 1))), nxt[:, None])
+    written, follow = count, committed
+    if chunk is not None:
+        length, nxt_chunk = chunk
+        padded = jnp.pad(committed, ((0, 0), (0, nxt_chunk.shape[1] - gamma - 1)))
+        written = jnp.where(length > 0, length, count)
+        follow = jnp.where((length > 0)[:, None], nxt_chunk, padded)
+    cache = cache.replace(lengths=pos0 + written)
     draft_cache = state.draft_cache
     if drafter is not None:
         feats = jnp.concatenate(taps, axis=-1)
-        draft_cache = drafter.ingest(dparams, tparams, draft_cache, feats, committed, pos0, count)
+        draft_cache = drafter.ingest(dparams, tparams, draft_cache, feats, follow, pos0, written)
     state = state.replace(cache=cache, draft_cache=draft_cache,
                           anchor=jnp.where(active, nxt, state.anchor), keys=keys)
     state, appended = _commit(state, committed, count, active)
@@ -193,6 +202,29 @@ class Schedule:
     threshold: jax.Array  # [] float32 per-step confidence threshold
     draft_time: jax.Array  # [] float32 seconds of one drafting pass (0: the paper's objective)
     prior: jax.Array       # [G] float32 survival assumed for rows with no history yet (production)
+    conf_scale: Any = None  # [2, G] float32 online correction of c_k for greedy / sampled rows (None: 1)
+
+
+@struct.dataclass
+class Admission:
+    """Prompt chunks that ride along in a round's verification pass (chunked prefill).
+
+    A row takes chunks while it is being admitted: it is not active (done), its prompt
+    enters the cache a chunk per round at positions cache length + 0.. (each chunk a
+    dense line of C tokens with its own attention grid), and the round whose chunk ends
+    the prompt samples its first token; the row drafts from the next round.
+    """
+
+    tokens: jax.Array    # [R, C] int32 line l: prompt[p : p + length[l]] of slot rows[l]
+    next: jax.Array      # [R, C] int32 the token after each (read as 0 past a final chunk's end)
+    rows: jax.Array      # [R] int32 slot of each line
+    length: jax.Array    # [R] int32 chunk length (0: an empty line)
+    first: jax.Array     # [R] bool: the chunk starts the prompt (the row's cache restarts at 0)
+    final: jax.Array     # [R] bool: the chunk ends the prompt (sample the first token)
+    seeds: jax.Array     # [R] uint32 per-request seeds (read for final lines)
+    sampling: SamplingParams  # per-slot arrays after admission (also max_new, stop_ids)
+    max_new: jax.Array
+    stop_ids: jax.Array
 
 
 @struct.dataclass
@@ -208,6 +240,7 @@ class EngineRoundInfo:
     done: jax.Array        # [S] bool after the round
     capacity: jax.Array    # [] int32: production's K (other policies: drafts verified)
     verified: jax.Array    # [] int32: B = sum over active rows of (1 + depth)
+    first: jax.Array       # [S] int32: first token of rows whose final prompt chunk ran (else 0)
 
 
 def cap_depths(depth: jax.Array, active: jax.Array, budget: int, gamma: int) -> jax.Array:
@@ -230,14 +263,20 @@ def stale_estimate(stale: jax.Array, prior: jax.Array, live: jax.Array):
 
 
 def schedule_depths(policy: str, budget: int, confidence: jax.Array, stale: jax.Array,
-                    sched: Schedule, active: jax.Array, max_depth: jax.Array):
+                    sched: Schedule, active: jax.Array, max_depth: jax.Array, sampled: jax.Array | None = None):
     """Depths [S] for this round -> (depth, survival [S, G], capacity []).
 
-    stale [2, S, G]: survival of the rounds two and one before this one.
+    stale [2, S, G]: survival of the rounds two and one before this one. The scheduled
+    policies read c_k x sched.conf_scale[sampled_r, k] (clipped to 1), a correction
+    learnt from earlier rounds only, so the depths stay lossless; sampled [S]: rows with
+    temperature > 0 (None: every row greedy).
     """
     from dspark_jax import scheduler
 
     s, g = confidence.shape
+    if policy in ("algorithm1", "production") and sched.conf_scale is not None:
+        cls = jnp.zeros((s,), jnp.int32) if sampled is None else sampled.astype(jnp.int32)
+        confidence = jnp.clip(confidence * sched.conf_scale[cls], 0.0, 1.0)
     live = active[:, None] & (jnp.arange(g)[None, :] < max_depth[:, None])
     survival = jnp.where(live, jnp.cumprod(confidence, axis=1), 0.0)
     capacity = None
@@ -263,12 +302,17 @@ def schedule_depths(policy: str, budget: int, confidence: jax.Array, stale: jax.
     return depth, survival, capacity
 
 
-def _verify(tcfg, tparams, tokens: jax.Array, valid: jax.Array, cache, taps_wanted, budget: int):
+def _verify(tcfg, tparams, tokens: jax.Array, valid: jax.Array, cache, taps_wanted, budget: int, tail=None):
     """Target pass over the valid slots of tokens [S, W] -> (logits [S, W, V], cache, taps).
 
     Packed: the valid slots (at most `budget`) go through one [budget]-token pass and come
     back to the [S, W] layout; entries of invalid slots are garbage nobody reads. Targets
     without a packed pass use the dense [S, W] step.
+
+    tail (packed targets only): None, or (tokens [R, C], rows [R], valid [R, C], last [R]):
+    prompt chunks in the same pass, line l at positions lengths[rows[l]] + 0..C-1, on its
+    own attention grid -> ((logits [S, W, V], logits at each line's token last[l] [R, V]),
+    cache, (taps [S, W, E] each, tail taps [R, C, E] each)).
     """
     s, w = tokens.shape
     if not target.supports_packed(tcfg):
@@ -279,15 +323,28 @@ def _verify(tcfg, tparams, tokens: jax.Array, valid: jax.Array, cache, taps_want
     ok = idx < s * w
     idx = jnp.minimum(idx, s * w - 1)
     rows, cols = idx // w, idx % w
-    logits, cache, taps = target.step_packed(
-        tcfg, tparams, tokens.reshape(-1)[idx], rows, cache.lengths[rows] + cols, ok, cache, taps_wanted,
-        query_block=w if budget > s else None)
+    tok, pos = tokens.reshape(-1)[idx], cache.lengths[rows] + cols
+    select, lines = None, None
+    if tail is not None:
+        t_tok, t_rows, t_ok, t_last = tail
+        lines = t_tok.shape
+        r, c = lines
+        tok = jnp.concatenate([tok, t_tok.reshape(-1)])
+        pos = jnp.concatenate([pos, (cache.lengths[t_rows][:, None] + jnp.arange(c)[None, :]).reshape(-1)])
+        rows = jnp.concatenate([rows, jnp.repeat(t_rows, c)])
+        ok = jnp.concatenate([ok, t_ok.reshape(-1)])
+        select = jnp.concatenate([jnp.arange(budget), budget + jnp.arange(r) * c + t_last])
+    logits, cache, taps = target.step_packed(tcfg, tparams, tok, rows, pos, ok, cache, taps_wanted,
+                                             query_block=w if budget > s else None, select=select, tail=lines)
     where = jnp.clip(jnp.cumsum(flat) - 1, 0, budget - 1)  # packed index of every grid slot
 
     def unpack(x):
         return x[where].reshape((s, w) + x.shape[1:])
 
-    return unpack(logits), cache, tuple(unpack(t) for t in taps)
+    if tail is None:
+        return unpack(logits), cache, tuple(unpack(t) for t in taps)
+    return ((unpack(logits[:budget]), logits[budget:]), cache,
+            (tuple(unpack(t[:budget]) for t in taps), tuple(t[budget:].reshape(lines + t.shape[1:]) for t in taps)))
 
 
 def _prefill_packed(tcfg, tparams, prompts, q_lens, cache, taps_wanted, budget: int):
@@ -346,31 +403,74 @@ def admit(tcfg, drafter, tparams, dparams, state: DecodeState, stale, rows, prom
 @functools.partial(jax.jit, static_argnames=("tcfg", "drafter", "gamma", "budget", "policy", "draft"),
                    donate_argnames=("state", "stale"))
 def engine_round(tcfg, drafter, gamma: int, budget: int, policy: str, tparams, dparams,
-                 state: DecodeState, stale: jax.Array, sched: Schedule, draft: bool = True):
+                 state: DecodeState, stale: jax.Array, sched: Schedule, draft: bool = True,
+                 admission: Admission | None = None):
     """One round over the engine's slots with on-device depth scheduling.
 
     budget (static): the verification pass's token bucket N_b, >= the number of active
     rows; policy (static): one of POLICIES; stale [2, S, G]: the survival of the last two
     speculative rounds (shifted here); draft (static): False runs a plain decoding round
-    (nothing drafted, every depth 0, stale kept). Returns (state, stale, EngineRoundInfo).
+    (nothing drafted, every depth 0, stale kept); admission: prompt chunks of rows being
+    admitted, in the same target pass (packed targets only; the [R, C] shape of its
+    lines is part of the compiled program). Returns (state, stale, EngineRoundInfo).
     """
+    s = state.anchor.shape[0]
+    if admission is not None:
+        a = admission
+        line = jnp.where(a.length > 0, a.rows, s)  # slot of each line; empty lines scatter nowhere
+        restart = jnp.zeros((s,), bool).at[line].set(a.first, mode="drop")
+        state = state.replace(sampling=a.sampling, max_new=a.max_new, stop_ids=a.stop_ids,
+                              cache=state.cache.replace(lengths=jnp.where(restart, 0, state.cache.lengths)))
     active = ~state.done
     k_draft, k_accept, keys = _split_keys(state.keys, 3)
     draft_tokens, q, conf = _draft(drafter if draft else None, gamma, tparams, dparams, state, k_draft)
     # drafts past the room left (max_new - n_out - 1) could never be committed
     max_depth = jnp.clip(jnp.minimum(sched.max_depth, state.max_new - state.n_out - 1), 0, gamma)
     depth, survival, capacity = schedule_depths(policy if draft else "none", budget, conf, stale, sched, active,
-                                                max_depth)
+                                                max_depth, sampled=state.sampling.temperature > 0)
     if not draft:
         survival = jnp.zeros_like(survival)
-    tokens = jnp.concatenate([state.anchor[:, None], draft_tokens], axis=1)
-    valid = active[:, None] & (jnp.arange(gamma + 1)[None, :] <= depth[:, None])
+    g = gamma if draft else 0  # a plain round verifies and accepts on a one-token grid
+    tokens = jnp.concatenate([state.anchor[:, None], draft_tokens[:, :g]], axis=1)
+    valid = active[:, None] & (jnp.arange(g + 1)[None, :] <= depth[:, None])
     taps_wanted = drafter.tap_layers if drafter is not None else ()
-    logits, cache, taps = _verify(tcfg, tparams, tokens, valid, state.cache, taps_wanted, budget)
+    first, chunk = jnp.zeros((s,), jnp.int32), None
+    if admission is None:
+        logits, cache, taps = _verify(tcfg, tparams, tokens, valid, state.cache, taps_wanted, budget)
+    else:
+        c = a.tokens.shape[1]
+        last_col = jnp.maximum(a.length - 1, 0)
+        t_ok = jnp.arange(c)[None, :] < a.length[:, None]
+        (logits, last), cache, (taps, t_taps) = _verify(tcfg, tparams, tokens, valid, state.cache, taps_wanted,
+                                                        budget, tail=(a.tokens, a.rows, t_ok, last_col))
+        k_first, k_next = _split_keys(jax.vmap(jax.random.key)(a.seeds), 2)
+        sampled = sample_rows(k_first, warp(last, jax.tree.map(lambda x: x[a.rows], state.sampling)))
+        at_end = a.final[:, None] & (jnp.arange(c)[None, :] == last_col[:, None])
+        # the ingest sees every slot on one [S, W] grid: verified blocks, and each line's chunk on its slot
+        width = max(g + 1, c)
+        taps = tuple(jnp.pad(v, ((0, 0), (0, width - g - 1), (0, 0))).at[line].set(
+            jnp.pad(t, ((0, 0), (0, width - c), (0, 0))), mode="drop") for v, t in zip(taps, t_taps))
+        follow = jnp.zeros((s, width), jnp.int32).at[line].set(
+            jnp.pad(jnp.where(at_end, sampled[:, None], a.next), ((0, 0), (0, width - c))), mode="drop")
+        chunk = (jnp.zeros((s,), jnp.int32).at[line].set(a.length, mode="drop"), follow)
+        started = jnp.zeros((s,), bool).at[line].set(a.final, mode="drop")
+        first = jnp.zeros((s,), jnp.int32).at[line].set(sampled, mode="drop")
+        k_next = jnp.zeros_like(state.keys).at[line].set(k_next, mode="drop")
     state, n, committed, appended = _accept_and_commit(
-        drafter, gamma, tparams, dparams, state, draft_tokens, q, logits, cache, taps, depth, active, k_accept,
-        keys, drafted=draft)
+        drafter, g, tparams, dparams, state, draft_tokens[:, :g], q[:, :g], logits, cache, taps, depth, active,
+        k_accept, keys, drafted=draft, chunk=chunk)
+    committed = jnp.pad(committed, ((0, 0), (0, gamma - g)))
+    stale = jnp.stack([stale[1], survival]) if draft else stale
+    if admission is not None:  # rows whose prompt is complete start decoding, as `admit` starts them
+        f = started
+        first = jnp.where(f, first, 0)
+        state = state.replace(anchor=jnp.where(f, first, state.anchor), keys=jnp.where(f, k_next, state.keys),
+                              done=state.done & ~f, out=jnp.where(f[:, None], 0, state.out),
+                              n_out=jnp.where(f, 0, state.n_out))
+        state, _ = _commit(state, first[:, None], jnp.ones((s,), jnp.int32), f)
+        stale = jnp.where(f[None, :, None], 0.0, stale)
     info = EngineRoundInfo(draft=draft_tokens, confidence=conf, survival=survival, depth=depth, accepted=n,
                            tokens=committed, appended=appended, active=active, done=state.done,
-                           capacity=capacity, verified=jnp.sum(jnp.where(active, 1 + depth, 0)).astype(jnp.int32))
-    return state, (jnp.stack([stale[1], survival]) if draft else stale), info
+                           capacity=capacity, verified=jnp.sum(jnp.where(active, 1 + depth, 0)).astype(jnp.int32),
+                           first=first)
+    return state, stale, info

@@ -176,14 +176,16 @@ def supports_packed(cfg) -> bool:
     return hasattr(type(module_for(cfg)), "packed")
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "tap_layers", "query_block"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "tap_layers", "query_block", "tail"), donate_argnames=("cache",))
 def step_packed(cfg, params, tokens, rows, positions, valid, cache: KVCache, tap_layers=(),
-                query_block: int | None = None):
-    """Packed verification of N tokens from different cache rows (see Qwen3LM.packed).
+                query_block: int | None = None, select: jax.Array | None = None, tail: tuple[int, int] | None = None):
+    """Packed verification of N tokens from different cache rows (see Qwen3LM.packed;
+    `tail` (R, C): the last R*C tokens are R dense lines of prompt chunk).
 
-    tokens, rows, positions, valid: [N]. Returns (logits [N, V], cache, taps [N, E] each);
-    the cache's K/V hold the valid tokens, its lengths are unchanged (the caller commits).
+    tokens, rows, positions, valid: [N]. Returns (logits [N, V], or [M, V] at the packed
+    indices `select` [M] when given, cache, taps [N, E] each); the cache's K/V hold the
+    valid tokens, its lengths are unchanged (the caller commits).
     """
     hidden, cache, taps = module_for(cfg).apply({"params": params}, tokens, rows, positions, valid, cache,
-                                                tuple(tap_layers), query_block, method="packed")
-    return logits(cfg, params, hidden), cache, taps
+                                                tuple(tap_layers), query_block, tail, method="packed")
+    return logits(cfg, params, hidden if select is None else hidden[select]), cache, taps

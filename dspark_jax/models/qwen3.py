@@ -130,7 +130,8 @@ class Qwen3LM(nn.Module):
         return self.embed_tokens(tokens)
 
     def packed(self, tokens: jax.Array, rows: jax.Array, positions: jax.Array, valid: jax.Array,
-               cache: KVCache, tap_layers: tuple[int, ...] = (), query_block: int | None = None):
+               cache: KVCache, tap_layers: tuple[int, ...] = (), query_block: int | None = None,
+               tail: tuple[int, int] | None = None):
         """Ragged verification: N packed query tokens that belong to different cache rows.
 
         tokens, rows, positions, valid: [N]. Token n sits at position positions[n] of cache
@@ -142,6 +143,9 @@ class Qwen3LM(nn.Module):
         row's keys ([N, S] reads, cheapest when N < rows); with `query_block=W`, row r's
         tokens must sit at positions lengths[r] + 0..W-1 and attention runs on a dense
         [rows, W] grid that reads each row's cache once (cheapest when N >= rows).
+        tail=(R, C): the last R*C tokens are R dense lines of C tokens, line l all in cache
+        row rows[N - R*C + l*C] (prompt chunks riding along in a verification pass); they
+        attend on their own [R, C] grid over those R rows, the first N - R*C tokens as above.
 
         Returns (hidden [N, E] after the final norm, cache with lengths unchanged: the
         caller commits, taps: one [N, E] per entry of `tap_layers`).
@@ -150,21 +154,30 @@ class Qwen3LM(nn.Module):
         `pallas_kernels.verify_attention` (see `_packed_paged`).
         """
         if isinstance(cache, PagedKVCache):
+            if tail is not None:
+                raise ValueError("a paged cache takes no tail lines (chunked prefill needs the slot cache)")
             return self._packed_paged(tokens, rows, positions, valid, cache, tap_layers, query_block)
         scale = self.cfg.head_dim ** -0.5
         slots = jnp.arange(cache.max_len, dtype=jnp.int32)
         index = write_index(positions, valid, cache.max_len)
+        n_head = tokens.shape[0] - (tail[0] * tail[1] if tail else 0)
+        h_rows, h_pos, h_ok = rows[:n_head], positions[:n_head], valid[:n_head]
         if query_block is None:
-            mask = ((slots[None, :] <= positions[:, None]) & valid[:, None])[:, None, :]  # [N, 1, S]
+            mask = ((slots[None, :] <= h_pos[:, None]) & h_ok[:, None])[:, None, :]  # [N, 1, S]
         else:
             b = cache.batch
-            cols = positions - cache.lengths[rows]
-            grid_rows = jnp.where(valid, rows, b)  # invalid tokens scatter nowhere
+            cols = h_pos - cache.lengths[h_rows]
+            grid_rows = jnp.where(h_ok, h_rows, b)  # invalid tokens scatter nowhere
             grid_cols = jnp.clip(cols, 0, query_block - 1)
-            grid_pos = jnp.zeros((b, query_block), jnp.int32).at[grid_rows, cols].set(positions, mode="drop")
+            grid_pos = jnp.zeros((b, query_block), jnp.int32).at[grid_rows, cols].set(h_pos, mode="drop")
             grid_ok = jnp.zeros((b, query_block), bool).at[grid_rows, cols].set(True, mode="drop")
             mask = causal_mask(grid_pos, grid_ok, jnp.broadcast_to(slots, (b, cache.max_len)),
                                jnp.ones((b, cache.max_len), bool))
+        if tail:
+            lines, width = tail
+            t_rows = rows[n_head::width]
+            t_mask = causal_mask(positions[n_head:].reshape(lines, width), valid[n_head:].reshape(lines, width),
+                                 jnp.broadcast_to(slots, (lines, cache.max_len)), jnp.ones((lines, cache.max_len), bool))
 
         x = self.embed_tokens(tokens)[:, None]  # [N, 1, E]
         layer_out = {-1: x}
@@ -174,12 +187,18 @@ class Qwen3LM(nn.Module):
                 kc = cache.k.at[i, rows, index].set(k[:, 0].astype(cache.k.dtype), mode="drop")
                 vc = cache.v.at[i, rows, index].set(v[:, 0].astype(cache.v.dtype), mode="drop")
                 cache = cache.replace(k=kc, v=vc)
+                qh = q[:n_head]
                 if query_block is None:
-                    return attend(q, kc[i][rows], vc[i][rows], mask, scale=scale), None
-                grid_q = jnp.zeros((cache.batch, query_block) + q.shape[2:], q.dtype)
-                grid_q = grid_q.at[grid_rows, cols].set(q[:, 0], mode="drop")
-                o = attend(grid_q, kc[i], vc[i], mask, scale=scale)
-                return o[rows, grid_cols][:, None], None
+                    o = attend(qh, kc[i][h_rows], vc[i][h_rows], mask, scale=scale)
+                else:
+                    grid_q = jnp.zeros((cache.batch, query_block) + q.shape[2:], q.dtype)
+                    grid_q = grid_q.at[grid_rows, cols].set(qh[:, 0], mode="drop")
+                    o = attend(grid_q, kc[i], vc[i], mask, scale=scale)[h_rows, grid_cols][:, None]
+                if tail:
+                    qt = q[n_head:, 0].reshape((lines, width) + q.shape[2:])
+                    ot = attend(qt, kc[i][t_rows], vc[i][t_rows], t_mask, scale=scale)
+                    o = jnp.concatenate([o, ot.reshape((lines * width, 1) + ot.shape[2:])], axis=0)
+                return o, None
             x, _ = layer(x, positions[:, None], mix)
             layer_out[i] = x
         taps = tuple(layer_out[i][:, 0] for i in tap_layers)

@@ -1,0 +1,171 @@
+"""Chunked prefill mixed into the engine's rounds, the online confidence correction and
+the measured round costs:
+a prompt chunk riding along in a verification pass computes what a dense pass computes;
+at temperature 0 every request still equals greedy decoding with prompts split into
+several chunks; at temperature 1 a request samples exactly the tokens it samples when
+admitted by a separate prefill pass (same keys); the correction learns acceptance rates
+and, for a drafter that over-promises, makes the scheduler verify less; measured round
+costs replace the profiled drafting time (robust to compiling rounds)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dspark_jax import speculate, target
+from dspark_jax.calibration import OnlineCorrection
+from dspark_jax.engine import Engine
+from dspark_jax.engine_records import RoundCosts
+from tests.test_engine import ADAPTIVE, FULL, MAX_LEN, NEW, PROMPTS, SLOTS, SPS, pair, run_staggered, slot_oracle
+
+assert pair  # a fixture, used by name
+
+
+def test_tail_lines_equal_a_dense_pass(pair):
+    """Row 0 verifies 2 tokens after a 3-token context while row 1's 5-token prompt chunk
+    rides along as a tail line: logits and cache equal one dense [2, 5] step."""
+    tcfg, tparams, _ = pair
+    cache = target.init_cache(tcfg, 2, 16)
+    _, cache, _ = target.prefill(tcfg, tparams, jnp.asarray([[3, 4, 5], [0, 0, 0]], jnp.int32),
+                                 jnp.asarray([3, 0], jnp.int32), cache)
+    grid = jnp.asarray([[7, 8, 0, 0, 0], [11, 12, 13, 14, 15]], jnp.int32)
+    def copy(c):  # the passes donate their cache
+        return jax.tree.map(jnp.copy, c)
+
+    dense, dense_cache, _ = target.step(tcfg, tparams, grid, jnp.asarray([2, 5], jnp.int32), copy(cache))
+
+    budget = 4  # two verified tokens and two empty packed slots
+    tokens = jnp.concatenate([grid[0, :2], jnp.zeros((2,), jnp.int32), grid[1]])
+    rows = jnp.asarray([0, 0, 0, 0, 1, 1, 1, 1, 1], jnp.int32)
+    positions = jnp.concatenate([jnp.asarray([3, 4, 0, 0], jnp.int32), jnp.arange(5, dtype=jnp.int32)])
+    valid = jnp.asarray([True, True, False, False] + [True] * 5)
+    for query_block in (None, 2):
+        logits, packed_cache, _ = target.step_packed(tcfg, tparams, tokens, rows, positions, valid, copy(cache),
+                                                     query_block=query_block, tail=(1, 5))
+        np.testing.assert_allclose(np.asarray(logits[:2]), np.asarray(dense[0, :2]), atol=2e-4)
+        np.testing.assert_allclose(np.asarray(logits[budget:]), np.asarray(dense[1]), atol=2e-4)
+        for a, b in ((packed_cache.k, dense_cache.k), (packed_cache.v, dense_cache.v)):
+            np.testing.assert_allclose(np.asarray(a)[:, 0, :5], np.asarray(b)[:, 0, :5], atol=1e-6)
+            np.testing.assert_allclose(np.asarray(a)[:, 1, :5], np.asarray(b)[:, 1, :5], atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["fixed", "production"])
+def test_chunked_prefill_equals_greedy(pair, policy):
+    """Chunks of 3 tokens: the longer prompts enter over several rounds while the other
+    slot decodes; every request still equals greedy decoding, streamed the same."""
+    tcfg, tparams, ref = pair
+    drafter, dparams = slot_oracle(tcfg, ref)
+    engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy=policy, sps=SPS,
+                    buckets=ADAPTIVE if policy == "production" else (FULL,), prefill_chunk=3)
+    assert engine.mixing
+    streamed = {}
+    results = run_staggered(engine, streamed)
+    for res, want in zip(results, ref):
+        assert res.error is None and res.token_ids == want, (policy, res.request_id)
+        assert streamed[res.request_id] == want
+    m = engine.metrics
+    mixed = m.prefill_chunks
+    assert mixed > 3, m.as_dict()  # some prompts went in chunks while the other slot decoded
+    assert m.tokens == sum(NEW)
+
+
+def test_chunked_admission_samples_like_a_prefill_pass(pair):
+    """Plain decoding at temperature 1: a request's keys do not depend on how it was
+    admitted, so a chunked admission must sample exactly the separate pass's tokens. A
+    first token drawn from the wrong position or with the wrong key would differ."""
+    tcfg, tparams, _ = pair
+
+    def sampled(chunk):
+        engine = Engine(tcfg, tparams, slots=SLOTS, max_len=MAX_LEN, policy="none", prefill_chunk=chunk)
+        arrivals = {0: [0, 1, 2], 1: [3], 3: [4, 5]}
+        ids, step = {}, 0
+        while step <= max(arrivals) or not engine.idle:
+            for i in arrivals.get(step, []):
+                ids[i] = engine.submit(PROMPTS[i], max_new_tokens=NEW[i], temperature=1.0, seed=100 + i)
+            engine.step()
+            step += 1
+        return [engine.result(ids[i]).token_ids for i in range(len(PROMPTS))], engine.metrics.prefill_chunks
+
+    separate, none_mixed = sampled(0)
+    chunked, mixed = sampled(2)
+    assert none_mixed == 0 and mixed > 0
+    assert chunked == separate
+    assert len({tuple(t) for t in chunked}) > 1  # not all identical (the tokens are really sampled)
+
+
+def test_online_correction_learns_the_acceptance_rate():
+    rng = np.random.default_rng(0)
+    corr = OnlineCorrection(gamma=3, decay=1.0, pseudo=1.0)
+    for _ in range(400):
+        conf = rng.uniform(0.5, 1.0, (4, 3))
+        sampled = np.array([False, False, True, True])
+        # greedy rows accept each step with probability c / 2, sampled rows with c
+        rate = np.where(sampled[:, None], conf, conf / 2)
+        ok = rng.random((4, 3)) < rate
+        accepted = np.where(ok.all(1), 3, np.argmin(ok, axis=1))
+        corr.update(conf, accepted, np.full(4, 3), sampled)
+    np.testing.assert_allclose(corr.scale[0], 0.5, atol=0.06)
+    np.testing.assert_allclose(corr.scale[1], 1.0, atol=0.06)
+    fresh = OnlineCorrection(gamma=3)
+    np.testing.assert_array_equal(fresh.scale, np.ones((2, 3), np.float32))
+
+
+def test_correction_reins_in_an_over_confident_drafter(pair):
+    """Every draft is wrong but the confidences say 0.3..1: with the correction the
+    scheduler soon verifies less than without it; the output is greedy either way."""
+    tcfg, tparams, ref = pair
+    verified = {}
+    for recalibrate in (False, True):
+        drafter, dparams = slot_oracle(tcfg, ref, corrupt_rate=1.0)
+        engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="algorithm1",
+                        sps=SPS, buckets=(FULL,), draft_time=0.0, recalibrate=recalibrate)
+        assert (engine.correction is not None) == recalibrate
+        results = run_staggered(engine)
+        assert [r.token_ids for r in results] == ref
+        verified[recalibrate] = engine.metrics.mean_verified
+        if recalibrate:  # only x_1 is ever tested (nothing is accepted); x_2, x_3 keep 1
+            assert engine.correction.scale[0, 0] < 0.7, engine.correction.scale
+            np.testing.assert_array_equal(engine.correction.scale[:, 1:], 1.0)
+    assert verified[True] < verified[False], verified
+
+
+def test_schedule_depths_applies_the_correction():
+    conf = jnp.full((2, 3), 0.9, jnp.float32)
+    sched = speculate.Schedule(sps=jnp.asarray(100.0 / (1.0 + 0.2 * np.arange(9)), jnp.float32),
+                               max_depth=jnp.full((2,), 3, jnp.int32), threshold=jnp.asarray(0.5),
+                               draft_time=jnp.asarray(0.0), prior=jnp.zeros((3,)),
+                               conf_scale=jnp.asarray([[0.5, 0.5, 0.5], [1.0, 1.0, 1.0]], jnp.float32))
+    active = jnp.ones((2,), bool)
+    _, survival, _ = speculate.schedule_depths("algorithm1", 8, conf, jnp.zeros((2, 2, 3)), sched, active,
+                                               sched.max_depth, sampled=jnp.asarray([False, True]))
+    np.testing.assert_allclose(np.asarray(survival[0]), 0.45 ** np.arange(1, 4), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(survival[1]), 0.9 ** np.arange(1, 4), rtol=1e-5)
+
+
+def test_round_costs_are_medians_of_what_rounds_cost_beyond_their_pass():
+    costs = RoundCosts(draft_time=0.004, window=5, min_rounds=3)
+    assert (costs.draft_time, costs.plain_time) == (0.004, 0.0)  # the profile until rounds are seen
+    for seconds in (3.0, 0.020, 0.022):  # the first round compiled
+        costs.observe(True, seconds, 0.010)
+    costs.observe(False, 0.012, 0.010)
+    assert costs.draft_time == pytest.approx(0.012) and costs.plain_time == 0.0
+    for _ in range(2):
+        costs.observe(False, 0.013, 0.010)
+    assert costs.plain_time == pytest.approx(0.003)
+    costs.observe(True, 0.001, 0.010)  # faster than its pass: counts as no extra cost
+    assert costs.draft_time == pytest.approx(0.011)  # median of 2.99, 0.010, 0.012, 0
+
+
+def test_engine_learns_its_drafting_time_from_the_clock(pair):
+    """A clock that advances 50 ms per reading: every round seems to cost far more than the
+    profile's pass, so the drafting time the scheduler uses grows past the profiled one,
+    and the output is still greedy."""
+    tcfg, tparams, ref = pair
+    drafter, dparams = slot_oracle(tcfg, ref)
+    ticks = iter(np.arange(0.0, 1e4, 0.05))
+    engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="algorithm1", sps=SPS,
+                    buckets=(FULL,), draft_time=0.004, clock=lambda: float(next(ticks)), online_costs=True)
+    assert engine.costs is not None and engine.current_draft_time == 0.004
+    results = run_staggered(engine)
+    assert [r.token_ids for r in results] == ref
+    assert engine.current_draft_time > 0.02, engine.current_draft_time
