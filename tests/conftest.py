@@ -16,3 +16,14 @@ FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 @pytest.fixture(scope="session")
 def fixtures_dir():
     return FIXTURES
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """Free each test file's compiled programs when it ends. XLA:CPU maps every
+    executable into memory; the whole suite's programs in one process exceed the kernel's
+    map limit and compiling then fails (a segfault inside LLVM)."""
+    yield
+    import jax
+
+    jax.clear_caches()
