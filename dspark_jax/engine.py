@@ -91,8 +91,8 @@ class Engine(SlotAdmission):
     prefill_chunk: prompt tokens per round mixed into the verification pass while other
     slots decode (chunked prefill, packed targets; 0: a separate prefill pass instead).
     recalibrate: the scheduled policies correct the confidences online from observed
-    acceptances (`calibration.OnlineCorrection`; default off: it served deeper-is-better
-    CPU runs worse, see docs/load_bench_cpu). online_costs: the gated policies replace
+    acceptances (`calibration.OnlineCorrection`; default off: on the CPU demo runs, where
+    deeper verification costs little, it verified less and lost throughput). online_costs: the gated policies replace
     the profiled drafting time by what rounds really cost beyond their target pass
     (`RoundCosts`; default off: decisions then depend on wall-clock timing).
     """
@@ -407,7 +407,7 @@ class Engine(SlotAdmission):
 
     def warmup(self, prompt_lens: Sequence[int] = (1,)) -> None:
         """Compile every budget bucket's round (and the gate's plain rounds; each also with
-        every chunk width of chunked prefill) and the prefill for these prompt lengths at
+        a chunked-prefill line) and the prefill for these prompt lengths at
         every packed budget (only while idle: the rounds run over empty slots and change
         nothing)."""
         if not self.idle:
@@ -420,7 +420,7 @@ class Engine(SlotAdmission):
         rounds = [(b, True) for b in self.buckets]
         if self.gated:
             rounds += [(b, False) for b in sorted({self._bucket(n) for n in range(1, s + 1)})]
-        chunks = [None] + ([self._empty_admission(c) for c in self._chunk_widths()] if self.mixing else [])
+        chunks = [None] + ([self._empty_admission()] if self.mixing else [])
         for (b, draft), adm in itertools.product(rounds, chunks):
             self._state, self._stale, _ = speculate.engine_round(
                 self.tcfg, self.drafter, self.gamma, b, self.policy, self.tparams, self.dparams,

@@ -143,11 +143,6 @@ class SlotAdmission:
 
     # ---------------------------------------------------------------- chunked prefill
 
-    def _chunk_widths(self) -> list[int]:
-        """Every chunk line is `prefill_chunk` wide, so chunked prefill adds one compiled
-        variant per round program (a shorter chunk is masked padding)."""
-        return [self.prefill_chunk]
-
     def _plan_chunks(self):
         """This round's prompt chunk -> (Admission or None, [(slot, start, n)]): the next
         `prefill_chunk` tokens of the first request in `_prefilling` (one line per round)."""
@@ -166,11 +161,12 @@ class SlotAdmission:
         return adm, [(s, at, n)]
 
     def _admission(self, tokens, nxt, *, row: int, length: int, first: bool, final: bool, seed: int):
-        return speculate.Admission(
-            tokens=jnp.asarray(tokens), next=jnp.asarray(nxt), rows=jnp.asarray([row], jnp.int32),
-            length=jnp.asarray([length], jnp.int32), first=jnp.asarray([first]), final=jnp.asarray([final]),
-            seeds=jnp.asarray([seed], jnp.uint32), sampling=self._sampling(), max_new=jnp.asarray(self._max_new),
-            stop_ids=jnp.asarray(self._stops))
+        """One chunk line and the per-slot arrays, sent to the device in one transfer."""
+        return jax.device_put(speculate.Admission(
+            tokens=tokens, next=nxt, rows=np.asarray([row], np.int32), length=np.asarray([length], np.int32),
+            first=np.asarray([first]), final=np.asarray([final]), seeds=np.asarray([seed], np.uint32),
+            sampling=SamplingParams(self._temp.copy(), self._top_k.copy(), self._top_p.copy()),
+            max_new=self._max_new.copy(), stop_ids=self._stops.copy()))
 
     def _advance_chunks(self, plan) -> list[int]:
         """After the round: move each chunk's start on; returns the slots whose prompt is
@@ -183,9 +179,10 @@ class SlotAdmission:
                 self._prefilling.remove(s)
         return done
 
-    def _empty_admission(self, width: int):
-        """A chunk line of `width` with nothing in it (warmup compiles the mixed rounds)."""
-        z = np.zeros((1, width), np.int32)
+    def _empty_admission(self):
+        """A chunk line with nothing in it (warmup compiles the mixed rounds with it).
+        Every line is `prefill_chunk` wide: one compiled variant per round program."""
+        z = np.zeros((1, self.prefill_chunk), np.int32)
         return self._admission(z, z, row=0, length=0, first=False, final=False, seed=0)
 
     # ---------------------------------------------------------------- paged mode
