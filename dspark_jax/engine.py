@@ -20,21 +20,24 @@ rounds), so it can never depend on the current round's drafts; see speculate.py 
 each policy's depths then stay lossless.
 
 The other is the drafting gate of the scheduled policies (algorithm1, production), on
-when the profile holds a drafting time (`draft_time` > 0): each round, before drafting,
-the host predicts the best speculative round from every slot's latest survival (a
-running mean per position stands in for slots not drafted for yet) and runs a plain
-decoding round instead when that one is expected to be faster
+when the cost model charges drafting (a profiled `draft_time` > 0, or round times):
+each round, before drafting, the host predicts the best speculative round from every
+slot's latest survival (a running mean per position stands in for slots not drafted
+for yet) and runs a plain decoding round instead when that one is expected to be faster
 (`scheduler.speculation_pays`). Plain rounds still feed the drafter the committed
 positions; after `probe_every` plain rounds in a row one speculative round refreshes the
 estimates. A plain round is every depth at 0, chosen before the drafts exist: lossless.
 The fixed policy with depth d < gamma drafts only d tokens (the drafter's gamma is cut
 to d), so MTP-1 costs one drafted token, not a block.
 
-Two opt-in refinements of the scheduled policies, both learnt from finished rounds only
-(fixed before each round: lossless): `recalibrate=True` reads the confidences through
+What a round costs (engine_costs.py): by default the target pass's SPS(B) plus a
+drafting pass; after `engine.profile_rounds()` (or when the profile file holds them) the
+engine's own measured round times, acceptance and host work included. The production
+variant reads either as a step curve over the buckets, so it fills the bucket it pays
+for. An opt-in refinement, learnt from finished rounds only (fixed before each round:
+lossless): `recalibrate=True` reads the confidences through
 `calibration.OnlineCorrection`, a per-position factor for greedy and for sampled rows
-(STS is fitted at one temperature; greedy acceptance differs); `online_costs=True`
-replaces the profiled drafting time by the measured cost of rounds (`RoundCosts`).
+(STS is fitted at one temperature; greedy acceptance differs).
 
 Paged mode (`Engine(..., paged=True, page_size=16, num_pages=N)`, Qwen3 targets): the
 target cache is a `PagedKVCache` pool of N pages shared by all slots, attended with
@@ -65,8 +68,8 @@ import numpy as np
 
 from dspark_jax import generation, profile_sps, scheduler, speculate, target
 from dspark_jax.calibration import OnlineCorrection
-from dspark_jax.engine_records import (EngineMetrics, PendingRequest, RequestResult, RoundCosts, TokenCallback,
-                                      as_int, is_int)
+from dspark_jax.engine_costs import SCHEDULED, RoundCostModel
+from dspark_jax.engine_records import EngineMetrics, PendingRequest, RequestResult, TokenCallback, as_int, is_int
 from dspark_jax.engine_slots import SlotAdmission
 from dspark_jax.errors import DSparkError
 from dspark_jax.paged_cache import PageAllocator, pages_needed
@@ -79,7 +82,7 @@ def drafter_has_confidence(drafter) -> bool:
     return cfg is None or bool(getattr(cfg, "has_confidence", False))
 
 
-class Engine(SlotAdmission):
+class Engine(SlotAdmission, RoundCostModel):
     """Fixed slots, slot-based caches of `max_len` positions, one policy for every round.
 
     policy: "none" (plain decoding; the drafter is ignored), "fixed" (depth `depth`,
@@ -92,9 +95,10 @@ class Engine(SlotAdmission):
     slots decode (chunked prefill, packed targets; 0: a separate prefill pass instead).
     recalibrate: the scheduled policies correct the confidences online from observed
     acceptances (`calibration.OnlineCorrection`; default off: on the CPU demo runs, where
-    deeper verification costs little, it verified less and lost throughput). online_costs: the gated policies replace
-    the profiled drafting time by what rounds really cost beyond their target pass
-    (`RoundCosts`; default off: decisions then depend on wall-clock timing).
+    deeper verification costs little, it verified less and lost throughput). rounds:
+    measured round times ({"spec": {B: s}, "plain": {B: s}}, what `profile_rounds`
+    returns) for the scheduled policies' objective and gate (None: the profile file's when
+    it holds them, else the pass model).
     """
 
     def __init__(self, tcfg, tparams, drafter=None, dparams=None, *, slots: int = 4, max_len: int = 256,
@@ -102,7 +106,7 @@ class Engine(SlotAdmission):
                  sps_file: str | None = None, buckets: Sequence[int] | None = None, adaptive_budget: bool = True,
                  max_stop_ids: int = 8, mesh=None, clock: Callable[[], float] = time.perf_counter,
                  draft_time: float | None = None, probe_every: int = 16, prefill_chunk: int = 64,
-                 recalibrate: bool = False, online_costs: bool = False,
+                 recalibrate: bool = False, rounds: dict | None = None,
                  paged: bool = False, page_size: int = 16, num_pages: int | None = None,
                  attention_impl: str = "auto", attention_interpret: bool = False):
         policy = policy or ("none" if drafter is None else
@@ -144,17 +148,17 @@ class Engine(SlotAdmission):
             tparams = target.shard(tcfg, tparams, mesh)
             dparams = drafter.shard(dparams, mesh) if drafter is not None else None
         self.tparams, self.dparams, self.mesh = tparams, dparams, mesh
-        self.sps, profiled_draft = self._resolve_sps(sps, sps_file)
-        self.draft_time = float(profiled_draft if draft_time is None else draft_time)
-        if not np.isfinite(self.draft_time) or self.draft_time < 0:
+        self._pass_sps, profiled_draft, record = self._resolve_sps(sps, sps_file)
+        self._pass_draft_time = float(profiled_draft if draft_time is None else draft_time)
+        if not np.isfinite(self._pass_draft_time) or self._pass_draft_time < 0:
             raise DSparkError(f"draft_time must be >= 0 seconds; got {draft_time}")
-        self.gated = policy in ("algorithm1", "production") and self.draft_time > 0
+        if rounds is None and record is not None:
+            rounds = profile_sps.stored_rounds(record, policy, self.buckets, self.plain_buckets)
+        self._apply_costs(rounds if policy in SCHEDULED else None)
         self.probe_every = int(probe_every)
         self.prefill_chunk = int(prefill_chunk)
         self.mixing = self.prefill_chunk > 0 and target.supports_packed(tcfg) and not paged
-        self._sps_dev = jnp.asarray(self.sps)
         self._threshold_dev = jnp.asarray(self.threshold, jnp.float32)
-        self._draft_time_dev = jnp.asarray(self.draft_time, jnp.float32)
 
         self.paged = bool(paged)
         self.allocator: PageAllocator | None = None
@@ -187,10 +191,9 @@ class Engine(SlotAdmission):
         self._prior: np.ndarray | None = None  # running mean survival per position (drafted rounds)
         self._prior_dev = jnp.zeros((self.gamma,), jnp.float32)  # its device copy (zeros until known)
         self._plain_streak = 0
-        scheduled = policy in ("algorithm1", "production") and self.gamma > 0
+        scheduled = policy in SCHEDULED and self.gamma > 0
         self.correction = OnlineCorrection(self.gamma) if scheduled and recalibrate else None
         self._conf_scale_dev = jnp.ones((2, self.gamma), jnp.float32) if self.correction is not None else None
-        self.costs = RoundCosts(self.draft_time) if self.gated and online_costs else None
         self._prefill_at = np.zeros(slots, np.int64)  # prompt tokens in the cache, for chunked prefill
         self._prefilling: list[int] = []  # slots whose prompt is entering chunk by chunk, in arrival order
         self._waiting: collections.deque[PendingRequest] = collections.deque()
@@ -276,17 +279,11 @@ class Engine(SlotAdmission):
         adm, plan = self._plan_chunks()
         draft = self.should_draft(occupied)
         budget = self.choose_budget(occupied) if draft else self._bucket(len(occupied))
-        started_at = self.clock()
         self._state, self._stale, info = speculate.engine_round(
             self.tcfg, self.drafter, self.gamma, budget, self.policy, self.tparams, self.dparams,
             self._state, self._stale, self._schedule(), draft=draft, admission=adm)
         first, info = jax.device_get((first, info))
         now = self.clock()
-        if self.costs is not None and adm is None:  # a chunk's extra work would blur the estimate
-            verified = int(info.verified)
-            self.costs.observe(draft, now - started_at, 1.0 / max(float(self.sps[min(verified, len(self.sps) - 1)]),
-                                                                   1e-9))
-            self._draft_time_dev = jnp.asarray(self.current_draft_time, jnp.float32)
         for s in admitted:
             self._emit(s, [int(first[s])], now)
         started = self._advance_chunks(plan)
@@ -332,20 +329,6 @@ class Engine(SlotAdmission):
         """Each slot's depth limit this round: its own max_depth and the room it has left."""
         return np.clip(np.minimum(self._max_depth[idx], self._max_new[idx] - self._n_out[idx] - 1), 0, self.gamma)
 
-    def should_draft(self, occupied: Sequence[int]) -> bool:
-        """The drafting gate: draft unless a plain round is predicted faster (from earlier
-        rounds only). Always True for ungated policies."""
-        if not self.gated or self._prior is None or self._plain_streak >= self.probe_every:
-            return True
-        idx = np.asarray(occupied)
-        est = self._latest[idx].astype(np.float64)
-        est[est.max(axis=1) <= 0] = self._prior
-        est *= np.arange(self.gamma)[None, :] < self._depth_limits(idx)[:, None]
-        plain_time = self.costs.plain_time if self.costs is not None else 0.0
-        pays, _, _ = scheduler.speculation_pays(est, self.sps, draft_time=self.current_draft_time,
-                                                plain_time=plain_time)
-        return pays
-
     def _learn_survival(self, occupied: Sequence[int], info) -> None:
         """Keep each drafted slot's survival and the running per-position mean."""
         idx = np.asarray([s for s in occupied if info.active[s]], np.int64)
@@ -363,11 +346,6 @@ class Engine(SlotAdmission):
         else:
             self._prior = np.where(counts > 0, 0.8 * self._prior + 0.2 * mean, self._prior)
         self._prior_dev = jnp.asarray(self._prior, jnp.float32)
-
-    @property
-    def current_draft_time(self) -> float:
-        """The drafting time the scheduled policies use now (measured once rounds ran)."""
-        return self.costs.draft_time if self.costs is not None else self.draft_time
 
     def _learn_correction(self, occupied: Sequence[int], info) -> None:
         """Feed the round's verified outcomes to the online confidence correction."""
@@ -391,7 +369,7 @@ class Engine(SlotAdmission):
             stale = self._stale_host[0][idx].astype(np.float64)
             stale = np.where(stale.max(axis=1, keepdims=True) > 0, stale, self._prior_or_zeros()[None, :])
             stale *= np.arange(self.gamma)[None, :] < limit[:, None]
-            k = scheduler.global_capacity(stale, self.sps, draft_time=self.current_draft_time)
+            k = scheduler.global_capacity(stale, self.sps, draft_time=self.draft_time)
             need = min(need, n + k)
         elif self.policy in ("algorithm1", "threshold") and self.adaptive_budget and self._last_round:
             prev_n, prev_b = self._last_round
@@ -437,24 +415,9 @@ class Engine(SlotAdmission):
     def _prior_or_zeros(self) -> np.ndarray:
         return self._prior.astype(np.float32) if self._prior is not None else np.zeros(self.gamma, np.float32)
 
-    def _resolve_sps(self, sps, sps_file) -> tuple[np.ndarray, float]:
-        """(SPS at every budget, the profiled drafting seconds or 0 when none was profiled)."""
-        bmax = self.full_budget
-        if sps is None and self.policy not in ("algorithm1", "production"):
-            return np.ones(bmax + 1, np.float32), 0.0  # unused by the other policies
-        draft_seconds = 0.0
-        if sps is None:
-            sps, rec = profile_sps.load_or_profile(
-                self.tcfg, self.tparams, slots=self.slots, gamma=self.gamma, max_len=self.max_len,
-                buckets=self.buckets, tap_layers=self.drafter.tap_layers, mesh=self.mesh, path=sps_file,
-                drafter=self.drafter if self.dparams is not None else None, dparams=self.dparams)
-            draft_seconds = float(rec.get("draft_seconds", 0.0))
-        elif isinstance(sps, dict):
-            sps = profile_sps.interpolate(sps, bmax)
-        sps = np.asarray(sps, np.float32).reshape(-1)
-        if len(sps) < bmax + 1:  # a shorter table ends there (later budgets are never chosen)
-            sps = np.concatenate([sps, np.zeros(bmax + 1 - len(sps), np.float32)])
-        return sps[:bmax + 1], draft_seconds
+    def _upload_costs(self) -> None:
+        self._sps_dev = jnp.asarray(self.sps)
+        self._draft_time_dev = jnp.asarray(self.draft_time, jnp.float32)
 
     def _emit(self, slot: int, tokens: list, now: float) -> None:
         req = self._slot_req[slot]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import statistics
 from typing import Callable
 
 import numpy as np
@@ -110,32 +108,3 @@ def as_int(x, name: str) -> int:
     if not is_int(x):
         raise DSparkError(f"{name} must be an integer; got {x!r}")
     return int(x)
-
-
-class RoundCosts:
-    """What the engine's rounds really cost beyond their target pass, measured between
-    rounds (the host waits for each round anyway): for speculative and for plain rounds,
-    the median over the last `window` rounds of wall time - 1 / SPS(B). The speculative
-    one is the scheduler's drafting time (drafting, acceptance, ingest and host work: all
-    a round costs besides its target pass); until `min_rounds` are seen the profile's
-    drafting time (and 0 for plain rounds) stands in. Medians shrug off rounds that
-    compile. Decisions read only finished rounds: lossless."""
-
-    def __init__(self, draft_time: float, window: int = 31, min_rounds: int = 3):
-        self.profiled, self.min_rounds = float(draft_time), min_rounds
-        self._extra = {True: collections.deque(maxlen=window), False: collections.deque(maxlen=window)}
-
-    def observe(self, drafted: bool, seconds: float, pass_seconds: float) -> None:
-        self._extra[bool(drafted)].append(max(0.0, seconds - pass_seconds))
-
-    def _median(self, drafted: bool, default: float) -> float:
-        seen = self._extra[drafted]
-        return float(statistics.median(seen)) if len(seen) >= self.min_rounds else default
-
-    @property
-    def draft_time(self) -> float:
-        return self._median(True, self.profiled)
-
-    @property
-    def plain_time(self) -> float:
-        return self._median(False, 0.0)

@@ -10,7 +10,9 @@ c slots) and every arrival mode:
 
 Each point first runs its workload once untimed (closed loop), which compiles exactly
 the buckets the timed run uses (a Poisson run compiles every bucket), then runs it
-timed. Rows report aggregate tokens/s, mean per-user tokens/s, mean verified budget B
+timed. The scheduled policies' engines first time their own rounds at every bucket
+(`Engine.profile_rounds`, once per level) and schedule with those costs. Rows report
+aggregate tokens/s, mean per-user tokens/s, mean verified budget B
 per round and tau; `plot` draws
 throughput vs per-user tokens/s (the paper's Figure 7 shape) and the verified budget vs
 concurrency (Figure 8).
@@ -32,6 +34,7 @@ from dspark_jax.engine import Engine
 from dspark_jax.errors import DSparkError
 
 POLICIES = ("none", "mtp1", "fixed", "threshold", "algorithm1", "production")
+SCHEDULED_POLICIES = ("algorithm1", "production")
 MODES = ("closed", "poisson")
 BUCKETS = ("auto", "pow2", "full")
 LABELS = {"none": "no speculation", "mtp1": "fixed depth 1 (MTP-1)", "fixed": "fixed gamma",
@@ -58,7 +61,7 @@ class LoadSettings:
     length_spread: float = 0.0  # request i asks for max_new_tokens x U[1 - s, 1 + s] (seeded, same for all policies)
     prefill_chunk: int = 64     # chunked-prefill tokens per round (0: a separate prefill pass per admission)
     recalibrate: bool = False   # the scheduled policies' online confidence correction
-    online_costs: bool = False  # the gated policies learn round costs from the clock
+    round_profile: bool = True  # the scheduled policies use the engine's measured round times
 
     def __post_init__(self):
         bad = [p for p in self.policies if p not in POLICIES]
@@ -113,6 +116,7 @@ class LoadRow:
     runs: int = 1               # timed runs behind the row (the median-throughput one is reported)
     throughput_min: float = 0.0
     throughput_max: float = 0.0
+    repeat_throughputs: tuple = ()  # every timed run's throughput, in run order (runs interleave across policies)
 
 
 def engine_options(policy: str, gamma: int, threshold: float) -> dict:
@@ -175,23 +179,27 @@ def request_lengths(settings: LoadSettings, count: int) -> np.ndarray:
     return np.maximum(1, np.rint(n * rng.uniform(1 - s, 1 + s, count))).astype(np.int64)
 
 
+def make_engine(tcfg, tparams, drafter, dparams, policy: str, clients: int, settings: LoadSettings, sps=None,
+                draft_time: float = 0.0, rounds: dict | None = None) -> Engine:
+    """The engine of one benchmark point (`rounds`: measured round times, scheduled policies)."""
+    gamma = drafter.gamma if drafter is not None else 0
+    return Engine(tcfg, tparams, drafter, dparams, slots=clients, max_len=settings.cache_len, sps=sps,
+                  draft_time=draft_time, buckets=settings.bucket_set(clients, gamma),
+                  prefill_chunk=settings.prefill_chunk, recalibrate=settings.recalibrate, rounds=rounds,
+                  **engine_options(policy, gamma, settings.threshold))
+
+
 def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: int, settings: LoadSettings,
               prompts, sps=None, draft_time: float = 0.0, clock=time.perf_counter, sleep=time.sleep,
-              compile_first: bool = True) -> LoadRow:
+              compile_first: bool = True, rounds: dict | None = None) -> LoadRow:
     """One (policy, mode, concurrency) measurement."""
-    gamma = drafter.gamma if drafter is not None else 0
-    opts = engine_options(policy, gamma, settings.threshold)
-
     def make():
-        return Engine(tcfg, tparams, drafter, dparams, slots=clients, max_len=settings.cache_len, sps=sps,
-                      draft_time=draft_time, buckets=settings.bucket_set(clients, gamma),
-                      prefill_chunk=settings.prefill_chunk, recalibrate=settings.recalibrate,
-                      online_costs=settings.online_costs, **opts)
+        return make_engine(tcfg, tparams, drafter, dparams, policy, clients, settings, sps, draft_time, rounds)
 
     if compile_first:
         _drive(make(), prompts, settings, "closed", clients, clock, sleep)  # compiles what the run needs
     engine = make()
-    if mode != "closed" or settings.online_costs:  # timing may reach other buckets: compile them all
+    if mode != "closed":  # arrival timing may reach other buckets: compile them all
         engine.warmup([settings.prompt_len])
     t0 = clock()
     results = _drive(engine, prompts, settings, mode, clients, clock, sleep)
@@ -212,15 +220,16 @@ def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: 
 def run(tcfg, tparams, drafter, dparams, settings: LoadSettings, progress: Callable[[LoadRow], None] | None = None,
         sps_progress: Callable[[], None] | None = None, prompts=None) -> list[LoadRow]:
     """Every (mode, policy, concurrency) point; SPS curves are loaded or profiled once
-    per concurrency level for the policies that need them. `prompts` (token id lists,
-    at most settings.prompt_len long) replace the default random-token prompts."""
+    per concurrency level for the policies that need them, and with `round_profile`
+    each scheduled policy's engine rounds are timed once per level. `prompts` (token id
+    lists, at most settings.prompt_len long) replace the default random-token prompts."""
     if drafter is None and any(p != "none" for p in settings.policies):
         raise DSparkError("speculative policies need a drafter (pass --draft DIR or --policy none)")
     if prompts is None:
         prompts = bench.random_prompts(max(settings.concurrency) * settings.requests_per_client,
                                        settings.prompt_len, tcfg.vocab_size, seed=settings.seed)
-    needs_sps = any(p in ("algorithm1", "production") for p in settings.policies)
-    curves, draft_times = {}, {}
+    needs_sps = any(p in SCHEDULED_POLICIES for p in settings.policies)
+    curves, draft_times, keys = {}, {}, {}
     if needs_sps:
         for c in settings.concurrency:
             curves[c], rec = profile_sps.load_or_profile(
@@ -228,17 +237,25 @@ def run(tcfg, tparams, drafter, dparams, settings: LoadSettings, progress: Calla
                 buckets=settings.bucket_set(c, drafter.gamma), tap_layers=drafter.tap_layers,
                 path=settings.sps_file, progress=sps_progress, drafter=drafter, dparams=dparams)
             draft_times[c] = float(rec.get("draft_seconds", 0.0)) if settings.draft_cost else 0.0
+            keys[c] = rec["key"]
     import jax
 
     runs: dict[tuple[str, str, int], list[LoadRow]] = {}
+    rounds: dict[tuple[str, int], dict] = {}
     for c in settings.concurrency:
+        if settings.round_profile and settings.draft_cost:
+            for policy in (p for p in settings.policies if p in SCHEDULED_POLICIES):
+                rounds[(policy, c)] = make_engine(tcfg, tparams, drafter, dparams, policy, c, settings,
+                                                  curves.get(c), draft_times.get(c, 0.0)).profile_rounds()
+                profile_sps.save_rounds(settings.sps_file or profile_sps.default_path(), keys[c], policy,
+                                        rounds[(policy, c)])  # stored beside SPS(B), for plots and reuse
         for mode in settings.modes:
             for rep in range(settings.repeats):  # interleaved, so slow drifts of the machine hit every policy
                 # every other repeat runs the policies in reverse, so no policy always runs first or last
                 for policy in settings.policies if rep % 2 == 0 else settings.policies[::-1]:
                     row = run_point(tcfg, tparams, drafter if policy != "none" else None, dparams, policy, mode,
                                     c, settings, prompts, sps=curves.get(c), draft_time=draft_times.get(c, 0.0),
-                                    compile_first=rep == 0)
+                                    compile_first=rep == 0, rounds=rounds.get((policy, c)))
                     runs.setdefault((mode, policy, c), []).append(row)
                     if progress is not None:
                         progress(row)
@@ -255,7 +272,30 @@ def median_row(runs: Sequence[LoadRow]) -> LoadRow:
     ordered = sorted(runs, key=lambda r: r.throughput)
     mid = ordered[(len(ordered) - 1) // 2]
     return dataclasses.replace(mid, runs=len(runs), throughput_min=ordered[0].throughput,
-                               throughput_max=ordered[-1].throughput)
+                               throughput_max=ordered[-1].throughput,
+                               repeat_throughputs=tuple(r.throughput for r in runs))
+
+
+def frontier(rows: Sequence[LoadRow]) -> list[dict]:
+    """Per (mode, concurrency): the best scheduled policy's median throughput against the
+    best fixed policy's (no speculation, MTP-1, fixed gamma, threshold), as a ratio of
+    medians and as the range of per-repeat ratios (repeat i of both ran back to back)."""
+    by: dict[tuple[str, int], dict[str, LoadRow]] = {}
+    for r in rows:
+        by.setdefault((r.mode, r.concurrency), {})[r.policy] = r
+    out = []
+    for (mode, c), pol in sorted(by.items()):
+        sched = [r for p, r in pol.items() if p in SCHEDULED_POLICIES]
+        fixed = [r for p, r in pol.items() if p not in SCHEDULED_POLICIES]
+        if not sched or not fixed:
+            continue
+        best_s, best_f = (max(group, key=lambda r: r.throughput) for group in (sched, fixed))
+        paired = [a / b for a, b in zip(best_s.repeat_throughputs, best_f.repeat_throughputs) if b > 0]
+        out.append({"mode": mode, "concurrency": c, "scheduled": best_s.policy, "scheduled_tps": best_s.throughput,
+                    "fixed": best_f.policy, "fixed_tps": best_f.throughput,
+                    "ratio": best_s.throughput / best_f.throughput if best_f.throughput > 0 else 0.0,
+                    "paired_min": min(paired, default=0.0), "paired_max": max(paired, default=0.0)})
+    return out
 
 
 def markdown(rows: Sequence[LoadRow], title: str = "Load benchmark") -> str:
@@ -268,6 +308,16 @@ def markdown(rows: Sequence[LoadRow], title: str = "Load benchmark") -> str:
         lines.append(f"| {r.mode} | {LABELS.get(r.policy, r.policy)} | {r.concurrency} | {r.throughput:.1f}{spread} | "
                      f"{r.per_user:.1f} | {r.mean_verified:.2f} | {r.mean_budget:.2f} | {r.tau:.2f} | "
                      f"{r.requests}{f' ({r.errors} failed)' if r.errors else ''} |")
+    check = frontier(rows)
+    if check:
+        lines += ["", "Scheduled vs fixed policies (best of each group at each point; ratio of medians, "
+                      "and the range of per-repeat ratios):", "",
+                  "| mode | concurrency | best scheduled | tok/s | best fixed | tok/s | ratio | per-repeat |",
+                  "| --- | ---: | --- | ---: | --- | ---: | ---: | ---: |"]
+        for f in check:
+            lines.append(f"| {f['mode']} | {f['concurrency']} | {LABELS[f['scheduled']]} | {f['scheduled_tps']:.1f} | "
+                         f"{LABELS[f['fixed']]} | {f['fixed_tps']:.1f} | {f['ratio']:.3f} | "
+                         f"{f['paired_min']:.3f}-{f['paired_max']:.3f} |")
     return "\n".join(lines)
 
 

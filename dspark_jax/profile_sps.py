@@ -10,9 +10,16 @@ also times one drafting pass over all slots (`draft_seconds`, greedy rows): the 
 cost of a speculative round that the scheduler's objective charges (scheduler.py).
 `load_or_profile` reuses a matching entry and profiles otherwise.
 
+The pass and a drafting pass are not all a round costs: acceptance, the drafter's
+ingest and the host's work between rounds come on top. `Engine.profile_rounds` times
+the engine's own compiled rounds at every bucket (speculative and plain) and stores
+them in the same record under "rounds" (`save_rounds`); an engine that finds them uses
+those round rates in its objective and drafting gate instead of the pass-plus-drafting
+model.
+
 File layout: {"version": 1, "profiles": {digest: {"key": {...}, "table": {"B": sps},
 "sps": [interpolated, index = B], "draft_seconds": float (with a drafter),
-"created": unix time}}}.
+"created": unix time, "rounds": {policy: {"spec": {"B": s}, "plain": {"B": s}}}}}}.
 """
 
 from __future__ import annotations
@@ -181,6 +188,19 @@ def interpolate(table: dict[int, float], bmax: int) -> np.ndarray:
     return (1.0 / t).astype(np.float32)
 
 
+def at_buckets(curve: np.ndarray, buckets: Sequence[int]) -> np.ndarray:
+    """The rate the engine really gets at each budget B: a round at B runs its bucket's
+    static-shape program, so B costs what the smallest bucket >= B costs (a step curve;
+    budgets past the last bucket keep their value)."""
+    curve = np.asarray(curve, np.float32).copy()
+    bs = np.asarray(sorted(int(b) for b in buckets))
+    idx = np.arange(len(curve))
+    pos = np.searchsorted(bs, idx)
+    inside = (pos < len(bs)) & (idx > 0)
+    curve[inside] = curve[np.minimum(bs[np.minimum(pos[inside], len(bs) - 1)], len(curve) - 1)]
+    return curve
+
+
 def _read(path: str) -> dict:
     if not os.path.exists(path):
         return {"version": VERSION, "profiles": {}}
@@ -192,6 +212,15 @@ def _read(path: str) -> dict:
         return data
     except (json.JSONDecodeError, ValueError, AttributeError):
         raise DSparkError(f"{path} is not an SPS profile file (expected {{'profiles': {{...}}}})") from None
+
+
+def _write(path: str, data: dict) -> None:
+    """Replace the file in one step (a reader never sees half of it)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
 
 
 def lookup(path: str, key: dict, buckets: Sequence[int]) -> dict | None:
@@ -214,12 +243,31 @@ def save(path: str, key: dict, table: dict[int, float], bmax: int, draft_seconds
     if draft_seconds is not None:
         rec["draft_seconds"] = float(draft_seconds)
     data["profiles"][digest(key)] = rec
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    _write(path, data)
     return rec
+
+
+def save_rounds(path: str, key: dict, policy: str, rounds: dict) -> None:
+    """Store an engine's measured round times (Engine.profile_rounds: {"spec": {B: s},
+    "plain": {B: s}}) under the profile record of `key`, for `policy`."""
+    data = _read(path)
+    rec = data["profiles"].get(digest(key))
+    if rec is None or rec.get("key") != key:
+        raise DSparkError(f"{path} holds no SPS profile for this engine; profile SPS(B) first")
+    rec.setdefault("rounds", {})[policy] = {kind: {str(int(b)): float(t) for b, t in sorted(rounds[kind].items())}
+                                            for kind in ("spec", "plain")}
+    _write(path, data)
+
+
+def stored_rounds(rec: dict, policy: str, buckets: Sequence[int], plain_buckets: Sequence[int]) -> dict | None:
+    """The record's round times for `policy` if they cover these buckets, else None."""
+    got = (rec or {}).get("rounds", {}).get(policy)
+    if not got:
+        return None
+    out = {kind: {int(b): float(t) for b, t in got.get(kind, {}).items()} for kind in ("spec", "plain")}
+    if any(int(b) not in out["spec"] for b in buckets) or any(int(b) not in out["plain"] for b in plain_buckets):
+        return None
+    return out
 
 
 def load_or_profile(tcfg, tparams, *, slots: int, gamma: int, max_len: int, buckets: Sequence[int] | None = None,
@@ -269,6 +317,11 @@ def plot(rec: dict, png: str) -> str:
         d = float(rec["draft_seconds"])
         ax.plot(bs, sps[1:] * bs / (1.0 + d * sps[1:]), "--", label="B tokens/s with drafting")
         title += f", drafting {d * 1e3:.2f} ms"
+    for policy, rounds in sorted(rec.get("rounds", {}).items()):
+        for kind, marker in (("spec", "s"), ("plain", "^")):
+            pts = sorted((int(b), 1.0 / float(t)) for b, t in rounds.get(kind, {}).items())
+            ax.plot([b for b, _ in pts], [r for _, r in pts], marker, mfc="none",
+                    label=f"{policy} engine round ({'speculative' if kind == 'spec' else 'plain'}), rounds/s")
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("verification budget B (tokens)")
     ax.set_ylabel("steps / s")
@@ -287,4 +340,10 @@ def markdown(rec: dict) -> str:
         lines.append(f"| {b} | {v:.1f} | {1000.0 / v:.3f} | {b * v:.0f} |")
     if rec.get("draft_seconds") is not None:
         lines.append(f"\ndrafting pass (all slots): {float(rec['draft_seconds']) * 1e3:.3f} ms")
+    for policy, rounds in sorted(rec.get("rounds", {}).items()):
+        lines += [f"\nengine rounds ({policy}): ms per round", "| B | speculative | plain |", "| ---: | ---: | ---: |"]
+        for b in sorted({int(b) for kind in ("spec", "plain") for b in rounds.get(kind, {})}):
+            cells = [f"{float(rounds[kind][str(b)]) * 1e3:.3f}" if str(b) in rounds.get(kind, {}) else ""
+                     for kind in ("spec", "plain")]
+            lines.append(f"| {b} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)

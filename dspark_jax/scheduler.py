@@ -15,6 +15,9 @@ two agree; where drafting costs as much as a verification step (a CPU, a tiny ta
 the fixed cost makes each round worth filling and decides whether drafting pays at
 all: `speculation_pays` compares the best speculative round predicted from earlier
 rounds' survival with a plain decoding round (R tokens at SPS(R), no drafting).
+The engine can also hand in its measured round rates instead (profile_sps.py, "round
+profile"): sps[B] = speculative engine rounds per second at budget B, drafting,
+acceptance and host work included, with draft_time = 0.
 
 Policies (all pure; `*_jnp` variants run inside jit on device):
 
@@ -109,19 +112,21 @@ def global_capacity(survival: np.ndarray, sps: np.ndarray, *, draft_time: float 
     return int(ks[np.argmax(theta)])
 
 
-def speculation_pays(survival, sps, *, draft_time: float, plain_time: float = 0.0) -> tuple[bool, float, float]:
+def speculation_pays(survival, sps, *, draft_time: float, plain_sps=None) -> tuple[bool, float, float]:
     """Whether a speculative round is expected to beat a plain decoding round.
 
     survival [R, gamma]: the best available estimate of this round's prefix survival
     (earlier rounds' values: the decision must not depend on this round's drafts).
-    draft_time / plain_time: seconds a speculative / plain round costs beyond its target
-    pass 1 / SPS(B). Returns (pays, predicted Theta of the best speculative round
-    (drafting included), Theta of a plain round: R tokens at SPS(R), nothing drafted).
+    draft_time: seconds a speculative round costs beyond 1 / sps[B]. plain_sps: rate of a
+    plain round at R tokens, indexed by R (None: `sps`, the target pass alone). Returns
+    (pays, predicted Theta of the best speculative round (drafting included), Theta of a
+    plain round: R tokens, nothing drafted).
     """
     survival, sps = _check(survival, sps)
     r_count = survival.shape[0]
     _, theta = _capacity_curve(survival, sps, draft_time)
-    spec, plain = float(np.max(theta)), float(rate(r_count, sps[r_count], plain_time))
+    plain_sps = sps if plain_sps is None else np.asarray(plain_sps, np.float64)
+    spec, plain = float(np.max(theta)), float(r_count * plain_sps[r_count])
     return spec > plain, spec, plain
 
 

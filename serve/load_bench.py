@@ -43,14 +43,15 @@ def main(argv=None) -> None:
     p.add_argument("--length-spread", type=float, default=0.0,
                    help="request lengths vary: max_new_tokens x U[1-s, 1+s] per request (same for every policy)")
     p.add_argument("--no-draft-cost", action="store_true",
-                   help="the paper's objective tau x SPS(B): no drafting time, no drafting gate")
+                   help="the paper's objective tau x SPS(B): no drafting time, no round profile, no drafting gate")
+    p.add_argument("--no-round-profile", action="store_true",
+                   help="scheduled policies: predict round costs from SPS(B) and a drafting pass instead of "
+                        "timing the engine's rounds")
     p.add_argument("--prefill-chunk", type=int, default=64,
                    help="prompt tokens per round that ride along in the verification pass while other "
                         "slots decode (0: a separate prefill pass per admission)")
     p.add_argument("--recalibrate", action="store_true",
                    help="scheduled policies: correct the confidences online from observed acceptances")
-    p.add_argument("--online-costs", action="store_true",
-                   help="gated policies: learn what rounds cost from the clock instead of the profile")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--out-dir", default="load_bench_out")
     args = p.parse_args(argv)
@@ -78,7 +79,7 @@ def main(argv=None) -> None:
             temperature=args.temperature, seed=args.seed, max_len=args.max_len, sps_file=args.sps_file,
             buckets=args.buckets, repeats=args.repeats, draft_cost=not args.no_draft_cost,
             length_spread=args.length_spread, prefill_chunk=args.prefill_chunk,
-            recalibrate=args.recalibrate, online_costs=args.online_costs)
+            recalibrate=args.recalibrate, round_profile=not args.no_round_profile)
         tcfg, tparams = target.load(tfolder, args.dtype)
         drafter = dparams = None
         if dfolder is not None:

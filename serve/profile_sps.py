@@ -1,9 +1,12 @@
 """Profile SPS(B), the packed verification pass's steps/s at every engine budget bucket.
 
     python -m serve.profile_sps --target T --draft D --slots 8 [--out FILE] [--plot sps.png]
+                                [--rounds production algorithm1]
 
 With a drafter, one drafting pass over all slots is timed too (the fixed cost the
-scheduler charges a speculative round). The curve is stored in FILE (default
+scheduler charges a speculative round). --rounds also times the engine's own rounds
+(speculative and plain, at every bucket) for those scheduled policies; an engine that
+finds them schedules with them instead of the pass-plus-drafting model. The curve is stored in FILE (default
 $DSPARK_SPS_FILE or ~/.cache/dspark_jax/sps.json) under a key of backend, device kind,
 model shape, mesh, slots, gamma, cache length and drafter; the engine reuses a matching
 entry at start-up. A matching entry is reused here too unless --force.
@@ -32,6 +35,8 @@ def main(argv=None) -> None:
     p.add_argument("--force", action="store_true", help="measure even when a matching profile exists")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--json", action="store_true", help="print the stored record as JSON")
+    p.add_argument("--rounds", nargs="+", default=(), choices=("algorithm1", "production"),
+                   help="also time the engine's rounds for these scheduled policies (needs a drafter)")
     args = p.parse_args(argv)
     with cli_errors("serve.profile_sps"):
         from tqdm import tqdm
@@ -56,6 +61,15 @@ def main(argv=None) -> None:
                 tcfg, tparams, slots=args.slots, gamma=gamma, max_len=args.max_len, buckets=buckets,
                 tap_layers=taps, path=args.out, force=args.force, warmup=args.warmup, repeats=args.repeats,
                 progress=bar.update, drafter=drafter, dparams=dparams)
+        if args.rounds:
+            from dspark_jax.engine import Engine
+
+            if drafter is None:
+                raise DSparkError("--rounds needs a drafter (--draft)")
+            for policy in tqdm(args.rounds, desc="engine rounds", unit="policy"):
+                Engine(tcfg, tparams, drafter, dparams, slots=args.slots, max_len=args.max_len, policy=policy,
+                       sps_file=args.out, buckets=buckets).profile_rounds(repeats=args.repeats, warmup=args.warmup)
+            rec = profile_sps.lookup(args.out or profile_sps.default_path(), rec["key"], buckets)
         if args.plot:
             profile_sps.plot(rec, args.plot)
         if args.json:

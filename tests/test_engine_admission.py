@@ -1,11 +1,9 @@
-"""Chunked prefill mixed into the engine's rounds, the online confidence correction and
-the measured round costs:
+"""Chunked prefill mixed into the engine's rounds and the online confidence correction:
 a prompt chunk riding along in a verification pass computes what a dense pass computes;
 at temperature 0 every request still equals greedy decoding with prompts split into
 several chunks; at temperature 1 a request samples exactly the tokens it samples when
 admitted by a separate prefill pass (same keys); the correction learns acceptance rates
-and, for a drafter that over-promises, makes the scheduler verify less; measured round
-costs replace the profiled drafting time (robust to compiling rounds)."""
+and, for a drafter that over-promises, makes the scheduler verify less."""
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +13,6 @@ import pytest
 from dspark_jax import speculate, target
 from dspark_jax.calibration import OnlineCorrection
 from dspark_jax.engine import Engine
-from dspark_jax.engine_records import RoundCosts
 from tests.test_engine import ADAPTIVE, FULL, MAX_LEN, NEW, PROMPTS, SLOTS, SPS, pair, run_staggered, slot_oracle
 
 assert pair  # a fixture, used by name
@@ -140,32 +137,3 @@ def test_schedule_depths_applies_the_correction():
                                                sched.max_depth, sampled=jnp.asarray([False, True]))
     np.testing.assert_allclose(np.asarray(survival[0]), 0.45 ** np.arange(1, 4), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(survival[1]), 0.9 ** np.arange(1, 4), rtol=1e-5)
-
-
-def test_round_costs_are_medians_of_what_rounds_cost_beyond_their_pass():
-    costs = RoundCosts(draft_time=0.004, window=5, min_rounds=3)
-    assert (costs.draft_time, costs.plain_time) == (0.004, 0.0)  # the profile until rounds are seen
-    for seconds in (3.0, 0.020, 0.022):  # the first round compiled
-        costs.observe(True, seconds, 0.010)
-    costs.observe(False, 0.012, 0.010)
-    assert costs.draft_time == pytest.approx(0.012) and costs.plain_time == 0.0
-    for _ in range(2):
-        costs.observe(False, 0.013, 0.010)
-    assert costs.plain_time == pytest.approx(0.003)
-    costs.observe(True, 0.001, 0.010)  # faster than its pass: counts as no extra cost
-    assert costs.draft_time == pytest.approx(0.011)  # median of 2.99, 0.010, 0.012, 0
-
-
-def test_engine_learns_its_drafting_time_from_the_clock(pair):
-    """A clock that advances 50 ms per reading: every round seems to cost far more than the
-    profile's pass, so the drafting time the scheduler uses grows past the profiled one,
-    and the output is still greedy."""
-    tcfg, tparams, ref = pair
-    drafter, dparams = slot_oracle(tcfg, ref)
-    ticks = iter(np.arange(0.0, 1e4, 0.05))
-    engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="algorithm1", sps=SPS,
-                    buckets=(FULL,), draft_time=0.004, clock=lambda: float(next(ticks)), online_costs=True)
-    assert engine.costs is not None and engine.current_draft_time == 0.004
-    results = run_staggered(engine)
-    assert [r.token_ids for r in results] == ref
-    assert engine.current_draft_time > 0.02, engine.current_draft_time

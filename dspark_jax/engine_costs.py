@@ -1,0 +1,132 @@
+"""What a round costs, as the engine's scheduled policies see it, and the drafting gate.
+
+Two cost models feed Algorithm 1, the production variant and the gate:
+
+- the pass model (always there): SPS(B) of the target's verification pass and one
+  drafting pass's seconds, both from profile_sps; a speculative round at budget B is
+  predicted to take draft_time + 1 / SPS(B), a plain round with R rows 1 / SPS(R);
+- the round profile (`Engine.profile_rounds`, or stored in the profile file): the
+  engine's own compiled rounds timed at every bucket, speculative and plain. A round is
+  more than its passes: acceptance, the drafter's ingest of committed positions, reading
+  the round's summary back and the host's bookkeeping. On the CPU demo these add ~5 ms
+  to a 13 ms prediction at 4 slots, and a model that misses them verifies too little
+  and drafts when a plain round would be faster. With a round profile the objective is
+  Theta = tau* x rounds/s(B), with no separate drafting term.
+
+Whatever the model, a round at budget B runs its bucket's static-shape program, so it
+costs what that bucket costs. The production variant's global search reads the rates
+as that step curve (profile_sps.at_buckets): its capacity then lands on a bucket's edge
+and the padding of the chosen bucket is verified rather than wasted. Algorithm 1's early
+stop needs a curve without steps (it would stop at the first bucket edge), so it reads
+the rates interpolated linearly between buckets. Plain rounds always run at the bucket
+of their row count.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from dspark_jax import profile_sps, scheduler, speculate
+from dspark_jax.errors import DSparkError
+
+SCHEDULED = ("algorithm1", "production")
+
+
+class RoundCostModel:
+    """Mixin of `Engine`: the scheduled policies' cost curves, their measurement and the
+    drafting gate. Expects the engine's policy, slots, gamma, buckets and round state."""
+
+    def _resolve_sps(self, sps, sps_file) -> tuple[np.ndarray, float, dict | None]:
+        """(pass SPS at every budget, the profiled drafting seconds (0 when none was
+        profiled), the profile record when it came from a file)."""
+        bmax = self.full_budget
+        self._profile_ref = None
+        if sps is None and self.policy not in SCHEDULED:
+            return np.ones(bmax + 1, np.float32), 0.0, None  # unused by the other policies
+        draft_seconds, rec = 0.0, None
+        if sps is None:
+            sps, rec = profile_sps.load_or_profile(
+                self.tcfg, self.tparams, slots=self.slots, gamma=self.gamma, max_len=self.max_len,
+                buckets=self.buckets, tap_layers=self.drafter.tap_layers, mesh=self.mesh, path=sps_file,
+                drafter=self.drafter if self.dparams is not None else None, dparams=self.dparams)
+            draft_seconds = float(rec.get("draft_seconds", 0.0))
+            self._profile_ref = (sps_file or profile_sps.default_path(), rec["key"])
+        elif isinstance(sps, dict):
+            sps = profile_sps.interpolate(sps, bmax)
+        sps = np.asarray(sps, np.float32).reshape(-1)
+        if len(sps) < bmax + 1:  # a shorter table ends there (later budgets are never chosen)
+            sps = np.concatenate([sps, np.zeros(bmax + 1 - len(sps), np.float32)])
+        return sps[:bmax + 1], draft_seconds, rec
+
+    @property
+    def plain_buckets(self) -> tuple[int, ...]:
+        """The buckets plain rounds run at: one per active-row count."""
+        return tuple(sorted({self._bucket(n) for n in range(1, self.slots + 1)}))
+
+    def _apply_costs(self, rounds: dict | None) -> None:
+        """Set the curves the scheduled policies read: from measured `rounds` ({"spec":
+        {B: s}, "plain": {B: s}}) when given, else from the pass model."""
+        bmax = self.full_budget
+        if rounds is not None:
+            missing = [b for b in self.buckets if b not in rounds["spec"]]
+            missing += [b for b in self.plain_buckets if b not in rounds["plain"]]
+            if missing:
+                raise DSparkError(f"the round profile has no time for bucket {missing[0]}")
+            spec = profile_sps.interpolate({b: 1.0 / t for b, t in rounds["spec"].items()}, bmax)
+            plain = np.zeros(bmax + 1, np.float32)
+            for b, t in rounds["plain"].items():
+                plain[int(b)] = 1.0 / t
+            draft_time = 0.0
+        else:
+            spec, plain, draft_time = self._pass_sps, self._pass_sps, self._pass_draft_time
+        self.rounds = rounds
+        self.draft_time = float(draft_time)
+        self.sps = profile_sps.at_buckets(spec, self.buckets) if self.policy == "production" else spec
+        self.plain_sps = profile_sps.at_buckets(plain, self.plain_buckets)[:self.slots + 1]
+        self.gated = self.policy in SCHEDULED and self.gamma > 0 and (draft_time > 0 or rounds is not None)
+        self._upload_costs()
+
+    def profile_rounds(self, repeats: int = 8, warmup: int = 2, save: bool = True) -> dict:
+        """Time this engine's rounds at every bucket, speculative and plain (low quartile of
+        `repeats` after `warmup` compiling / warming runs), over idle slots: shapes are
+        static, so an empty row costs what a busy one does. The scheduled policies then
+        use them; with `save` they go to the profile file the engine's SPS came from.
+        Returns {"spec": {B: seconds}, "plain": {B: seconds}}, which
+        `Engine(..., rounds=...)` also takes."""
+        if self.policy not in SCHEDULED or self.gamma == 0:
+            raise DSparkError(f"round profiles serve the scheduled policies ({', '.join(SCHEDULED)}); "
+                              f"this engine runs '{self.policy}'")
+        if not self.idle:
+            raise DSparkError("profile_rounds needs an idle engine")
+        times: dict[str, dict[int, float]] = {"spec": {}, "plain": {}}
+        kinds = [(b, True) for b in self.buckets] + [(b, False) for b in self.plain_buckets]
+        for b, draft in kinds:
+            samples = []
+            for i in range(max(1, warmup) + max(1, repeats)):
+                t0 = self.clock()
+                self._state, self._stale, info = speculate.engine_round(
+                    self.tcfg, self.drafter, self.gamma, b, self.policy, self.tparams, self.dparams,
+                    self._state, self._stale, self._schedule(), draft=draft)
+                jax.device_get(info)
+                if i >= max(1, warmup):
+                    samples.append(self.clock() - t0)
+            times["spec" if draft else "plain"][b] = max(profile_sps.low_quartile(samples), 1e-9)
+        self._apply_costs(times)
+        if save and self._profile_ref is not None:
+            profile_sps.save_rounds(*self._profile_ref, self.policy, times)
+        return times
+
+    def should_draft(self, occupied: Sequence[int]) -> bool:
+        """The drafting gate: draft unless a plain round is predicted faster (from earlier
+        rounds only). Always True for ungated policies."""
+        if not self.gated or self._prior is None or self._plain_streak >= self.probe_every:
+            return True
+        idx = np.asarray(occupied)
+        est = self._latest[idx].astype(np.float64)
+        est[est.max(axis=1) <= 0] = self._prior
+        est *= np.arange(self.gamma)[None, :] < self._depth_limits(idx)[:, None]
+        pays, _, _ = scheduler.speculation_pays(est, self.sps, draft_time=self.draft_time, plain_sps=self.plain_sps)
+        return pays

@@ -1,0 +1,105 @@
+"""The scheduled policies' cost model: the step curve the production variant reads (a
+round at B costs its bucket), the plain round's own rate in the drafting gate, and
+measured round times (Engine.profile_rounds): they reach the gate and the objective,
+go to the profile file and come back from it, and the output stays greedy."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dspark_jax import profile_sps, scheduler
+from dspark_jax.engine import Engine
+from dspark_jax.errors import DSparkError
+from tests.test_engine import ADAPTIVE, FULL, GAMMA, MAX_LEN, SLOTS, SPS, pair, run_staggered, slot_oracle
+
+assert pair  # a fixture, used by name
+
+
+def test_step_curve_puts_production_capacity_on_a_bucket_edge():
+    sps = 100.0 / (1.0 + 0.15 * np.arange(17))
+    buckets = (2, 4, 8, 16)
+    step = profile_sps.at_buckets(sps, buckets)
+    np.testing.assert_allclose(step[[1, 2, 3, 4, 5, 8, 9, 16]], sps[[2, 2, 4, 4, 8, 8, 16, 16]], rtol=1e-6)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        rows = int(rng.integers(1, 4))
+        survival = np.cumprod(rng.uniform(0.2, 1.0, (rows, 5)), axis=1)
+        k = scheduler.global_capacity(survival, step)
+        assert rows + k in buckets or k == survival.size, (rows, k)
+        # at the cost the engine really pays (its bucket's), the interpolated choice is never better
+        k_smooth = scheduler.global_capacity(survival, sps)
+        theta = [scheduler.throughput(survival, step, scheduler._top_k_depths(survival, kk)) for kk in (k, k_smooth)]
+        assert theta[0] >= theta[1] - 1e-9
+
+
+def test_gate_reads_the_plain_round_rate():
+    survival = np.cumprod(np.full((2, 3), 0.6), axis=1)
+    sps = np.full(9, 100.0)
+    assert scheduler.speculation_pays(survival, sps, draft_time=0.0)[0]
+    pays, spec, plain = scheduler.speculation_pays(survival, sps, draft_time=0.0, plain_sps=np.full(9, 300.0))
+    assert not pays and plain == pytest.approx(600.0) and spec < plain
+
+
+def _rounds(spec_ms: float, plain_ms: float) -> dict:
+    return {"spec": {b: spec_ms / 1e3 for b in ADAPTIVE}, "plain": {2: plain_ms / 1e3}}
+
+
+@pytest.mark.parametrize("policy", ["production", "algorithm1"])
+def test_measured_round_times_drive_the_gate(pair, policy):
+    """Speculative rounds measured 20x dearer than plain ones: the gate runs plain rounds
+    except for its probes; measured equal: it always drafts. Greedy either way."""
+    tcfg, tparams, ref = pair
+    drafter, dparams = slot_oracle(tcfg, ref)
+    plain_rounds = {}
+    for name, rounds in (("dear", _rounds(20.0, 1.0)), ("cheap", _rounds(1.0, 1.0))):
+        engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy=policy, sps=SPS,
+                        buckets=ADAPTIVE, draft_time=0.5, probe_every=3, rounds=rounds)
+        assert engine.gated and engine.draft_time == 0.0  # the measured rounds include drafting
+        np.testing.assert_allclose(engine.plain_sps[1:], 1e3 / 1.0, rtol=1e-6)
+        assert [r.token_ids for r in run_staggered(engine)] == ref
+        plain_rounds[name] = (engine.metrics.plain_rounds, engine.metrics.rounds)
+    dear, cheap = plain_rounds["dear"], plain_rounds["cheap"]
+    assert cheap[0] == 0 and dear[0] >= dear[1] // 2, plain_rounds
+    with pytest.raises(DSparkError, match="bucket"):
+        Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy=policy, sps=SPS,
+               buckets=ADAPTIVE, rounds={"spec": {2: 0.01}, "plain": {2: 0.01}})
+
+
+def test_profile_rounds_is_stored_and_reused(pair, tmp_path):
+    """An engine whose SPS profile comes from a file times its rounds at every bucket,
+    writes them next to the profile, and the next engine on that file schedules with them."""
+    tcfg, tparams, ref = pair
+    drafter, dparams = slot_oracle(tcfg, ref)
+    path = str(tmp_path / "sps.json")
+    key = profile_sps.profile_key(tcfg, slots=SLOTS, gamma=GAMMA, max_len=MAX_LEN,
+                                  tap_layers=drafter.tap_layers, drafter=drafter)
+    profile_sps.save(path, key, {b: float(SPS[b]) for b in ADAPTIVE}, FULL, draft_seconds=0.004)
+    ticks = iter(np.arange(0.0, 1e5, 0.01))  # every clock reading 10 ms later: every round "takes" 10 ms
+
+    def make(policy="production", **kw):
+        return Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy=policy,
+                      sps_file=path, buckets=ADAPTIVE, **kw)
+
+    first = make(clock=lambda: float(next(ticks)))
+    assert first.rounds is None and first.draft_time == pytest.approx(0.004)  # the pass model
+    times = first.profile_rounds(repeats=3, warmup=1)
+    assert sorted(times["spec"]) == list(ADAPTIVE) and sorted(times["plain"]) == [2]
+    assert all(t == pytest.approx(0.01) for kind in times.values() for t in kind.values())
+    assert first.rounds == times and first.draft_time == 0.0
+    stored = json.load(open(path))["profiles"][profile_sps.digest(key)]["rounds"]["production"]
+    assert stored["spec"] == {str(b): pytest.approx(0.01) for b in ADAPTIVE}
+    assert "engine rounds (production)" in profile_sps.markdown(json.load(open(path))["profiles"][
+        profile_sps.digest(key)])
+
+    second = make()
+    assert second.rounds is not None and second.gated and second.draft_time == 0.0
+    np.testing.assert_allclose(second.sps[1:], 100.0, rtol=1e-5)  # 10 ms at every bucket
+    assert [r.token_ids for r in run_staggered(second)] == ref
+    assert make(policy="algorithm1").rounds is None  # stored per policy
+    fixed = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="fixed", buckets=(FULL,))
+    with pytest.raises(DSparkError, match="scheduled policies"):
+        fixed.profile_rounds()
+    second.submit([1, 2, 3], 4)
+    with pytest.raises(DSparkError, match="idle"):
+        second.profile_rounds()
