@@ -22,13 +22,13 @@ each policy's depths then stay lossless.
 The other is the drafting gate of the scheduled policies (algorithm1, production), on
 when the cost model charges drafting (a profiled `draft_time` > 0, or round times):
 each round, before drafting, the host predicts the best speculative round from every
-slot's latest survival (a running mean per position stands in for slots not drafted
-for yet) and runs a plain decoding round instead when that one is expected to be faster
-(`scheduler.speculation_pays`). Plain rounds still feed the drafter the committed
-positions; after `probe_every` plain rounds in a row one speculative round refreshes the
-estimates. A plain round is every depth at 0, chosen before the drafts exist: lossless.
-The fixed policy with depth d < gamma drafts only d tokens (the drafter's gamma is cut
-to d), so MTP-1 costs one drafted token, not a block.
+slot's survival, smoothed over its drafted rounds (a running mean per position stands in
+for slots not drafted for yet), and runs a plain decoding round instead when that one
+is expected to be faster (`scheduler.speculation_pays`). Plain rounds still feed the
+drafter the committed positions; after `probe_every` plain rounds in a row one
+speculative round refreshes the estimates. A plain round is every depth at 0, chosen
+before the drafts exist: lossless. The fixed policy with depth d < gamma drafts only d
+tokens (the drafter's gamma is cut to d), so MTP-1 costs one drafted token, not a block.
 
 What a round costs (engine_costs.py): by default the target pass's SPS(B) plus a
 drafting pass; after `engine.profile_rounds()` (or when the profile file holds them) the
@@ -187,7 +187,9 @@ class Engine(SlotAdmission, RoundCostModel):
         self._stops = np.full((slots, max_stop_ids), -1, np.int32)
         self._max_depth = np.zeros(slots, np.int32)
         self._last_round: tuple[int, int] | None = None  # (active slots, verified B)
-        self._latest = np.zeros((slots, self.gamma), np.float32)  # each slot's latest drafted survival
+        # each slot's survival, smoothed over its drafted rounds: it predicts the next round's
+        # committed tokens better than the last round's survival alone (the drafting gate reads it)
+        self._recent = np.zeros((slots, self.gamma), np.float32)
         self._prior: np.ndarray | None = None  # running mean survival per position (drafted rounds)
         self._prior_dev = jnp.zeros((self.gamma,), jnp.float32)  # its device copy (zeros until known)
         self._plain_streak = 0
@@ -330,13 +332,17 @@ class Engine(SlotAdmission, RoundCostModel):
         return np.clip(np.minimum(self._max_depth[idx], self._max_new[idx] - self._n_out[idx] - 1), 0, self.gamma)
 
     def _learn_survival(self, occupied: Sequence[int], info) -> None:
-        """Keep each drafted slot's survival and the running per-position mean."""
+        """Fold the round's survival into each drafted slot's smoothed survival (a new slot
+        starts from the running per-position mean) and into that mean."""
         idx = np.asarray([s for s in occupied if info.active[s]], np.int64)
-        if not len(idx):
+        if not len(idx) or self.gamma == 0:
             return
         surv = np.asarray(info.survival[idx], np.float64)
         live = np.arange(self.gamma)[None, :] < self._depth_limits(idx)[:, None]
-        self._latest[idx] = surv
+        prev = self._recent[idx].astype(np.float64)
+        fresh = prev.max(axis=1, keepdims=True) <= 0
+        base = np.where(fresh, self._prior if self._prior is not None else surv, prev)
+        self._recent[idx] = np.where(live, 0.8 * base + 0.2 * surv, base)
         counts = live.sum(axis=0)
         if not counts.any():
             return

@@ -125,7 +125,7 @@ class RoundCostModel:
         if not self.gated or self._prior is None or self._plain_streak >= self.probe_every:
             return True
         idx = np.asarray(occupied)
-        est = self._latest[idx].astype(np.float64)
+        est = self._recent[idx].astype(np.float64)
         est[est.max(axis=1) <= 0] = self._prior
         est *= np.arange(self.gamma)[None, :] < self._depth_limits(idx)[:, None]
         pays, _, _ = scheduler.speculation_pays(est, self.sps, draft_time=self.draft_time, plain_sps=self.plain_sps)

@@ -187,13 +187,13 @@ def test_gate_decision_follows_the_cost_model(pair):
     engine.step()  # admits both (their depth limits are known from here on) and drafts
     assert engine.metrics.plain_rounds == 0 and engine._prior is not None
     engine._prior = np.zeros(GAMMA)
-    engine._latest[:] = 0.0
+    engine._recent[:] = 0.0
     assert not engine.should_draft([0, 1])  # nothing would survive: drafting cannot pay
-    engine._latest[:] = np.cumprod(np.full((SLOTS, GAMMA), 0.95), axis=1)
-    pays, spec, plain = scheduler.speculation_pays(engine._latest.astype(np.float64), engine.sps, draft_time=0.004)
+    engine._recent[:] = np.cumprod(np.full((SLOTS, GAMMA), 0.95), axis=1)
+    pays, spec, plain = scheduler.speculation_pays(engine._recent.astype(np.float64), engine.sps, draft_time=0.004)
     assert engine.should_draft([0, 1]) == pays and pays and spec > plain
     engine._plain_streak = engine.probe_every  # a probe is due whatever the estimate
-    engine._latest[:] = 0.0
+    engine._recent[:] = 0.0
     assert engine.should_draft([0, 1])
     # without a drafting time there is no gate, and ungated policies always draft
     assert not Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="production",

@@ -103,3 +103,33 @@ def test_profile_rounds_is_stored_and_reused(pair, tmp_path):
     second.submit([1, 2, 3], 4)
     with pytest.raises(DSparkError, match="idle"):
         second.profile_rounds()
+
+
+def test_gate_reads_each_slots_smoothed_survival(pair):
+    """The gate's estimate is each slot's survival smoothed over its rounds (new slots
+    start from the running mean), and positions past a slot's depth limit keep their value."""
+    import types
+
+    tcfg, tparams, ref = pair
+    drafter, dparams = slot_oracle(tcfg, ref)
+    engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="algorithm1", sps=SPS,
+                    buckets=ADAPTIVE, draft_time=0.004)
+    engine._max_depth[:], engine._max_new[:], engine._n_out[:] = GAMMA, 20, 1
+
+    def learn(survival, active=(True, True)):
+        engine._learn_survival(range(SLOTS), types.SimpleNamespace(active=np.asarray(active),
+                                                                    survival=np.asarray(survival, np.float32)))
+
+    first = np.array([[0.9, 0.5, 0.2], [0.6, 0.3, 0.1]])
+    learn(first)
+    np.testing.assert_allclose(engine._recent, first, rtol=1e-6)  # no history, no mean yet: taken as is
+    second = np.array([[0.1, 0.0, 0.0], [0.8, 0.8, 0.8]])
+    engine._n_out[1] = 18  # one draft of room left: only slot 1's first position is live
+    learn(second)
+    np.testing.assert_allclose(engine._recent[0], 0.8 * first[0] + 0.2 * second[0], rtol=1e-6)
+    np.testing.assert_allclose(engine._recent[1], [0.8 * 0.6 + 0.2 * 0.8, 0.3, 0.1], rtol=1e-6)
+    engine._recent[1], engine._n_out[1] = 0.0, 1  # a newly seated slot starts from the running mean
+    prior = engine._prior.copy()
+    learn(second, active=(False, True))
+    np.testing.assert_allclose(engine._recent[1], 0.8 * prior + 0.2 * second[1], rtol=1e-6)
+    np.testing.assert_allclose(engine._recent[0], 0.8 * first[0] + 0.2 * second[0], rtol=1e-6)  # not drafted
