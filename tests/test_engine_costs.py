@@ -1,7 +1,8 @@
 """The scheduled policies' cost model: the step curve the production variant reads (a
 round at B costs its bucket), the plain round's own rate in the drafting gate, and
 measured round times (Engine.profile_rounds): they reach the gate and the objective,
-go to the profile file and come back from it, and the output stays greedy."""
+go to the profile file and come back from it, and the output stays greedy; and the
+per-slot smoothed survival the gate reads."""
 
 import json
 
