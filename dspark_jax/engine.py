@@ -186,6 +186,7 @@ class Engine(SlotAdmission, RoundCostModel):
         self._max_new = np.ones(slots, np.int32)
         self._stops = np.full((slots, max_stop_ids), -1, np.int32)
         self._max_depth = np.zeros(slots, np.int32)
+        self._max_depth_dev: jax.Array | None = None  # its device copy (None: to be sent)
         self._last_round: tuple[int, int] | None = None  # (active slots, verified B)
         # each slot's survival, smoothed over its drafted rounds: it predicts the next round's
         # committed tokens better than the last round's survival alone (the drafting gate reads it)
@@ -281,9 +282,7 @@ class Engine(SlotAdmission, RoundCostModel):
         adm, plan = self._plan_chunks()
         draft = self.should_draft(occupied)
         budget = self.choose_budget(occupied) if draft else self._bucket(len(occupied))
-        self._state, self._stale, info = speculate.engine_round(
-            self.tcfg, self.drafter, self.gamma, budget, self.policy, self.tparams, self.dparams,
-            self._state, self._stale, self._schedule(), draft=draft, admission=adm)
+        info = self._round(budget, draft, adm)
         first, info = jax.device_get((first, info))
         now = self.clock()
         for s in admitted:
@@ -351,7 +350,8 @@ class Engine(SlotAdmission, RoundCostModel):
             self._prior = np.where(counts > 0, mean, 0.0)
         else:
             self._prior = np.where(counts > 0, 0.8 * self._prior + 0.2 * mean, self._prior)
-        self._prior_dev = jnp.asarray(self._prior, jnp.float32)
+        if self.policy == "production":  # only its capacity reads the prior on device
+            self._prior_dev = jnp.asarray(self._prior, jnp.float32)
 
     def _learn_correction(self, occupied: Sequence[int], info) -> None:
         """Feed the round's verified outcomes to the online confidence correction."""
@@ -403,18 +403,25 @@ class Engine(SlotAdmission, RoundCostModel):
                                                               np.ones(s, np.int32), np.zeros(s, np.uint32), budget)
         rounds = [(b, True) for b in self.buckets]
         if self.gated:
-            rounds += [(b, False) for b in sorted({self._bucket(n) for n in range(1, s + 1)})]
+            rounds += [(b, False) for b in self.plain_buckets]
         chunks = [None] + ([self._empty_admission()] if self.mixing else [])
         for (b, draft), adm in itertools.product(rounds, chunks):
-            self._state, self._stale, _ = speculate.engine_round(
-                self.tcfg, self.drafter, self.gamma, b, self.policy, self.tparams, self.dparams,
-                self._state, self._stale, self._schedule(), draft=draft, admission=adm)
+            self._round(b, draft, adm)
         jax.block_until_ready(self._state.anchor)
 
     # ---------------------------------------------------------------- internals
 
+    def _round(self, budget: int, draft: bool, admission=None):
+        """One `speculate.engine_round` over the slots (state updated in place) -> its info."""
+        self._state, self._stale, info = speculate.engine_round(
+            self.tcfg, self.drafter, self.gamma, budget, self.policy, self.tparams, self.dparams,
+            self._state, self._stale, self._schedule(), draft=draft, admission=admission)
+        return info
+
     def _schedule(self) -> speculate.Schedule:
-        return speculate.Schedule(sps=self._sps_dev, max_depth=jnp.asarray(self._max_depth),
+        if self._max_depth_dev is None:  # per-request limits reach the device when a slot is seated
+            self._max_depth_dev = jnp.asarray(self._max_depth)
+        return speculate.Schedule(sps=self._sps_dev, max_depth=self._max_depth_dev,
                                   threshold=self._threshold_dev, draft_time=self._draft_time_dev,
                                   prior=self._prior_dev, conf_scale=self._conf_scale_dev)
 

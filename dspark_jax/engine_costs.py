@@ -29,7 +29,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from dspark_jax import profile_sps, scheduler, speculate
+from dspark_jax import profile_sps, scheduler
 from dspark_jax.errors import DSparkError
 
 SCHEDULED = ("algorithm1", "production")
@@ -107,10 +107,7 @@ class RoundCostModel:
             samples = []
             for i in range(max(1, warmup) + max(1, repeats)):
                 t0 = self.clock()
-                self._state, self._stale, info = speculate.engine_round(
-                    self.tcfg, self.drafter, self.gamma, b, self.policy, self.tparams, self.dparams,
-                    self._state, self._stale, self._schedule(), draft=draft)
-                jax.device_get(info)
+                jax.device_get(self._round(b, draft))
                 if i >= max(1, warmup):
                     samples.append(self.clock() - t0)
             times["spec" if draft else "plain"][b] = max(profile_sps.low_quartile(samples), 1e-9)

@@ -392,12 +392,20 @@ def admit(tcfg, drafter, tparams, dparams, state: DecodeState, stale, rows, prom
         nxt = jnp.concatenate([prompts[:, 1:], jnp.zeros_like(prompts[:, :1])], axis=1)
         nxt = jnp.where(jnp.arange(prompts.shape[1])[None] == (lengths - 1)[:, None], first[:, None], nxt)
         draft_cache = drafter.ingest(dparams, tparams, draft_cache, feats, nxt, jnp.where(rows, 0, old), q_lens)
-    state = state.replace(cache=cache, draft_cache=draft_cache, anchor=jnp.where(rows, first, state.anchor),
-                          keys=jnp.where(rows, k_next, state.keys), done=state.done & ~rows,
-                          out=jnp.where(rows[:, None], 0, state.out), n_out=jnp.where(rows, 0, state.n_out),
-                          max_new=max_new, stop_ids=stop_ids, sampling=sampling)
-    state, _ = _commit(state, first[:, None], jnp.ones_like(q_lens), rows)
-    return state, jnp.where(rows[None, :, None], 0.0, stale), first
+    state = state.replace(cache=cache, draft_cache=draft_cache, max_new=max_new, stop_ids=stop_ids,
+                          sampling=sampling)
+    state, stale = _start_rows(state, stale, rows, first, k_next)
+    return state, stale, first
+
+
+def _start_rows(state: DecodeState, stale, rows, first, k_next):
+    """Rows whose whole prompt is in the cache start decoding: `first` [S] is their anchor
+    and first output token, their keys, output and stale survival restart."""
+    state = state.replace(anchor=jnp.where(rows, first, state.anchor), keys=jnp.where(rows, k_next, state.keys),
+                          done=state.done & ~rows, out=jnp.where(rows[:, None], 0, state.out),
+                          n_out=jnp.where(rows, 0, state.n_out))
+    state, _ = _commit(state, first[:, None], jnp.ones(rows.shape, jnp.int32), rows)
+    return state, jnp.where(rows[None, :, None], 0.0, stale)
 
 
 @functools.partial(jax.jit, static_argnames=("tcfg", "drafter", "gamma", "budget", "policy", "draft"),
@@ -462,13 +470,8 @@ def engine_round(tcfg, drafter, gamma: int, budget: int, policy: str, tparams, d
     committed = jnp.pad(committed, ((0, 0), (0, gamma - g)))
     stale = jnp.stack([stale[1], survival]) if draft else stale
     if admission is not None:  # rows whose prompt is complete start decoding, as `admit` starts them
-        f = started
-        first = jnp.where(f, first, 0)
-        state = state.replace(anchor=jnp.where(f, first, state.anchor), keys=jnp.where(f, k_next, state.keys),
-                              done=state.done & ~f, out=jnp.where(f[:, None], 0, state.out),
-                              n_out=jnp.where(f, 0, state.n_out))
-        state, _ = _commit(state, first[:, None], jnp.ones((s,), jnp.int32), f)
-        stale = jnp.where(f[None, :, None], 0.0, stale)
+        first = jnp.where(started, first, 0)
+        state, stale = _start_rows(state, stale, started, first, k_next)
     info = EngineRoundInfo(draft=draft_tokens, confidence=conf, survival=survival, depth=depth, accepted=n,
                            tokens=committed, appended=appended, active=active, done=state.done,
                            capacity=capacity, verified=jnp.sum(jnp.where(active, 1 + depth, 0)).astype(jnp.int32),
