@@ -6,7 +6,7 @@
 
 Each slot is one row of a fixed-length KV cache (target and drafter) and of the jitted
 DecodeState. `step()` admits waiting requests into free slots, then runs one speculation
-round over the decoding slots (`speculate.engine_round`): drafting, depth scheduling on
+round over the decoding slots (`slot_round.engine_round`): drafting, depth scheduling on
 device, packed verification in a token-budget bucket, lossless acceptance. Admission
 (engine_slots.py) is a batched prefill pass when no slot decodes, and otherwise chunked
 prefill: the new prompt rides along in the rounds' verification passes, `prefill_chunk`
@@ -16,7 +16,7 @@ requests join and leave only there.
 
 The budget bucket is one of two decisions taken on the host. It uses only what is known
 before the round (active slots, the room each has left, the survival of earlier
-rounds), so it can never depend on the current round's drafts; see speculate.py for why
+rounds), so it can never depend on the current round's drafts; see slot_round.py for why
 each policy's depths then stay lossless.
 
 The other is the drafting gate of the scheduled policies (algorithm1, production), on
@@ -25,8 +25,10 @@ each round, before drafting, the host predicts the best speculative round from e
 slot's survival, smoothed over its drafted rounds (a running mean per position stands in
 for slots not drafted for yet), and runs a plain decoding round instead when that one
 is expected to be faster (`scheduler.speculation_pays`). Plain rounds still feed the
-drafter the committed positions; after `probe_every` plain rounds in a row one
-speculative round refreshes the estimates. A plain round is every depth at 0, chosen
+drafter the committed positions, deferred: a plain round only buffers their target
+features, and the next speculative round's drafter ingests them all in one call first,
+so a plain round costs what plain decoding costs. After `probe_every` plain rounds in a
+row one speculative round refreshes the estimates. A plain round is every depth at 0, chosen
 before the drafts exist: lossless. The fixed policy with depth d < gamma drafts only d
 tokens (the drafter's gamma is cut to d), so MTP-1 costs one drafted token, not a block.
 
@@ -66,7 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dspark_jax import generation, profile_sps, scheduler, speculate, target
+from dspark_jax import generation, profile_sps, scheduler, slot_round, speculate, target
 from dspark_jax.calibration import OnlineCorrection
 from dspark_jax.engine_costs import SCHEDULED, RoundCostModel
 from dspark_jax.engine_records import EngineMetrics, PendingRequest, RequestResult, TokenCallback, as_int, is_int
@@ -111,8 +113,8 @@ class Engine(SlotAdmission, RoundCostModel):
                  attention_impl: str = "auto", attention_interpret: bool = False):
         policy = policy or ("none" if drafter is None else
                             "production" if drafter_has_confidence(drafter) else "fixed")
-        if policy not in speculate.POLICIES:
-            raise DSparkError(f"unknown policy '{policy}' (choose from {', '.join(speculate.POLICIES)})")
+        if policy not in slot_round.POLICIES:
+            raise DSparkError(f"unknown policy '{policy}' (choose from {', '.join(slot_round.POLICIES)})")
         if policy == "none":
             drafter, dparams = None, None
         elif drafter is None:
@@ -176,6 +178,7 @@ class Engine(SlotAdmission, RoundCostModel):
             n_out=jnp.zeros((slots,), jnp.int32), max_new=jnp.ones((slots,), jnp.int32),
             stop_ids=jnp.full((slots, max_stop_ids), -1, jnp.int32), sampling=SamplingParams.make(slots))
         self._stale = jnp.zeros((2, slots, self.gamma), jnp.float32)
+        self._init_pending()
         # host mirrors of per-slot facts the budget choice and admission need
         self._stale_host = np.zeros((2, slots, self.gamma), np.float32)
         self._slot_req: list[PendingRequest | None] = [None] * slots
@@ -281,8 +284,10 @@ class Engine(SlotAdmission, RoundCostModel):
             return False
         adm, plan = self._plan_chunks()
         draft = self.should_draft(occupied)
+        self._settle_pending(draft)
         budget = self.choose_budget(occupied) if draft else self._bucket(len(occupied))
         info = self._round(budget, draft, adm)
+        self._pending_n += not draft and self._state.pending is not None
         first, info = jax.device_get((first, info))
         now = self.clock()
         for s in admitted:
@@ -407,21 +412,23 @@ class Engine(SlotAdmission, RoundCostModel):
         chunks = [None] + ([self._empty_admission()] if self.mixing else [])
         for (b, draft), adm in itertools.product(rounds, chunks):
             self._round(b, draft, adm)
+        for width in self.pending_widths:
+            self._ingest_pending(width)
         jax.block_until_ready(self._state.anchor)
 
     # ---------------------------------------------------------------- internals
 
     def _round(self, budget: int, draft: bool, admission=None):
-        """One `speculate.engine_round` over the slots (state updated in place) -> its info."""
-        self._state, self._stale, info = speculate.engine_round(
+        """One `slot_round.engine_round` over the slots (state updated in place) -> its info."""
+        self._state, self._stale, info = slot_round.engine_round(
             self.tcfg, self.drafter, self.gamma, budget, self.policy, self.tparams, self.dparams,
             self._state, self._stale, self._schedule(), draft=draft, admission=admission)
         return info
 
-    def _schedule(self) -> speculate.Schedule:
+    def _schedule(self) -> slot_round.Schedule:
         if self._max_depth_dev is None:  # per-request limits reach the device when a slot is seated
             self._max_depth_dev = jnp.asarray(self._max_depth)
-        return speculate.Schedule(sps=self._sps_dev, max_depth=self._max_depth_dev,
+        return slot_round.Schedule(sps=self._sps_dev, max_depth=self._max_depth_dev,
                                   threshold=self._threshold_dev, draft_time=self._draft_time_dev,
                                   prior=self._prior_dev, conf_scale=self._conf_scale_dev)
 

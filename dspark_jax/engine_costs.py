@@ -29,7 +29,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from dspark_jax import profile_sps, scheduler
+from dspark_jax import profile_sps, scheduler, slot_round, speculate
 from dspark_jax.errors import DSparkError
 
 SCHEDULED = ("algorithm1", "production")
@@ -127,3 +127,34 @@ class RoundCostModel:
         est *= np.arange(self.gamma)[None, :] < self._depth_limits(idx)[:, None]
         pays, _, _ = scheduler.speculation_pays(est, self.sps, draft_time=self.draft_time, plain_sps=self.plain_sps)
         return pays
+
+    # ------------------------------------------------ deferred drafter ingest of plain rounds
+
+    def _init_pending(self) -> None:
+        """Engines that may gate get a buffer (speculate.Pending) of up to min(probe_every,
+        16) plain rounds' committed positions per slot; the others ingest every round."""
+        self._pending_n = 0  # plain rounds buffered since the last ingest (host mirror)
+        self._pending_width = min(self.probe_every, 16)
+        if self.policy in SCHEDULED and self.gamma > 0:
+            feats = len(self.drafter.tap_layers) * self.tcfg.hidden_size
+            self._state = self._state.replace(pending=speculate.Pending.init(
+                self.slots, self._pending_width, feats, self.tcfg.jnp_dtype))
+
+    @property
+    def pending_widths(self) -> tuple[int, ...]:
+        """The compiled widths of the deferred ingest: powers of two up to the buffer's."""
+        if self._state.pending is None:
+            return ()
+        p = self._pending_width
+        return tuple(sorted({min(1 << k, p) for k in range(p.bit_length() + 1)}))
+
+    def _settle_pending(self, draft: bool) -> None:
+        """Before a round that drafts, or a plain round that would overflow the buffer, the
+        drafter ingests what the plain rounds since the last ingest buffered."""
+        n = self._pending_n
+        if n and (draft or n >= self._pending_width):
+            self._ingest_pending(min(w for w in self.pending_widths if w >= n))
+            self._pending_n = 0
+
+    def _ingest_pending(self, width: int) -> None:
+        self._state = slot_round.ingest_pending(self.drafter, self.tparams, self.dparams, self._state, width)

@@ -2,10 +2,10 @@
 
 Two ways in for a waiting request (both exact; the engine picks per step):
 
-- a prefill pass (`speculate.admit`): used when no slot is decoding, so nothing else
+- a prefill pass (`slot_round.admit`): used when no slot is decoding, so nothing else
   would run this step anyway. Every admitted prompt goes through one packed pass and
   samples its first token; the rows decode in the same step's round.
-- chunked prefill mixed into the round (`speculate.Admission`): used while other slots
+- chunked prefill mixed into the round (`slot_round.Admission`): used while other slots
   are decoding and `prefill_chunk` > 0 on a slot-cache target with a packed pass. The
   request takes its slot at once, and its prompt rides along in the verification
   passes, up to `prefill_chunk` tokens per round, one request's chunk per round in
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dspark_jax import speculate
+from dspark_jax import slot_round
 from dspark_jax.errors import DSparkError
 from dspark_jax.paged_cache import PageAllocator, PagedKVCache, pages_needed
 from dspark_jax.sampling import SamplingParams
@@ -135,7 +135,7 @@ class SlotAdmission:
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
         if budget is None:
             budget = self._prefill_budget(int(np.sum(np.where(rows, lengths, 0))), prompts.shape[1])
-        return speculate.admit(self.tcfg, self.drafter, self.tparams, self.dparams, self._state, self._stale,
+        return slot_round.admit(self.tcfg, self.drafter, self.tparams, self.dparams, self._state, self._stale,
                                jnp.asarray(rows), jnp.asarray(prompts), jnp.asarray(lengths, jnp.int32), keys,
                                self._sampling(), jnp.asarray(self._max_new), jnp.asarray(self._stops), budget=budget)
 
@@ -163,7 +163,7 @@ class SlotAdmission:
 
     def _admission(self, tokens, nxt, *, row: int, length: int, first: bool, final: bool, seed: int):
         """One chunk line and the per-slot arrays, sent to the device in one transfer."""
-        return jax.device_put(speculate.Admission(
+        return jax.device_put(slot_round.Admission(
             tokens=tokens, next=nxt, rows=np.asarray([row], np.int32), length=np.asarray([length], np.int32),
             first=np.asarray([first]), final=np.asarray([final]), seeds=np.asarray([seed], np.uint32),
             sampling=SamplingParams(self._temp.copy(), self._top_k.copy(), self._top_p.copy()),

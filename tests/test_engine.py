@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax import drafters, scheduler, speculate, target
+from dspark_jax import drafters, scheduler, slot_round, target
 from dspark_jax.engine import Engine
 from dspark_jax.errors import DSparkError
 from tests.conftest import FIXTURES
@@ -245,10 +245,10 @@ def test_production_capacity_uses_stale_survival():
     current = jnp.array([[0.9, 0.8, 0.7], [0.6, 0.5, 0.1], [0.9, 0.9, 0.9]], jnp.float32)
     stale = jnp.stack([jnp.array([[0.5, 0.1, 0.0], [0.2, 0.0, 0.0], [1.0, 1.0, 1.0]]),  # two rounds ago
                        jnp.ones((s, g))]).astype(jnp.float32)  # last round: must NOT be used
-    sched = speculate.Schedule(sps=jnp.asarray(100.0 / (1.0 + 0.2 * np.arange(budget + 1)), jnp.float32),
+    sched = slot_round.Schedule(sps=jnp.asarray(100.0 / (1.0 + 0.2 * np.arange(budget + 1)), jnp.float32),
                                max_depth=jnp.full((s,), g, jnp.int32), threshold=jnp.float32(0.5),
                                draft_time=jnp.float32(0.0), prior=jnp.zeros((g,), jnp.float32))
-    depth, survival, k = speculate.schedule_depths("production", budget, current, stale, sched, active,
+    depth, survival, k = slot_round.schedule_depths("production", budget, current, stale, sched, active,
                                                    sched.max_depth)
     want_k = scheduler.global_capacity_jnp(stale[0], sched.sps, active)
     assert int(k) == int(want_k) != int(scheduler.global_capacity_jnp(stale[1], sched.sps, active))
@@ -256,19 +256,19 @@ def test_production_capacity_uses_stale_survival():
     np.testing.assert_allclose(survival, surv, rtol=1e-6)
     np.testing.assert_array_equal(depth, scheduler.top_k_depths_jnp(jnp.asarray(surv), want_k, active))
     # the budget caps K (and every policy's depths)
-    depth, _, k = speculate.schedule_depths("production", 3, current, stale, sched, active, sched.max_depth)
+    depth, _, k = slot_round.schedule_depths("production", 3, current, stale, sched, active, sched.max_depth)
     assert int(k) <= 1 and int(jnp.sum(jnp.where(active, 1 + depth, 0))) <= 3
-    capped = speculate.cap_depths(jnp.array([3, 3, 3]), active, 5, g)
+    capped = slot_round.cap_depths(jnp.array([3, 3, 3]), active, 5, g)
     np.testing.assert_array_equal(capped, [2, 1, 0])  # position-major: both firsts, then one second
     # a row without history (just admitted) counts with the prior, never with zeros
     fresh = stale.at[0, 1].set(0.0)
     prior = jnp.array([0.9, 0.8, 0.7], jnp.float32)
-    est = speculate.stale_estimate(fresh[0], prior, jnp.broadcast_to(active[:, None], (s, g)))
+    est = slot_round.stale_estimate(fresh[0], prior, jnp.broadcast_to(active[:, None], (s, g)))
     np.testing.assert_allclose(est, [[0.5, 0.1, 0.0], [0.9, 0.8, 0.7], [0, 0, 0]], rtol=1e-6)
     with_prior = sched.replace(prior=prior)
-    _, _, k_prior = speculate.schedule_depths("production", budget, current, fresh, with_prior, active,
+    _, _, k_prior = slot_round.schedule_depths("production", budget, current, fresh, with_prior, active,
                                               sched.max_depth)
-    _, _, k_zero = speculate.schedule_depths("production", budget, current, fresh, sched, active, sched.max_depth)
+    _, _, k_zero = slot_round.schedule_depths("production", budget, current, fresh, sched, active, sched.max_depth)
     assert int(k_prior) == int(scheduler.global_capacity_jnp(est, sched.sps, active)) > int(k_zero)
 
 

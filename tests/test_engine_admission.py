@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax import speculate, target
+from dspark_jax import slot_round, target
 from dspark_jax.calibration import OnlineCorrection
 from dspark_jax.engine import Engine
 from tests.test_engine import ADAPTIVE, FULL, MAX_LEN, NEW, PROMPTS, SLOTS, SPS, pair, run_staggered, slot_oracle
@@ -128,12 +128,12 @@ def test_correction_reins_in_an_over_confident_drafter(pair):
 
 def test_schedule_depths_applies_the_correction():
     conf = jnp.full((2, 3), 0.9, jnp.float32)
-    sched = speculate.Schedule(sps=jnp.asarray(100.0 / (1.0 + 0.2 * np.arange(9)), jnp.float32),
+    sched = slot_round.Schedule(sps=jnp.asarray(100.0 / (1.0 + 0.2 * np.arange(9)), jnp.float32),
                                max_depth=jnp.full((2,), 3, jnp.int32), threshold=jnp.asarray(0.5),
                                draft_time=jnp.asarray(0.0), prior=jnp.zeros((3,)),
                                conf_scale=jnp.asarray([[0.5, 0.5, 0.5], [1.0, 1.0, 1.0]], jnp.float32))
     active = jnp.ones((2,), bool)
-    _, survival, _ = speculate.schedule_depths("algorithm1", 8, conf, jnp.zeros((2, 2, 3)), sched, active,
+    _, survival, _ = slot_round.schedule_depths("algorithm1", 8, conf, jnp.zeros((2, 2, 3)), sched, active,
                                                sched.max_depth, sampled=jnp.asarray([False, True]))
     np.testing.assert_allclose(np.asarray(survival[0]), 0.45 ** np.arange(1, 4), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(survival[1]), 0.9 ** np.arange(1, 4), rtol=1e-5)

@@ -1,18 +1,22 @@
 """The scheduled policies' cost model: the step curve the production variant reads (a
 round at B costs its bucket), the plain round's own rate in the drafting gate, and
 measured round times (Engine.profile_rounds): they reach the gate and the objective,
-go to the profile file and come back from it, and the output stays greedy; and the
-per-slot smoothed survival the gate reads."""
+go to the profile file and come back from it, and the output stays greedy; the
+per-slot smoothed survival the gate reads; and the plain rounds' deferred drafter ingest
+(the drafts after it equal an engine that ingests every round)."""
 
+import itertools
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from dspark_jax import profile_sps, scheduler
 from dspark_jax.engine import Engine
 from dspark_jax.errors import DSparkError
-from tests.test_engine import ADAPTIVE, FULL, GAMMA, MAX_LEN, SLOTS, SPS, pair, run_staggered, slot_oracle
+from tests.test_engine import (ADAPTIVE, FULL, GAMMA, MAX_LEN, SLOTS, SPS, pair, random_block_drafter,
+                               run_staggered, slot_oracle)
 
 assert pair  # a fixture, used by name
 
@@ -134,3 +138,46 @@ def test_gate_reads_each_slots_smoothed_survival(pair):
     learn(second, active=(False, True))
     np.testing.assert_allclose(engine._recent[1], 0.8 * prior + 0.2 * second[1], rtol=1e-6)
     np.testing.assert_allclose(engine._recent[0], 0.8 * first[0] + 0.2 * second[0], rtol=1e-6)  # not drafted
+
+
+def test_plain_rounds_defer_the_drafter_ingest(pair, tmp_path):
+    """A gated engine's plain rounds only buffer their committed positions; before the
+    next round that drafts, the drafter ingests them (a streak longer than the buffer
+    flushes on the way). Its drafts then equal those of an engine that ingests every
+    round, through staggered arrivals, chunked admission and slots changing hands; an
+    engine that drops the buffer drafts differently. Greedy output throughout."""
+    tcfg, tparams, ref = pair
+    drafter, dparams = random_block_drafter(tcfg, tparams, tmp_path / "drafter")
+    plan = [True, False, False, True, False, True, True, False, False, False, False, False]
+
+    def run(mode):
+        engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="production",
+                        sps=SPS, buckets=ADAPTIVE, draft_time=0.004, probe_every=4)
+        assert engine.pending_widths == (1, 2, 4)
+        decisions = itertools.cycle(plan)
+        engine.should_draft = lambda occupied: next(decisions)
+        if mode == "eager":
+            engine._state = engine._state.replace(pending=None)
+        elif mode == "dropped":
+            engine._settle_pending = lambda draft: None
+        drafts, round_once = [], engine._round
+
+        def logged(budget, draft, admission=None):
+            info = round_once(budget, draft, admission)
+            if draft:
+                d, c, a = jax.device_get((info.draft, info.confidence, info.active))
+                drafts.append((d[a], c[a]))
+            return info
+
+        engine._round = logged
+        assert [r.token_ids for r in run_staggered(engine)] == ref
+        return drafts, engine.metrics
+
+    deferred, metrics = run("deferred")
+    eager, _ = run("eager")
+    assert metrics.plain_rounds >= 8 and metrics.prefill_chunks > 0 and len(deferred) >= 5
+    for (d, c), (d_ref, c_ref) in zip(deferred, eager, strict=True):
+        np.testing.assert_array_equal(d, d_ref)
+        np.testing.assert_allclose(c, c_ref, rtol=1e-5, atol=1e-6)
+    dropped, _ = run("dropped")
+    assert any(not np.array_equal(d, d_ref) for (d, _), (d_ref, _) in zip(dropped, eager))
