@@ -24,13 +24,16 @@ when the cost model charges drafting (a profiled `draft_time` > 0, or round time
 each round, before drafting, the host predicts the best speculative round from every
 slot's survival, smoothed over its drafted rounds (a running mean per position stands in
 for slots not drafted for yet), and runs a plain decoding round instead when that one
-is expected to be faster (`scheduler.speculation_pays`). Plain rounds still feed the
-drafter the committed positions, deferred: a plain round only buffers their target
-features, and the next speculative round's drafter ingests them all in one call first,
-so a plain round costs what plain decoding costs. After `probe_every` plain rounds in a
-row one speculative round refreshes the estimates. A plain round is every depth at 0, chosen
-before the drafts exist: lossless. The fixed policy with depth d < gamma drafts only d
-tokens (the drafter's gamma is cut to d), so MTP-1 costs one drafted token, not a block.
+is expected to be faster (`scheduler.speculation_pays`). A plain round only buffers the
+committed positions' target features; the next speculative round's drafter ingests
+them all in one call first, so a plain round costs what plain decoding costs. After
+`probe_every` plain rounds in a row one speculative round refreshes the estimates (the
+wait doubles while probes keep finding speculation does not pay), and the estimate is
+scaled by the acceptance seen over the acceptance predicted, since the drafter's
+confidences may be calibrated on other text. A plain round is every depth at 0, chosen
+before the drafts exist: lossless. The fixed
+policy with depth d < gamma drafts only d tokens (the drafter's gamma is cut to d), so
+MTP-1 costs one drafted token, not a block.
 
 What a round costs (engine_costs.py): by default the target pass's SPS(B) plus a
 drafting pass; after `engine.profile_rounds()` (or when the profile file holds them) the
@@ -178,7 +181,7 @@ class Engine(SlotAdmission, RoundCostModel):
             n_out=jnp.zeros((slots,), jnp.int32), max_new=jnp.ones((slots,), jnp.int32),
             stop_ids=jnp.full((slots, max_stop_ids), -1, jnp.int32), sampling=SamplingParams.make(slots))
         self._stale = jnp.zeros((2, slots, self.gamma), jnp.float32)
-        self._init_pending()
+        self._init_gate()
         # host mirrors of per-slot facts the budget choice and admission need
         self._stale_host = np.zeros((2, slots, self.gamma), np.float32)
         self._slot_req: list[PendingRequest | None] = [None] * slots
@@ -196,7 +199,6 @@ class Engine(SlotAdmission, RoundCostModel):
         self._recent = np.zeros((slots, self.gamma), np.float32)
         self._prior: np.ndarray | None = None  # running mean survival per position (drafted rounds)
         self._prior_dev = jnp.zeros((self.gamma,), jnp.float32)  # its device copy (zeros until known)
-        self._plain_streak = 0
         scheduled = policy in SCHEDULED and self.gamma > 0
         self.correction = OnlineCorrection(self.gamma) if scheduled and recalibrate else None
         self._conf_scale_dev = jnp.ones((2, self.gamma), jnp.float32) if self.correction is not None else None
@@ -301,6 +303,7 @@ class Engine(SlotAdmission, RoundCostModel):
             self._stale_host = np.stack([self._stale_host[1], info.survival])
             self._last_round = (n_active, int(info.verified))
             self._learn_survival(occupied, info)
+            self._learn_acceptance(occupied, info)
             self._learn_correction(occupied, info)
         else:
             m.plain_rounds += 1

@@ -118,21 +118,56 @@ class RoundCostModel:
 
     def should_draft(self, occupied: Sequence[int]) -> bool:
         """The drafting gate: draft unless a plain round is predicted faster (from earlier
-        rounds only). Always True for ungated policies."""
-        if not self.gated or self._prior is None or self._plain_streak >= self.probe_every:
+        rounds only). Always True for ungated policies.
+
+        The estimate is each slot's smoothed survival, scaled by the acceptance seen
+        against the acceptance the survival predicted (`acceptance_ratio`). A streak of
+        plain rounds is broken by a probe (a speculative round) after `probe_every`
+        rounds; when the probe does not change the verdict the next one waits twice as
+        long (up to 8 x probe_every), and a verdict for drafting resets the wait."""
+        if not self.gated or self._prior is None:
+            return True
+        if self._plain_streak >= self._probe_gap:
+            self._probed = True
             return True
         idx = np.asarray(occupied)
         est = self._recent[idx].astype(np.float64)
         est[est.max(axis=1) <= 0] = self._prior
+        est = np.minimum(1.0, est * self.acceptance_ratio)
         est *= np.arange(self.gamma)[None, :] < self._depth_limits(idx)[:, None]
         pays, _, _ = scheduler.speculation_pays(est, self.sps, draft_time=self.draft_time, plain_sps=self.plain_sps)
+        if pays:
+            self._probe_gap = self.probe_every
+        elif self._probed:
+            self._probe_gap = min(2 * self._probe_gap, 8 * self.probe_every)
+        self._probed = False
         return pays
 
-    # ------------------------------------------------ deferred drafter ingest of plain rounds
+    def _learn_acceptance(self, occupied: Sequence[int], info) -> None:
+        """Tally a drafted round's accepted drafts against those its survival predicted at
+        the verified depths (sums decayed by 0.9 a round): the gate's check on the
+        confidences, which the drafter's calibration data may not match."""
+        idx = np.asarray([s for s in occupied if info.active[s]], np.int64)
+        if not len(idx) or self.gamma == 0:
+            return
+        verified = np.arange(self.gamma)[None, :] < np.asarray(info.depth[idx])[:, None]
+        self._acc_expected = 0.9 * self._acc_expected + float((np.asarray(info.survival[idx]) * verified).sum())
+        self._acc_seen = 0.9 * self._acc_seen + float(np.asarray(info.accepted[idx]).sum())
 
-    def _init_pending(self) -> None:
-        """Engines that may gate get a buffer (speculate.Pending) of up to min(probe_every,
-        16) plain rounds' committed positions per slot; the others ingest every round."""
+    @property
+    def acceptance_ratio(self) -> float:
+        """Accepted drafts seen / predicted by the survival, over recent drafted rounds (1
+        before any)."""
+        return self._acc_seen / self._acc_expected if self._acc_expected > 0 else 1.0
+
+    # ------------------------------------------------ the gate's state; deferred ingest of plain rounds
+
+    def _init_gate(self) -> None:
+        """The gate's state. Engines that may gate get a buffer (speculate.Pending) of up
+        to min(probe_every, 16) plain rounds' committed positions per slot; the others
+        ingest every round."""
+        self._plain_streak, self._probe_gap, self._probed = 0, self.probe_every, False
+        self._acc_expected = self._acc_seen = 0.0
         self._pending_n = 0  # plain rounds buffered since the last ingest (host mirror)
         self._pending_width = min(self.probe_every, 16)
         if self.policy in SCHEDULED and self.gamma > 0:

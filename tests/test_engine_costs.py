@@ -2,7 +2,8 @@
 round at B costs its bucket), the plain round's own rate in the drafting gate, and
 measured round times (Engine.profile_rounds): they reach the gate and the objective,
 go to the profile file and come back from it, and the output stays greedy; the
-per-slot smoothed survival the gate reads; and the plain rounds' deferred drafter ingest
+per-slot smoothed survival the gate reads, its probes' back-off and its check of the
+confidences against the acceptance seen; and the plain rounds' deferred drafter ingest
 (the drafts after it equal an engine that ingests every round)."""
 
 import itertools
@@ -139,6 +140,49 @@ def test_gate_reads_each_slots_smoothed_survival(pair):
     np.testing.assert_allclose(engine._recent[1], 0.8 * prior + 0.2 * second[1], rtol=1e-6)
     np.testing.assert_allclose(engine._recent[0], 0.8 * first[0] + 0.2 * second[0], rtol=1e-6)  # not drafted
 
+
+
+def _gate_engine(tcfg, tparams, ref, rounds, survival):
+    drafter, dparams = slot_oracle(tcfg, ref)
+    engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="algorithm1", sps=SPS,
+                    buckets=ADAPTIVE, probe_every=3, rounds=rounds)
+    engine._max_depth[:], engine._max_new[:], engine._n_out[:] = GAMMA, 20, 1
+    engine._prior = np.asarray(survival, np.float64)
+    engine._recent[:] = survival
+    return engine
+
+
+def test_gate_backs_off_its_probes(pair):
+    """While probes find speculation does not pay, the plain streak between them doubles
+    up to 8 x probe_every; a verdict for drafting resets it."""
+    tcfg, tparams, ref = pair
+    engine = _gate_engine(tcfg, tparams, ref, _rounds(20.0, 1.0), [0.8, 0.6, 0.4])
+    streaks, streak = [], 0
+    for _ in range(120):
+        if engine.should_draft([0, 1]):
+            streaks.append(streak)
+            streak = 0
+        else:
+            streak += 1
+        engine._plain_streak = streak
+    assert streaks[:6] == [3, 6, 12, 24, 24, 24]
+    engine._apply_costs(_rounds(1.0, 1.0))
+    assert engine.should_draft([0, 1]) and engine._probe_gap == 3
+
+
+def test_gate_checks_the_confidences_against_acceptance(pair):
+    """Accepted drafts seen at a third of the survival's prediction scale the gate's
+    estimate down: near break-even, it turns from drafting to plain rounds."""
+    import types
+
+    tcfg, tparams, ref = pair
+    engine = _gate_engine(tcfg, tparams, ref, _rounds(2.0, 1.0), [0.8, 0.6, 0.4])
+    assert engine.acceptance_ratio == 1.0 and engine.should_draft([0, 1])
+    info = types.SimpleNamespace(active=np.array([True, True]), depth=np.array([3, 1]), accepted=np.array([1, 0]),
+                                 survival=np.array([[0.8, 0.6, 0.4], [0.9, 0.5, 0.2]], np.float32))
+    engine._learn_acceptance([0, 1], info)  # predicted 0.8 + 0.6 + 0.4 + 0.9 = 2.7 accepted, seen 1
+    assert engine.acceptance_ratio == pytest.approx(1 / 2.7, rel=1e-6)
+    assert not engine.should_draft([0, 1])
 
 def test_plain_rounds_defer_the_drafter_ingest(pair, tmp_path):
     """A gated engine's plain rounds only buffer their committed positions; before the
