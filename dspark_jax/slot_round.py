@@ -1,4 +1,6 @@
-"""The engine keeps one DecodeState row per slot; an empty or finished slot has done=True
+"""The serving engine's rounds over its slots: admission by prefill and the scheduled round.
+
+The engine keeps one DecodeState row per slot; an empty or finished slot has done=True
 and takes no part. `admit` prefills newly admitted rows in place; `engine_round` is
 `spec_round` with the verification depth decided ON DEVICE by a scheduling policy and
 the verification pass packed into a static token budget (a bucket). It stays lossless

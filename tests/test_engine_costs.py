@@ -141,7 +141,6 @@ def test_gate_reads_each_slots_smoothed_survival(pair):
     np.testing.assert_allclose(engine._recent[0], 0.8 * first[0] + 0.2 * second[0], rtol=1e-6)  # not drafted
 
 
-
 def _gate_engine(tcfg, tparams, ref, rounds, survival):
     drafter, dparams = slot_oracle(tcfg, ref)
     engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="algorithm1", sps=SPS,
@@ -183,6 +182,7 @@ def test_gate_checks_the_confidences_against_acceptance(pair):
     engine._learn_acceptance([0, 1], info)  # predicted 0.8 + 0.6 + 0.4 + 0.9 = 2.7 accepted, seen 1
     assert engine.acceptance_ratio == pytest.approx(1 / 2.7, rel=1e-6)
     assert not engine.should_draft([0, 1])
+
 
 def test_plain_rounds_defer_the_drafter_ingest(pair, tmp_path):
     """A gated engine's plain rounds only buffer their committed positions; before the
