@@ -31,9 +31,8 @@ them all in one call first, so a plain round costs what plain decoding costs. Af
 wait doubles while probes keep finding speculation does not pay), and the estimate is
 scaled by the acceptance seen over the acceptance predicted, since the drafter's
 confidences may be calibrated on other text. A plain round is every depth at 0, chosen
-before the drafts exist: lossless. The fixed
-policy with depth d < gamma drafts only d tokens (the drafter's gamma is cut to d), so
-MTP-1 costs one drafted token, not a block.
+before the drafts exist: lossless. The fixed policy with depth d < gamma drafts only d
+tokens (the drafter's gamma is cut to d), so MTP-1 costs one drafted token, not a block.
 
 What a round costs (engine_costs.py): by default the target pass's SPS(B) plus a
 drafting pass; after `engine.profile_rounds()` (or when the profile file holds them) the
