@@ -26,7 +26,7 @@ slot's survival, smoothed over its drafted rounds (a running mean per position s
 for slots not drafted for yet), and runs a plain decoding round instead when that one
 is expected to be faster (`scheduler.speculation_pays`). A plain round only buffers the
 committed positions' target features; the next speculative round's drafter ingests
-them all in one call first, so a plain round costs what plain decoding costs. After
+them all in one call first, so a plain round costs about what plain decoding costs. After
 `probe_every` plain rounds in a row one speculative round refreshes the estimates (the
 wait doubles while probes keep finding speculation does not pay), and the estimate is
 scaled by the acceptance seen over the acceptance predicted, since the drafter's
@@ -414,7 +414,7 @@ class Engine(SlotAdmission, RoundCostModel):
         chunks = [None] + ([self._empty_admission()] if self.mixing else [])
         for (b, draft), adm in itertools.product(rounds, chunks):
             self._round(b, draft, adm)
-        for width in self.pending_widths:
+        for width in self.pending_widths if self.gated else ():  # only gated engines run plain rounds
             self._ingest_pending(width)
         jax.block_until_ready(self._state.anchor)
 

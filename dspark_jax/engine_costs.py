@@ -19,7 +19,8 @@ as that step curve (profile_sps.at_buckets): its capacity then lands on a bucket
 and the padding of the chosen bucket is verified rather than wasted. Algorithm 1's early
 stop needs a curve without steps (it would stop at the first bucket edge), so it reads
 the rates interpolated linearly between buckets. Plain rounds always run at the bucket
-of their row count.
+of their row count, and leave the drafter's ingest of their positions to the next
+speculative round (speculate.Pending, `_settle_pending`).
 """
 
 from __future__ import annotations

@@ -32,10 +32,10 @@ import numpy as np
 
 from dspark_jax import bench, profile_sps
 from dspark_jax.engine import Engine
+from dspark_jax.engine_costs import SCHEDULED as SCHEDULED_POLICIES
 from dspark_jax.errors import DSparkError
 
 POLICIES = ("none", "mtp1", "fixed", "threshold", "algorithm1", "production")
-SCHEDULED_POLICIES = ("algorithm1", "production")
 MODES = ("closed", "poisson")
 BUCKETS = ("auto", "pow2", "full")
 LABELS = {"none": "no speculation", "mtp1": "fixed depth 1 (MTP-1)", "fixed": "fixed gamma",
