@@ -338,8 +338,9 @@ class Engine(SlotAdmission, RoundCostModel):
         return np.clip(np.minimum(self._max_depth[idx], self._max_new[idx] - self._n_out[idx] - 1), 0, self.gamma)
 
     def _learn_survival(self, occupied: Sequence[int], info) -> None:
-        """Fold the round's survival into each drafted slot's smoothed survival (a new slot
-        starts from the running per-position mean) and into that mean."""
+        """Fold the round's survival into each drafted slot's smoothed survival (a slot's
+        first drafted round is taken as is: requests differ, and the running mean would
+        outweigh the slot's own rounds for long) and into the running per-position mean."""
         idx = np.asarray([s for s in occupied if info.active[s]], np.int64)
         if not len(idx) or self.gamma == 0:
             return
@@ -347,8 +348,8 @@ class Engine(SlotAdmission, RoundCostModel):
         live = np.arange(self.gamma)[None, :] < self._depth_limits(idx)[:, None]
         prev = self._recent[idx].astype(np.float64)
         fresh = prev.max(axis=1, keepdims=True) <= 0
-        base = np.where(fresh, self._prior if self._prior is not None else surv, prev)
-        self._recent[idx] = np.where(live, 0.8 * base + 0.2 * surv, base)
+        base = np.where(fresh, self._prior if self._prior is not None else surv, prev)  # kept where not live
+        self._recent[idx] = np.where(live, np.where(fresh, surv, 0.8 * prev + 0.2 * surv), base)
         counts = live.sum(axis=0)
         if not counts.any():
             return
@@ -456,6 +457,7 @@ class Engine(SlotAdmission, RoundCostModel):
     def _finish(self, slot: int, now: float) -> None:
         req = self._slot_req[slot]
         req.result.finished, req.result.finished_at = True, now
+        self._remember_request(slot)
         self._slot_req[slot] = None
         self._release_pages(req)
         if req.on_tokens is not None:

@@ -25,6 +25,7 @@ speculative round (speculate.Pending, `_settle_pending`).
 
 from __future__ import annotations
 
+import collections
 from typing import Sequence
 
 import jax
@@ -34,6 +35,7 @@ from dspark_jax import profile_sps, scheduler, slot_round, speculate
 from dspark_jax.errors import DSparkError
 
 SCHEDULED = ("algorithm1", "production")
+ACCEPTANCE_PRIOR = 4.0  # predicted drafts' worth of the all-slot ratio in a slot's acceptance ratio
 
 
 class RoundCostModel:
@@ -88,6 +90,7 @@ class RoundCostModel:
         self.sps = profile_sps.at_buckets(spec, self.buckets) if self.policy == "production" else spec
         self.plain_sps = profile_sps.at_buckets(plain, self.plain_buckets)[:self.slots + 1]
         self.gated = self.policy in SCHEDULED and self.gamma > 0 and (draft_time > 0 or rounds is not None)
+        self._verdict_key = None  # the gate decides afresh on the new costs
         self._upload_costs()
 
     def profile_rounds(self, repeats: int = 8, warmup: int = 2, save: bool = True) -> dict:
@@ -122,44 +125,93 @@ class RoundCostModel:
         rounds only). Always True for ungated policies.
 
         The estimate is each slot's smoothed survival, scaled by the acceptance seen
-        against the acceptance the survival predicted (`acceptance_ratio`). A streak of
-        plain rounds is broken by a probe (a speculative round) after `probe_every`
+        against the acceptance the survival predicted (`slot_acceptance_ratio`). A streak
+        of plain rounds is broken by a probe (a speculative round) after `probe_every`
         rounds; when the probe does not change the verdict the next one waits twice as
-        long (up to 8 x probe_every), and a verdict for drafting resets the wait."""
+        long (up to 8 x probe_every), and a verdict for drafting resets the wait. Slots
+        never drafted for get one early probe when speculation would pay if they turned
+        out as good as the better past requests (`_optimistic_estimate`)."""
         if not self.gated or self._prior is None:
             return True
         if self._plain_streak >= self._probe_gap:
             self._probed = True
             return True
         idx = np.asarray(occupied)
-        est = self._recent[idx].astype(np.float64)
-        est[est.max(axis=1) <= 0] = self._prior
-        est = np.minimum(1.0, est * self.acceptance_ratio)
-        est *= np.arange(self.gamma)[None, :] < self._depth_limits(idx)[:, None]
-        pays, _, _ = scheduler.speculation_pays(est, self.sps, draft_time=self.draft_time, plain_sps=self.plain_sps)
-        if pays:
-            self._probe_gap = self.probe_every
-        elif self._probed:
-            self._probe_gap = min(2 * self._probe_gap, 8 * self.probe_every)
+        key = (idx.tobytes(), self._depth_limits(idx).tobytes())
+        if key != self._verdict_key:  # the inputs change only with drafted rounds, seats and the room left
+            self._verdict_key, self._verdict = key, self._verdicts(idx)
+        pays, look = self._verdict
+        if self._probed:  # a probe ran last round: it found speculation paying again, or not
+            self._probe_gap = self.probe_every if pays else min(2 * self._probe_gap, 8 * self.probe_every)
         self._probed = False
-        return pays
+        return pays or look
+
+    def _verdicts(self, idx: np.ndarray) -> tuple[bool, bool]:
+        """(whether speculation pays on the slots' estimates, whether it would pay if the
+        slots never drafted for were as good as the better past requests: a look at them)."""
+        est, fresh = self._gate_estimates(idx)
+        if self._pays(est):
+            return True, False
+        if 2 * fresh.sum() < len(idx) or not self._past_estimates:  # new requests: too few to matter
+            return False, False
+        live = np.arange(self.gamma)[None, :] < self._depth_limits(idx[fresh])[:, None]
+        est[fresh] = self._optimistic_estimate()[None, :] * live
+        return False, self._pays(est)
+
+    def _pays(self, est: np.ndarray) -> bool:
+        return scheduler.speculation_pays(est, self.sps, draft_time=self.draft_time, plain_sps=self.plain_sps)[0]
+
+    def _gate_estimates(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(survival the gate expects of slots idx next round [n, G], which of them were
+        never drafted for): the smoothed survival (the running mean for those never drafted
+        for) x the slot's acceptance ratio, clipped to 1 and masked to its live positions."""
+        est = self._recent[idx].astype(np.float64)
+        fresh = est.max(axis=1) <= 0
+        est[fresh] = self._prior
+        est = np.minimum(1.0, est * self.slot_acceptance_ratio(idx)[:, None])
+        return est * (np.arange(self.gamma)[None, :] < self._depth_limits(idx)[:, None]), fresh
+
+    def _optimistic_estimate(self) -> np.ndarray:
+        """Survival [G] of a new request as good as the upper quartile of the requests that
+        finished lately (per position, from their gate estimates)."""
+        return np.quantile(np.asarray(self._past_estimates), 0.75, axis=0)
 
     def _learn_acceptance(self, occupied: Sequence[int], info) -> None:
         """Tally a drafted round's accepted drafts against those its survival predicted at
-        the verified depths (sums decayed by 0.9 a round): the gate's check on the
-        confidences, which the drafter's calibration data may not match."""
+        the verified depths (sums decayed by 0.9 a round), over all slots and per slot:
+        the gate's check on the confidences, which the drafter's calibration data may not
+        match, and which differ between requests (by domain)."""
         idx = np.asarray([s for s in occupied if info.active[s]], np.int64)
         if not len(idx) or self.gamma == 0:
             return
         verified = np.arange(self.gamma)[None, :] < np.asarray(info.depth[idx])[:, None]
-        self._acc_expected = 0.9 * self._acc_expected + float((np.asarray(info.survival[idx]) * verified).sum())
-        self._acc_seen = 0.9 * self._acc_seen + float(np.asarray(info.accepted[idx]).sum())
+        expected = (np.asarray(info.survival[idx], np.float64) * verified).sum(axis=1)
+        seen = np.asarray(info.accepted[idx], np.float64)
+        self._acc_expected = 0.9 * self._acc_expected + float(expected.sum())
+        self._acc_seen = 0.9 * self._acc_seen + float(seen.sum())
+        self._slot_acc[idx] = 0.9 * self._slot_acc[idx] + np.stack([seen, expected], axis=1)
+        self._verdict_key = None
 
     @property
     def acceptance_ratio(self) -> float:
-        """Accepted drafts seen / predicted by the survival, over recent drafted rounds (1
-        before any)."""
+        """Accepted drafts seen / predicted by the survival, over recent drafted rounds of
+        every slot (1 before any)."""
         return self._acc_seen / self._acc_expected if self._acc_expected > 0 else 1.0
+
+    def slot_acceptance_ratio(self, idx: np.ndarray) -> np.ndarray:
+        """Each slot's accepted / predicted drafts since it was seated, shrunk towards the
+        all-slot ratio by ACCEPTANCE_PRIOR predicted drafts' worth of it."""
+        seen, expected = np.asarray(self._slot_acc[idx], np.float64).T
+        k = ACCEPTANCE_PRIOR
+        return (seen + k * self.acceptance_ratio) / (expected + k)
+
+    def _remember_request(self, slot: int) -> None:
+        """A finishing request's gate estimate joins those `_optimistic_estimate` reads
+        (requests never drafted for tell nothing and are left out)."""
+        if self.gated and self._slot_acc[slot, 1] > 0:
+            ratio = self.slot_acceptance_ratio(np.asarray([slot]))[0]
+            self._past_estimates.append(np.minimum(1.0, self._recent[slot].astype(np.float64) * ratio))
+        self._verdict_key = None
 
     # ------------------------------------------------ the gate's state; deferred ingest of plain rounds
 
@@ -169,6 +221,9 @@ class RoundCostModel:
         ingest every round."""
         self._plain_streak, self._probe_gap, self._probed = 0, self.probe_every, False
         self._acc_expected = self._acc_seen = 0.0
+        self._slot_acc = np.zeros((self.slots, 2))  # per slot: accepted drafts seen, predicted (decayed)
+        self._past_estimates: collections.deque = collections.deque(maxlen=32)  # finished requests' estimates
+        self._verdict_key, self._verdict = None, (True, False)  # the gate's last verdict and its inputs
         self._pending_n = 0  # plain rounds buffered since the last ingest (host mirror)
         self._pending_width = min(self.probe_every, 16)
         if self.policy in SCHEDULED and self.gamma > 0:

@@ -289,7 +289,7 @@ def engine_round(tcfg, drafter, gamma: int, budget: int, policy: str, tparams, d
     tokens = jnp.concatenate([state.anchor[:, None], draft_tokens[:, :g]], axis=1)
     valid = active[:, None] & (jnp.arange(g + 1)[None, :] <= depth[:, None])
     taps_wanted = drafter.tap_layers if drafter is not None else ()
-    first, chunk = jnp.zeros((s,), jnp.int32), None
+    first, chunk, lines_apart = jnp.zeros((s,), jnp.int32), None, None
     if admission is None:
         logits, cache, taps = _verify(tcfg, tparams, tokens, valid, state.cache, taps_wanted, budget)
     else:
@@ -301,19 +301,28 @@ def engine_round(tcfg, drafter, gamma: int, budget: int, policy: str, tparams, d
         k_first, k_next = split_keys(jax.vmap(jax.random.key)(a.seeds), 2)
         sampled = sample_rows(k_first, warp(last, jax.tree.map(lambda x: x[a.rows], state.sampling)))
         at_end = a.final[:, None] & (jnp.arange(c)[None, :] == last_col[:, None])
-        # the ingest sees every slot on one [S, W] grid: verified blocks, and each line's chunk on its slot
-        width = max(g + 1, c)
-        taps = tuple(jnp.pad(v, ((0, 0), (0, width - g - 1), (0, 0))).at[line].set(
-            jnp.pad(t, ((0, 0), (0, width - c), (0, 0))), mode="drop") for v, t in zip(taps, t_taps))
-        follow = jnp.zeros((s, width), jnp.int32).at[line].set(
-            jnp.pad(jnp.where(at_end, sampled[:, None], a.next), ((0, 0), (0, width - c))), mode="drop")
-        chunk = (jnp.zeros((s,), jnp.int32).at[line].set(a.length, mode="drop"), follow)
+        length = jnp.zeros((s,), jnp.int32).at[line].set(a.length, mode="drop")
+        follow_lines = jnp.where(at_end, sampled[:, None], a.next)
+        if hasattr(drafter, "ingest_lines"):  # the drafter ingests the lines apart, after the slots
+            lines_apart = (jnp.concatenate(t_taps, axis=-1), follow_lines, state.cache.lengths[a.rows])
+            chunk = (length, None)
+        else:  # one ingest over an [S, W] grid: verified blocks, and each line's chunk on its slot
+            width = max(g + 1, c)
+            taps = tuple(jnp.pad(v, ((0, 0), (0, width - g - 1), (0, 0))).at[line].set(
+                jnp.pad(t, ((0, 0), (0, width - c), (0, 0))), mode="drop") for v, t in zip(taps, t_taps))
+            follow = jnp.zeros((s, width), jnp.int32).at[line].set(
+                jnp.pad(follow_lines, ((0, 0), (0, width - c))), mode="drop")
+            chunk = (length, follow)
         started = jnp.zeros((s,), bool).at[line].set(a.final, mode="drop")
         first = jnp.zeros((s,), jnp.int32).at[line].set(sampled, mode="drop")
         k_next = jnp.zeros_like(state.keys).at[line].set(k_next, mode="drop")
     state, n, committed, appended = accept_and_commit(
         drafter, g, tparams, dparams, state, draft_tokens[:, :g], q[:, :g], logits, cache, taps, depth, active,
         k_accept, keys, drafted=draft, chunk=chunk)
+    if lines_apart is not None:
+        feats, follow_lines, start = lines_apart
+        state = state.replace(draft_cache=drafter.ingest_lines(dparams, tparams, state.draft_cache, feats,
+                                                               follow_lines, a.rows, start, a.length))
     committed = jnp.pad(committed, ((0, 0), (0, gamma - g)))
     stale = jnp.stack([stale[1], survival]) if draft else stale
     if admission is not None:  # rows whose prompt is complete start decoding, as `admit` starts them

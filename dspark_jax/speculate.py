@@ -153,9 +153,10 @@ def accept_and_commit(drafter, gamma: int, tparams, dparams, state: DecodeState,
     A round that did not draft, on a state with a `pending` buffer, buffers its active
     rows' committed position there instead of ingesting it.
 
-    chunk: None, or (length [B], next tokens [B, W]) of prompt chunks that rode along in
-    the verification pass (rows with length > 0, never active): their cache length grows
-    by the chunk and the drafter ingests it in the same call (taps are then [B, W, E]).
+    chunk: None, or (length [B], next tokens [B, W] or None) of prompt chunks that rode
+    along in the verification pass (rows with length > 0, never active): their cache
+    length grows by the chunk, and the drafter ingests it in the same call (taps are then
+    [B, W, E]), or, with next tokens None, leaves it to the caller (taps stay [B, G + 1, E]).
     Returns (state, accepted n [B], committed tokens [B, G + 1], appended [B]).
     """
     pos0 = state.cache.lengths
@@ -170,20 +171,24 @@ def accept_and_commit(drafter, gamma: int, tparams, dparams, state: DecodeState,
     slot = jnp.arange(gamma + 1)[None, :]
     committed = jnp.where(slot < n[:, None], jnp.pad(draft, ((0, 0), (0, 1))), nxt[:, None])
     written, follow = count, committed
+    ingested = count  # positions the drafter ingests here, per row
     if chunk is not None:
         length, nxt_chunk = chunk
-        padded = jnp.pad(committed, ((0, 0), (0, nxt_chunk.shape[1] - gamma - 1)))
         written = jnp.where(length > 0, length, count)
-        follow = jnp.where((length > 0)[:, None], nxt_chunk, padded)
+        if nxt_chunk is not None:
+            padded = jnp.pad(committed, ((0, 0), (0, nxt_chunk.shape[1] - gamma - 1)))
+            follow = jnp.where((length > 0)[:, None], nxt_chunk, padded)
+            ingested = written
     cache = cache.replace(lengths=pos0 + written)
     draft_cache, pending = state.draft_cache, state.pending
     if drafter is not None:
         feats = jnp.concatenate(taps, axis=-1)
-        if pending is not None and not drafted:  # defer: one position per active row (gamma is 0)
+        deferred = pending is not None and not drafted
+        if deferred:  # one position per active row (gamma is 0) waits in the buffer
             pending = pending.push(feats[:, 0], committed[:, 0], active)
-            written = jnp.where(active, 0, written)  # what is left: prompt chunks riding along
-        if pending is None or drafted or chunk is not None:
-            draft_cache = drafter.ingest(dparams, tparams, draft_cache, feats, follow, pos0, written)
+            ingested = jnp.where(active, 0, ingested)  # what is left: prompt chunks riding along
+        if not deferred or (chunk is not None and chunk[1] is not None):
+            draft_cache = drafter.ingest(dparams, tparams, draft_cache, feats, follow, pos0, ingested)
     state = state.replace(cache=cache, draft_cache=draft_cache, pending=pending,
                           anchor=jnp.where(active, nxt, state.anchor), keys=keys)
     state, appended = commit(state, committed, count, active)

@@ -188,8 +188,10 @@ def test_gate_decision_follows_the_cost_model(pair):
     assert engine.metrics.plain_rounds == 0 and engine._prior is not None
     engine._prior = np.zeros(GAMMA)
     engine._recent[:] = 0.0
+    engine._verdict_key = None  # edited by hand: the cached verdict is stale
     assert not engine.should_draft([0, 1])  # nothing would survive: drafting cannot pay
     engine._recent[:] = np.cumprod(np.full((SLOTS, GAMMA), 0.95), axis=1)
+    engine._verdict_key = None
     pays, spec, plain = scheduler.speculation_pays(engine._recent.astype(np.float64), engine.sps, draft_time=0.004)
     assert engine.should_draft([0, 1]) == pays and pays and spec > plain
     engine._plain_streak = engine.probe_every  # a probe is due whatever the estimate

@@ -137,3 +137,32 @@ def test_schedule_depths_applies_the_correction():
                                                sched.max_depth, sampled=jnp.asarray([False, True]))
     np.testing.assert_allclose(np.asarray(survival[0]), 0.45 ** np.arange(1, 4), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(survival[1]), 0.9 ** np.arange(1, 4), rtol=1e-5)
+
+
+def test_prompt_lines_ingest_into_their_rows(pair, tmp_path):
+    """A block drafter's `ingest_lines` (prompt chunks ingest apart from the slots) writes
+    what `ingest` writes when each line sits on its row of an [S, W] grid: same K/V, same
+    lengths; an empty line writes nothing. A line sent to the wrong row differs."""
+    from tests.test_engine import random_block_drafter
+
+    tcfg, tparams, _ = pair
+    drafter, dparams = random_block_drafter(tcfg, tparams, tmp_path / "drafter")
+    rng = np.random.default_rng(0)
+    e = len(drafter.tap_layers) * tcfg.hidden_size
+    base = drafter.init_cache(SLOTS + 1, MAX_LEN)
+    base = base.replace(lengths=jnp.asarray([3, 5, 2], jnp.int32))
+    feats = jnp.asarray(rng.normal(size=(2, 6, e)), tcfg.jnp_dtype)
+    rows, start, count = jnp.asarray([2, 0], jnp.int32), jnp.asarray([2, 3], jnp.int32), jnp.asarray([6, 4])
+    nxt = jnp.zeros((2, 6), jnp.int32)
+    lines = drafter.ingest_lines(dparams, tparams, base, feats, nxt, rows, start, count)
+    grid = jnp.zeros((SLOTS + 1, 6, e), tcfg.jnp_dtype).at[rows].set(feats)
+    dense = drafter.ingest(dparams, tparams, base, grid, jnp.zeros((SLOTS + 1, 6), jnp.int32),
+                           jnp.asarray([3, 5, 2]).at[rows].set(start), jnp.zeros((SLOTS + 1,), jnp.int32).at[rows].set(count))
+    for a, b in zip(jax.tree.leaves(lines), jax.tree.leaves(dense)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.asarray(lines.lengths).tolist() == [7, 5, 8]
+    empty = drafter.ingest_lines(dparams, tparams, base, feats, nxt, rows, start, jnp.zeros((2,), jnp.int32))
+    for a, b in zip(jax.tree.leaves(empty), jax.tree.leaves(base)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    wrong = drafter.ingest_lines(dparams, tparams, base, feats, nxt, rows[::-1], start, count)
+    assert not np.array_equal(np.asarray(wrong.k), np.asarray(dense.k))

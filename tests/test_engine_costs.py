@@ -2,8 +2,9 @@
 round at B costs its bucket), the plain round's own rate in the drafting gate, and
 measured round times (Engine.profile_rounds): they reach the gate and the objective,
 go to the profile file and come back from it, and the output stays greedy; the
-per-slot smoothed survival the gate reads, its probes' back-off and its check of the
-confidences against the acceptance seen; and the plain rounds' deferred drafter ingest
+per-slot smoothed survival the gate reads, its probes' back-off, its check of the
+confidences against the acceptance seen (all slots and per slot), its look at new
+requests; and the plain rounds' deferred drafter ingest
 (the drafts after it equal an engine that ingests every round)."""
 
 import itertools
@@ -112,8 +113,9 @@ def test_profile_rounds_is_stored_and_reused(pair, tmp_path):
 
 
 def test_gate_reads_each_slots_smoothed_survival(pair):
-    """The gate's estimate is each slot's survival smoothed over its rounds (new slots
-    start from the running mean), and positions past a slot's depth limit keep their value."""
+    """The gate's estimate is each slot's survival smoothed over its rounds (a slot's first
+    drafted round is taken as is; before it, the running mean stands in), and positions
+    past a slot's depth limit keep their value."""
     import types
 
     tcfg, tparams, ref = pair
@@ -134,10 +136,13 @@ def test_gate_reads_each_slots_smoothed_survival(pair):
     learn(second)
     np.testing.assert_allclose(engine._recent[0], 0.8 * first[0] + 0.2 * second[0], rtol=1e-6)
     np.testing.assert_allclose(engine._recent[1], [0.8 * 0.6 + 0.2 * 0.8, 0.3, 0.1], rtol=1e-6)
-    engine._recent[1], engine._n_out[1] = 0.0, 1  # a newly seated slot starts from the running mean
+    engine._recent[1], engine._n_out[1] = 0.0, 1  # a newly seated slot: the running mean stands in
     prior = engine._prior.copy()
+    est, fresh = engine._gate_estimates(np.array([0, 1]))
+    np.testing.assert_allclose(est[1], prior, rtol=1e-6)  # acceptance ratio 1: nothing tallied yet
+    assert fresh.tolist() == [False, True]
     learn(second, active=(False, True))
-    np.testing.assert_allclose(engine._recent[1], 0.8 * prior + 0.2 * second[1], rtol=1e-6)
+    np.testing.assert_allclose(engine._recent[1], second[1], rtol=1e-6)  # then its own first round
     np.testing.assert_allclose(engine._recent[0], 0.8 * first[0] + 0.2 * second[0], rtol=1e-6)  # not drafted
 
 
@@ -153,7 +158,7 @@ def _gate_engine(tcfg, tparams, ref, rounds, survival):
 
 def test_gate_backs_off_its_probes(pair):
     """While probes find speculation does not pay, the plain streak between them doubles
-    up to 8 x probe_every; a verdict for drafting resets it."""
+    up to 8 x probe_every; a probe that finds it paying resets it."""
     tcfg, tparams, ref = pair
     engine = _gate_engine(tcfg, tparams, ref, _rounds(20.0, 1.0), [0.8, 0.6, 0.4])
     streaks, streak = [], 0
@@ -165,8 +170,14 @@ def test_gate_backs_off_its_probes(pair):
             streak += 1
         engine._plain_streak = streak
     assert streaks[:6] == [3, 6, 12, 24, 24, 24]
+    engine._apply_costs(_rounds(1.0, 1.0))  # speculation pays now
+    assert engine.should_draft([0, 1]) and engine._probe_gap == 24  # not found by a probe: the wait stays
+    engine._apply_costs(_rounds(20.0, 1.0))
+    engine._plain_streak = 24
+    assert engine.should_draft([0, 1])  # a probe
     engine._apply_costs(_rounds(1.0, 1.0))
-    assert engine.should_draft([0, 1]) and engine._probe_gap == 3
+    engine._plain_streak = 0
+    assert engine.should_draft([0, 1]) and engine._probe_gap == 3  # it found speculation paying
 
 
 def test_gate_checks_the_confidences_against_acceptance(pair):
@@ -181,6 +192,51 @@ def test_gate_checks_the_confidences_against_acceptance(pair):
                                  survival=np.array([[0.8, 0.6, 0.4], [0.9, 0.5, 0.2]], np.float32))
     engine._learn_acceptance([0, 1], info)  # predicted 0.8 + 0.6 + 0.4 + 0.9 = 2.7 accepted, seen 1
     assert engine.acceptance_ratio == pytest.approx(1 / 2.7, rel=1e-6)
+    assert not engine.should_draft([0, 1])
+
+
+def test_gate_scales_each_slot_by_its_own_acceptance(pair):
+    """A slot whose drafts are all accepted and one whose drafts never are get acceptance
+    ratios above and below the all-slot ratio, shrunk towards it by ACCEPTANCE_PRIOR
+    predicted drafts: with the same survival, the gate expects more of the first."""
+    import types
+
+    from dspark_jax.engine_costs import ACCEPTANCE_PRIOR as k
+
+    tcfg, tparams, ref = pair
+    engine = _gate_engine(tcfg, tparams, ref, _rounds(2.0, 1.0), [0.8, 0.6, 0.4])
+    info = types.SimpleNamespace(active=np.array([True, True]), depth=np.array([3, 3]), accepted=np.array([3, 0]),
+                                 survival=np.array([[0.8, 0.6, 0.4], [0.8, 0.6, 0.4]], np.float32))
+    engine._learn_acceptance([0, 1], info)  # each slot: 1.8 predicted; seen 3 and 0; all slots 3 / 3.6
+    r = engine.acceptance_ratio
+    assert r == pytest.approx(3 / 3.6)
+    ratios = engine.slot_acceptance_ratio(np.array([0, 1]))
+    np.testing.assert_allclose(ratios, [(3 + k * r) / (1.8 + k), (0 + k * r) / (1.8 + k)], rtol=1e-6)
+    est, fresh = engine._gate_estimates(np.array([0, 1]))
+    np.testing.assert_allclose(est, np.minimum(1.0, np.outer(ratios, [0.8, 0.6, 0.4])), rtol=1e-6)
+    assert not fresh.any()
+    engine._slot_acc[1] = 0.0  # slot 1 seated anew: the all-slot ratio stands in
+    assert engine.slot_acceptance_ratio(np.array([1]))[0] == pytest.approx(r)
+
+
+def test_gate_looks_at_new_requests_that_could_pay(pair):
+    """When plain rounds win on what is known, new requests (never drafted for) get one
+    drafted round if speculation would pay were they as good as the upper quartile of
+    finished requests."""
+    tcfg, tparams, ref = pair
+    engine = _gate_engine(tcfg, tparams, ref, _rounds(2.0, 1.0), [0.1, 0.0, 0.0])  # 2.2 tokens vs 4 to pay
+    assert not engine.should_draft([0, 1])  # nothing remembered: no look
+    engine._past_estimates.extend([np.array([0.1, 0.0, 0.0])] * 3 + [np.array([1.0, 1.0, 1.0])] * 5)
+    np.testing.assert_allclose(engine._optimistic_estimate(), [1.0, 1.0, 1.0])
+    engine._verdict_key = None
+    assert not engine.should_draft([0, 1])  # both slots were drafted for: nothing to look at
+    engine._recent[1] = 0.0  # slot 1 is new: half the batch
+    engine._verdict_key = None
+    assert engine.should_draft([0, 1]) and engine._verdict == (False, True)
+    engine._recent[0] = 0.0  # both new, but the past requests were poor: no look
+    engine._past_estimates.clear()
+    engine._past_estimates.extend([np.array([0.1, 0.0, 0.0])] * 8)
+    engine._verdict_key = None
     assert not engine.should_draft([0, 1])
 
 

@@ -66,16 +66,23 @@ class BlockDrafter:
 
     def ingest(self, dparams, tparams, dcache: KVCache, feats, next_tokens, start, count) -> KVCache:
         """Append the context K/V of positions start..start+count-1 (features [B, T, m*D])."""
+        rows = jnp.arange(feats.shape[0], dtype=jnp.int32)
+        return self.ingest_lines(dparams, tparams, dcache, feats, next_tokens, rows, start, count)
+
+    def ingest_lines(self, dparams, tparams, dcache: KVCache, feats, next_tokens, rows, start, count) -> KVCache:
+        """`ingest` of R lines into chosen cache rows: line l (features [R, T, m*D]) holds
+        positions start[l]..start[l]+count[l]-1 of row rows[l] (count 0: nothing). Its cost
+        follows R x T, not the cache's batch: prompt chunks ingest apart from the slots."""
         del tparams, next_tokens  # the block drafter reads features only
         t = feats.shape[1]
         positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         ks, vs = self.module.apply({"params": dparams}, feats.astype(self.cfg.arch.jnp_dtype), positions,
                                    method="context_kv")
         index = write_index(positions, jnp.arange(t)[None, :] < count[:, None], dcache.max_len)
-        b = jnp.arange(feats.shape[0])[:, None]
-        k = dcache.k.at[:, b, index].set(ks.astype(dcache.k.dtype), mode="drop")
-        v = dcache.v.at[:, b, index].set(vs.astype(dcache.v.dtype), mode="drop")
-        return KVCache(k=k, v=v, lengths=jnp.where(count > 0, start + count, dcache.lengths))
+        row = jnp.where(count > 0, rows, dcache.batch)  # empty lines scatter nowhere
+        k = dcache.k.at[:, row[:, None], index].set(ks.astype(dcache.k.dtype), mode="drop")
+        v = dcache.v.at[:, row[:, None], index].set(vs.astype(dcache.v.dtype), mode="drop")
+        return KVCache(k=k, v=v, lengths=dcache.lengths.at[row].set(start + count, mode="drop"))
 
     def block_hidden(self, dparams, tparams, dcache: KVCache, anchor, start):
         """One parallel pass: [anchor, mask x (block_size - 1)] -> hidden [B, block_size, D]."""
