@@ -20,19 +20,19 @@ rounds), so it can never depend on the current round's drafts; see slot_round.py
 each policy's depths then stay lossless.
 
 The other is the drafting gate of the scheduled policies (algorithm1, production), on
-when the cost model charges drafting (a profiled `draft_time` > 0, or round times):
-each round, before drafting, the host predicts the best speculative round from every
-slot's survival, smoothed over its drafted rounds (a running mean per position stands in
-for slots not drafted for yet), and runs a plain decoding round instead when that one
-is expected to be faster (`scheduler.speculation_pays`). A plain round only buffers the
-committed positions' target features; the next speculative round's drafter ingests
-them all in one call first, so a plain round costs about what plain decoding costs. After
-`probe_every` plain rounds in a row one speculative round refreshes the estimates (the
-wait doubles while probes keep finding speculation does not pay), and the estimate is
-scaled by the acceptance seen over the acceptance predicted, since the drafter's
-confidences may be calibrated on other text. A plain round is every depth at 0, chosen
-before the drafts exist: lossless. The fixed policy with depth d < gamma drafts only d
-tokens (the drafter's gamma is cut to d), so MTP-1 costs one drafted token, not a block.
+when the cost model charges drafting (a profiled `draft_time` > 0, or round times): each
+round, before drafting, the host predicts the best speculative round from every slot's
+survival, smoothed over its drafted rounds (a running mean per position stands in for
+slots not drafted for yet) and scaled by the slot's accepted over predicted drafts, and
+runs a plain decoding round instead when that one is expected to be faster
+(`scheduler.speculation_pays`; engine_costs.py has the details: probes, looks at new
+requests). A plain round only buffers the committed positions' target features; the next
+speculative round's drafter ingests them all in one call first, so a plain round costs
+about what plain decoding costs. After `probe_every` plain rounds in a row one
+speculative round refreshes the estimates (the wait doubles while probes keep finding
+speculation does not pay). A plain round is every depth at 0, chosen before the drafts
+exist: lossless. The fixed policy with depth d < gamma drafts only d tokens (the
+drafter's gamma is cut to d), so MTP-1 costs one drafted token, not a block.
 
 What a round costs (engine_costs.py): by default the target pass's SPS(B) plus a
 drafting pass; after `engine.profile_rounds()` (or when the profile file holds them) the

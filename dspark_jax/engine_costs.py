@@ -93,28 +93,34 @@ class RoundCostModel:
         self._verdict_key = None  # the gate decides afresh on the new costs
         self._upload_costs()
 
-    def profile_rounds(self, repeats: int = 8, warmup: int = 2, save: bool = True) -> dict:
+    def profile_rounds(self, repeats: int = 16, warmup: int = 2, save: bool = True) -> dict:
         """Time this engine's rounds at every bucket, speculative and plain (low quartile of
         `repeats` after `warmup` compiling / warming runs), over idle slots: shapes are
-        static, so an empty row costs what a busy one does. The scheduled policies then
-        use them; with `save` they go to the profile file the engine's SPS came from.
-        Returns {"spec": {B: seconds}, "plain": {B: seconds}}, which
-        `Engine(..., rounds=...)` also takes."""
+        static, so an empty row costs what a busy one does. The repeats go round-robin
+        over the kinds, so that a machine's drift moves all of them alike (the gate reads
+        their ratios). A gated engine's speculative rounds are timed with the deferred
+        ingest a round that drafts after plain rounds runs first (the gate's choice). The scheduled policies then use them; with `save` they go to the
+        profile file the engine's SPS came from. Returns {"spec": {B: seconds}, "plain":
+        {B: seconds}}, which `Engine(..., rounds=...)` also takes."""
         if self.policy not in SCHEDULED or self.gamma == 0:
             raise DSparkError(f"round profiles serve the scheduled policies ({', '.join(SCHEDULED)}); "
                               f"this engine runs '{self.policy}'")
         if not self.idle:
             raise DSparkError("profile_rounds needs an idle engine")
-        times: dict[str, dict[int, float]] = {"spec": {}, "plain": {}}
         kinds = [(b, True) for b in self.buckets] + [(b, False) for b in self.plain_buckets]
-        for b, draft in kinds:
-            samples = []
-            for i in range(max(1, warmup) + max(1, repeats)):
+        samples: dict[tuple[int, bool], list[float]] = {k: [] for k in kinds}
+        flush = self.gated and self._state.pending is not None  # drafting after plain rounds flushes first
+        for i in range(max(1, warmup) + max(1, repeats)):
+            for b, draft in kinds:
                 t0 = self.clock()
+                if draft and flush:
+                    self._ingest_pending(self._pending_width)
                 jax.device_get(self._round(b, draft))
                 if i >= max(1, warmup):
-                    samples.append(self.clock() - t0)
-            times["spec" if draft else "plain"][b] = max(profile_sps.low_quartile(samples), 1e-9)
+                    samples[(b, draft)].append(self.clock() - t0)
+        times: dict[str, dict[int, float]] = {"spec": {}, "plain": {}}
+        for (b, draft), got in samples.items():
+            times["spec" if draft else "plain"][b] = max(profile_sps.low_quartile(got), 1e-9)
         self._apply_costs(times)
         if save and self._profile_ref is not None:
             profile_sps.save_rounds(*self._profile_ref, self.policy, times)
@@ -128,9 +134,11 @@ class RoundCostModel:
         against the acceptance the survival predicted (`slot_acceptance_ratio`). A streak
         of plain rounds is broken by a probe (a speculative round) after `probe_every`
         rounds; when the probe does not change the verdict the next one waits twice as
-        long (up to 8 x probe_every), and a verdict for drafting resets the wait. Slots
-        never drafted for get one early probe when speculation would pay if they turned
-        out as good as the better past requests (`_optimistic_estimate`)."""
+        long (up to 8 x probe_every), and a probe that finds speculation paying resets
+        the wait. Slots never drafted for, when they are at least half of the batch, get
+        a look (a drafted round) if speculation would pay were they as good as the
+        better past requests (`_optimistic_estimate`). The verdict is kept until its
+        inputs change (a drafted round, a seat, the slots' room left)."""
         if not self.gated or self._prior is None:
             return True
         if self._plain_streak >= self._probe_gap:
@@ -138,7 +146,7 @@ class RoundCostModel:
             return True
         idx = np.asarray(occupied)
         key = (idx.tobytes(), self._depth_limits(idx).tobytes())
-        if key != self._verdict_key:  # the inputs change only with drafted rounds, seats and the room left
+        if key != self._verdict_key:
             self._verdict_key, self._verdict = key, self._verdicts(idx)
         pays, look = self._verdict
         if self._probed:  # a probe ran last round: it found speculation paying again, or not
