@@ -94,12 +94,13 @@ class RoundCostModel:
         self._upload_costs()
 
     def profile_rounds(self, repeats: int = 16, warmup: int = 2, save: bool = True) -> dict:
-        """Time this engine's rounds at every bucket, speculative and plain (low quartile of
-        `repeats` after `warmup` compiling / warming runs), over idle slots: shapes are
-        static, so an empty row costs what a busy one does. The repeats go round-robin
-        over the kinds, so that a machine's drift moves all of them alike (the gate reads
-        their ratios). A gated engine's speculative rounds are timed with the deferred
-        ingest a round that drafts after plain rounds runs first (the gate's choice). The scheduled policies then use them; with `save` they go to the
+        """Time this engine's rounds at every bucket, speculative and plain (low
+        quartile of `repeats` after `warmup` compiling / warming runs), over idle slots:
+        shapes are static, so an empty row costs what a busy one does. The repeats go
+        round-robin over the kinds, so that a machine's drift moves all of them alike
+        (the gate reads their ratios). A gated engine's speculative rounds are timed
+        with the deferred ingest a round that drafts after plain rounds runs first (the
+        gate's choice). The scheduled policies then use them; with `save` they go to the
         profile file the engine's SPS came from. Returns {"spec": {B: seconds}, "plain":
         {B: seconds}}, which `Engine(..., rounds=...)` also takes."""
         if self.policy not in SCHEDULED or self.gamma == 0:
