@@ -156,12 +156,13 @@ def test_prompt_lines_ingest_into_their_rows(pair, tmp_path):
     nxt = jnp.zeros((2, 6), jnp.int32)
     lines = drafter.ingest_lines(dparams, tparams, base, feats, nxt, rows, start, count)
     grid = jnp.zeros((SLOTS + 1, 6, e), tcfg.jnp_dtype).at[rows].set(feats)
-    dense = drafter.ingest(dparams, tparams, base, grid, jnp.zeros((SLOTS + 1, 6), jnp.int32),
-                           jnp.asarray([3, 5, 2]).at[rows].set(start), jnp.zeros((SLOTS + 1,), jnp.int32).at[rows].set(count))
+    grid_start = jnp.asarray([3, 5, 2]).at[rows].set(start)
+    grid_count = jnp.zeros((SLOTS + 1,), jnp.int32).at[rows].set(count)
+    dense = drafter.ingest(dparams, tparams, base, grid, jnp.zeros((SLOTS + 1, 6), jnp.int32), grid_start, grid_count)
     for a, b in zip(jax.tree.leaves(lines), jax.tree.leaves(dense)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert np.asarray(lines.lengths).tolist() == [7, 5, 8]
-    empty = drafter.ingest_lines(dparams, tparams, base, feats, nxt, rows, start, jnp.zeros((2,), jnp.int32))
+    empty = drafter.ingest_lines(dparams, tparams, base, feats, nxt, rows, start + 1, jnp.zeros((2,), jnp.int32))
     for a, b in zip(jax.tree.leaves(empty), jax.tree.leaves(base)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     wrong = drafter.ingest_lines(dparams, tparams, base, feats, nxt, rows[::-1], start, count)

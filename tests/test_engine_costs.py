@@ -4,8 +4,8 @@ measured round times (Engine.profile_rounds): they reach the gate and the object
 go to the profile file and come back from it, and the output stays greedy; the
 per-slot smoothed survival the gate reads, its probes' back-off, its check of the
 confidences against the acceptance seen (all slots and per slot), its look at new
-requests; and the plain rounds' deferred drafter ingest
-(the drafts after it equal an engine that ingests every round)."""
+requests; and the plain rounds' deferred drafter ingest (the drafts after it equal an
+engine that ingests every round)."""
 
 import itertools
 import json
