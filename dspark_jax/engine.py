@@ -288,7 +288,6 @@ class Engine(SlotAdmission, RoundCostModel):
         self._settle_pending(draft)
         budget = self.choose_budget(occupied) if draft else self._bucket(len(occupied))
         info = self._round(budget, draft, adm)
-        self._pending_n += not draft and self._state.pending is not None
         first, info = jax.device_get((first, info))
         now = self.clock()
         for s in admitted:

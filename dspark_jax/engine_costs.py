@@ -146,39 +146,43 @@ class RoundCostModel:
             self._probed = True
             return True
         idx = np.asarray(occupied)
-        key = (idx.tobytes(), self._depth_limits(idx).tobytes())
+        limits = self._depth_limits(idx)
+        key = (idx.tobytes(), limits.tobytes())
         if key != self._verdict_key:
-            self._verdict_key, self._verdict = key, self._verdicts(idx)
+            self._verdict_key, self._verdict = key, self._verdicts(idx, limits)
         pays, look = self._verdict
         if self._probed:  # a probe ran last round: it found speculation paying again, or not
             self._probe_gap = self.probe_every if pays else min(2 * self._probe_gap, 8 * self.probe_every)
         self._probed = False
         return pays or look
 
-    def _verdicts(self, idx: np.ndarray) -> tuple[bool, bool]:
+    def _verdicts(self, idx: np.ndarray, limits: np.ndarray) -> tuple[bool, bool]:
         """(whether speculation pays on the slots' estimates, whether it would pay if the
-        slots never drafted for were as good as the better past requests: a look at them)."""
-        est, fresh = self._gate_estimates(idx)
+        slots never drafted for were as good as the better past requests: a look at them).
+        limits: the slots' depth limits."""
+        est, fresh = self._gate_estimates(idx, limits)
         if self._pays(est):
             return True, False
         if 2 * fresh.sum() < len(idx) or not self._past_estimates:  # new requests: too few to matter
             return False, False
-        live = np.arange(self.gamma)[None, :] < self._depth_limits(idx[fresh])[:, None]
+        live = np.arange(self.gamma)[None, :] < limits[fresh][:, None]
         est[fresh] = self._optimistic_estimate()[None, :] * live
         return False, self._pays(est)
 
     def _pays(self, est: np.ndarray) -> bool:
         return scheduler.speculation_pays(est, self.sps, draft_time=self.draft_time, plain_sps=self.plain_sps)[0]
 
-    def _gate_estimates(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _gate_estimates(self, idx: np.ndarray, limits: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(survival the gate expects of slots idx next round [n, G], which of them were
         never drafted for): the smoothed survival (the running mean for those never drafted
-        for) x the slot's acceptance ratio, clipped to 1 and masked to its live positions."""
+        for) x the slot's acceptance ratio, clipped to 1 and masked to its live positions
+        (limits: the slots' depth limits, None: computed here)."""
         est = self._recent[idx].astype(np.float64)
         fresh = est.max(axis=1) <= 0
         est[fresh] = self._prior
         est = np.minimum(1.0, est * self.slot_acceptance_ratio(idx)[:, None])
-        return est * (np.arange(self.gamma)[None, :] < self._depth_limits(idx)[:, None]), fresh
+        limits = self._depth_limits(idx) if limits is None else limits
+        return est * (np.arange(self.gamma)[None, :] < limits[:, None]), fresh
 
     def _optimistic_estimate(self) -> np.ndarray:
         """Survival [G] of a new request as good as the upper quartile of the requests that
@@ -249,12 +253,14 @@ class RoundCostModel:
         return tuple(sorted({min(1 << k, p) for k in range(p.bit_length() + 1)}))
 
     def _settle_pending(self, draft: bool) -> None:
-        """Before a round that drafts, or a plain round that would overflow the buffer, the
-        drafter ingests what the plain rounds since the last ingest buffered."""
+        """Before each round. Before a round that drafts, or a plain round that would
+        overflow the buffer, the drafter ingests what the plain rounds since the last ingest
+        buffered; a plain round about to run counts one more buffered round."""
         n = self._pending_n
         if n and (draft or n >= self._pending_width):
             self._ingest_pending(min(w for w in self.pending_widths if w >= n))
-            self._pending_n = 0
+            n = 0
+        self._pending_n = n + (not draft and self._state.pending is not None)
 
     def _ingest_pending(self, width: int) -> None:
         self._state = slot_round.ingest_pending(self.drafter, self.tparams, self.dparams, self._state, width)
