@@ -102,7 +102,10 @@ class Engine(SlotAdmission, RoundCostModel):
     deeper verification costs little, it verified less and lost throughput). rounds:
     measured round times ({"spec": {B: s}, "plain": {B: s}}, what `profile_rounds`
     returns) for the scheduled policies' objective and gate (None: the profile file's when
-    it holds them, else the pass model).
+    it holds them, else the pass model). lazy_ingest: keep the target features of every
+    cached position (speculate.FeatureLog: slots x max_len x the taps' width) and let the
+    drafter ingest a slot's positions only when a round drafts for it (None: for the
+    scheduled policies, whose gate may not draft; False: every round ingests).
     """
 
     def __init__(self, tcfg, tparams, drafter=None, dparams=None, *, slots: int = 4, max_len: int = 256,
@@ -112,7 +115,7 @@ class Engine(SlotAdmission, RoundCostModel):
                  draft_time: float | None = None, probe_every: int = 16, prefill_chunk: int = 64,
                  recalibrate: bool = False, rounds: dict | None = None,
                  paged: bool = False, page_size: int = 16, num_pages: int | None = None,
-                 attention_impl: str = "auto", attention_interpret: bool = False):
+                 attention_impl: str = "auto", attention_interpret: bool = False, lazy_ingest: bool | None = None):
         policy = policy or ("none" if drafter is None else
                             "production" if drafter_has_confidence(drafter) else "fixed")
         if policy not in slot_round.POLICIES:
@@ -180,7 +183,7 @@ class Engine(SlotAdmission, RoundCostModel):
             n_out=jnp.zeros((slots,), jnp.int32), max_new=jnp.ones((slots,), jnp.int32),
             stop_ids=jnp.full((slots, max_stop_ids), -1, jnp.int32), sampling=SamplingParams.make(slots))
         self._stale = jnp.zeros((2, slots, self.gamma), jnp.float32)
-        self._init_gate()
+        self._init_gate(policy in SCHEDULED if lazy_ingest is None else bool(lazy_ingest))
         # host mirrors of per-slot facts the budget choice and admission need
         self._stale_host = np.zeros((2, slots, self.gamma), np.float32)
         self._slot_req: list[PendingRequest | None] = [None] * slots
@@ -192,6 +195,7 @@ class Engine(SlotAdmission, RoundCostModel):
         self._stops = np.full((slots, max_stop_ids), -1, np.int32)
         self._max_depth = np.zeros(slots, np.int32)
         self._max_depth_dev: jax.Array | None = None  # its device copy (None: to be sent)
+        self._max_depth_sent = self._max_depth  # what was sent: the limits x the slots drafted for
         self._last_round: tuple[int, int] | None = None  # (active slots, verified B)
         # each slot's survival, smoothed over its drafted rounds: it predicts the next round's
         # committed tokens better than the last round's survival alone (the drafting gate reads it)
@@ -278,6 +282,8 @@ class Engine(SlotAdmission, RoundCostModel):
         if self.metrics.started_at is None and not self.idle:
             self.metrics.started_at = now
         admitted, first = self._admit(now)
+        for s in admitted:  # their prompt is in the cache, not yet in the drafter's (lazy ingest)
+            self._lag[s] = len(self._slot_req[s].prompt)
         if self._table_dirty:  # finished rows' pages went back: clear their rows on device
             self._sync_page_table()
         occupied = [s for s, r in enumerate(self._slot_req) if r is not None and s not in self._prefilling]
@@ -285,11 +291,14 @@ class Engine(SlotAdmission, RoundCostModel):
             return False
         adm, plan = self._plan_chunks()
         draft = self.should_draft(occupied)
-        self._settle_pending(draft)
+        self._prepare_round(draft, occupied)
         budget = self.choose_budget(occupied) if draft else self._bucket(len(occupied))
         info = self._round(budget, draft, adm)
         first, info = jax.device_get((first, info))
-        now = self.clock()
+        self._lag = np.array(info.lag, np.int64)
+        at, now = now, self.clock()
+        if not admitted and not plan:  # a step without prompt work: what its round cost
+            self._observe_step(draft, budget, len(occupied), now - at)
         for s in admitted:
             self._emit(s, [int(first[s])], now)
         started = self._advance_chunks(plan)
@@ -300,9 +309,10 @@ class Engine(SlotAdmission, RoundCostModel):
         if draft:
             self._stale_host = np.stack([self._stale_host[1], info.survival])
             self._last_round = (n_active, int(info.verified))
-            self._learn_survival(occupied, info)
-            self._learn_acceptance(occupied, info)
-            self._learn_correction(occupied, info)
+            drafted = [s for s in occupied if self._drafting[s]]
+            self._learn_survival(drafted, info)
+            self._learn_acceptance(drafted, info)
+            self._learn_correction(drafted, info)
         else:
             m.plain_rounds += 1
         self._plain_streak = 0 if draft else self._plain_streak + 1
@@ -374,7 +384,7 @@ class Engine(SlotAdmission, RoundCostModel):
         if self.gamma == 0 or self.policy == "none":
             return self._bucket(n)
         idx = np.asarray(occupied)
-        limit = self._depth_limits(idx)
+        limit = np.where(self._drafting[idx], self._depth_limits(idx), 0)
         need = n + int(limit.sum())  # every active row at its depth limit
         if self.policy == "production":
             # the device computes K from the same stale survival (global_capacity_jnp) and caps
@@ -414,8 +424,9 @@ class Engine(SlotAdmission, RoundCostModel):
         chunks = [None] + ([self._empty_admission()] if self.mixing else [])
         for (b, draft), adm in itertools.product(rounds, chunks):
             self._round(b, draft, adm)
-        for width in self.pending_widths if self.gated else ():  # only gated engines run plain rounds
-            self._ingest_pending(width)
+        if self._state.log is not None:
+            for lines, width in itertools.product(self.flush_lines, self.flush_widths):
+                self._run_flush(np.full(lines, s, np.int32), width)
         jax.block_until_ready(self._state.anchor)
 
     # ---------------------------------------------------------------- internals
@@ -428,8 +439,9 @@ class Engine(SlotAdmission, RoundCostModel):
         return info
 
     def _schedule(self) -> slot_round.Schedule:
-        if self._max_depth_dev is None:  # per-request limits reach the device when a slot is seated
-            self._max_depth_dev = jnp.asarray(self._max_depth)
+        limits = np.where(self._drafting, self._max_depth, 0).astype(np.int32)  # 0: not drafted for
+        if self._max_depth_dev is None or not np.array_equal(limits, self._max_depth_sent):
+            self._max_depth_dev, self._max_depth_sent = jnp.asarray(limits), limits
         return slot_round.Schedule(sps=self._sps_dev, max_depth=self._max_depth_dev,
                                   threshold=self._threshold_dev, draft_time=self._draft_time_dev,
                                   prior=self._prior_dev, conf_scale=self._conf_scale_dev)

@@ -19,8 +19,14 @@ as that step curve (profile_sps.at_buckets): its capacity then lands on a bucket
 and the padding of the chosen bucket is verified rather than wasted. Algorithm 1's early
 stop needs a curve without steps (it would stop at the first bucket edge), so it reads
 the rates interpolated linearly between buckets. Plain rounds always run at the bucket
-of their row count, and leave the drafter's ingest of their positions to the next
-speculative round (speculate.Pending, `_settle_pending`).
+of their row count.
+
+The gate also picks the slots a drafted round drafts for: those with a draft among the
+top-K candidates of its estimates (scheduler.rows_worth_drafting); a probe drafts for
+all. With lazy ingest (speculate.FeatureLog, the default for the scheduled policies)
+the drafter ingests nothing in plain rounds or at admission: a slot's backlog is
+flushed into the drafter's cache just before a round drafts for it (`_prepare_round`),
+so requests the gate never drafts for never cost the drafter anything.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import collections
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dspark_jax import profile_sps, scheduler, slot_round, speculate
@@ -110,12 +117,13 @@ class RoundCostModel:
             raise DSparkError("profile_rounds needs an idle engine")
         kinds = [(b, True) for b in self.buckets] + [(b, False) for b in self.plain_buckets]
         samples: dict[tuple[int, bool], list[float]] = {k: [] for k in kinds}
-        flush = self.gated and self._state.pending is not None  # drafting after plain rounds flushes first
+        flush = self._state.log is not None and self.gated  # drafting after plain rounds flushes first
+        width = min(w for w in self.flush_widths if w >= min(16, self.max_len))
         for i in range(max(1, warmup) + max(1, repeats)):
             for b, draft in kinds:
                 t0 = self.clock()
                 if draft and flush:
-                    self._ingest_pending(self._pending_width)
+                    self._run_flush(self._flush_rows(range(self.slots)), width)
                 jax.device_get(self._round(b, draft))
                 if i >= max(1, warmup):
                     samples[(b, draft)].append(self.clock() - t0)
@@ -138,8 +146,10 @@ class RoundCostModel:
         long (up to 8 x probe_every), and a probe that finds speculation paying resets
         the wait. Slots never drafted for, when they are at least half of the batch, get
         a look (a drafted round) if speculation would pay were they as good as the
-        better past requests (`_optimistic_estimate`). The verdict is kept until its
-        inputs change (a drafted round, a seat, the slots' room left)."""
+        better past requests (`_optimistic_estimate`). A verdict to draft also names the
+        slots worth drafting for (`_chosen`; a probe: all). The verdict is kept until
+        its inputs change (a drafted round, a seat, the slots' room left)."""
+        self._chosen = None
         if not self.gated or self._prior is None:
             return True
         if self._plain_streak >= self._probe_gap:
@@ -147,30 +157,62 @@ class RoundCostModel:
             return True
         idx = np.asarray(occupied)
         limits = self._depth_limits(idx)
-        key = (idx.tobytes(), limits.tobytes())
+        key = (idx.tobytes(), limits.tobytes(), round(self.spec_cost_factor, 2))
         if key != self._verdict_key:
             self._verdict_key, self._verdict = key, self._verdicts(idx, limits)
-        pays, look = self._verdict
+        pays, look, chosen = self._verdict
         if self._probed:  # a probe ran last round: it found speculation paying again, or not
             self._probe_gap = self.probe_every if pays else min(2 * self._probe_gap, 8 * self.probe_every)
         self._probed = False
+        if pays or look:
+            self._chosen = chosen
         return pays or look
 
-    def _verdicts(self, idx: np.ndarray, limits: np.ndarray) -> tuple[bool, bool]:
+    def _verdicts(self, idx: np.ndarray, limits: np.ndarray) -> tuple[bool, bool, np.ndarray]:
         """(whether speculation pays on the slots' estimates, whether it would pay if the
-        slots never drafted for were as good as the better past requests: a look at them).
+        slots never drafted for were as good as the better past requests: a look at them,
+        the slots worth drafting for on those estimates (a look: with the new ones)).
         limits: the slots' depth limits."""
         est, fresh = self._gate_estimates(idx, limits)
         if self._pays(est):
-            return True, False
+            return True, False, idx[self._worth(est)]
         if 2 * fresh.sum() < len(idx) or not self._past_estimates:  # new requests: too few to matter
-            return False, False
+            return False, False, idx[:0]
         live = np.arange(self.gamma)[None, :] < limits[fresh][:, None]
         est[fresh] = self._optimistic_estimate()[None, :] * live
-        return False, self._pays(est)
+        return False, self._pays(est), idx[self._worth(est) | fresh]
+
+    def _worth(self, est: np.ndarray) -> np.ndarray:
+        return scheduler.rows_worth_drafting(est, self.sps, draft_time=self.draft_time)
 
     def _pays(self, est: np.ndarray) -> bool:
-        return scheduler.speculation_pays(est, self.sps, draft_time=self.draft_time, plain_sps=self.plain_sps)[0]
+        f = self.spec_cost_factor
+        return scheduler.speculation_pays(est, self.sps / f, draft_time=self.draft_time * f,
+                                          plain_sps=self.plain_sps)[0]
+
+    @property
+    def spec_cost_factor(self) -> float:
+        """How much dearer speculative steps have run than the cost model predicts,
+        relative to plain steps (1 until both were seen; clipped to [0.5, 4]): steps in a
+        run pay for what a profile over idle slots misses (the flushes of lazy ingest,
+        host work, the caches of a busy machine). The gate scales speculative rounds'
+        predicted times by it."""
+        seen, pred = self._step_cost
+        if not (pred > 0).all():
+            return 1.0
+        return float(np.clip((seen[1] / pred[1]) / (seen[0] / pred[0]), 0.5, 4.0))
+
+    def _observe_step(self, draft: bool, budget: int, rows: int, seconds: float) -> None:
+        """A step's wall time (one without prompt work) against the time its round was
+        predicted to take; sums decayed by 0.9 a step of each kind."""
+        if not self.gated or not seconds > 0:
+            return
+        rate = self.sps[budget] if draft else self.plain_sps[rows]
+        if not rate > 0:
+            return
+        k = int(draft)
+        predicted = 1.0 / rate + (self.draft_time if draft else 0.0)
+        self._step_cost[:, k] = 0.9 * self._step_cost[:, k] + (seconds, predicted)
 
     def _gate_estimates(self, idx: np.ndarray, limits: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(survival the gate expects of slots idx next round [n, G], which of them were
@@ -226,41 +268,74 @@ class RoundCostModel:
             self._past_estimates.append(np.minimum(1.0, self._recent[slot].astype(np.float64) * ratio))
         self._verdict_key = None
 
-    # ------------------------------------------------ the gate's state; deferred ingest of plain rounds
+    # ------------------------------------------------ the gate's state; lazy ingest
 
-    def _init_gate(self) -> None:
-        """The gate's state. Engines that may gate get a buffer (speculate.Pending) of up
-        to min(probe_every, 16) plain rounds' committed positions per slot; the others
-        ingest every round."""
+    def _init_gate(self, lazy_ingest: bool) -> None:
+        """The gate's state. With `lazy_ingest` the state gets a feature log
+        (speculate.FeatureLog) and the drafter ingests a slot's positions only when a
+        round drafts for it; otherwise every round ingests its committed positions."""
         self._plain_streak, self._probe_gap, self._probed = 0, self.probe_every, False
         self._acc_expected = self._acc_seen = 0.0
         self._slot_acc = np.zeros((self.slots, 2))  # per slot: accepted drafts seen, predicted (decayed)
         self._past_estimates: collections.deque = collections.deque(maxlen=32)  # finished requests' estimates
-        self._verdict_key, self._verdict = None, (True, False)  # the gate's last verdict and its inputs
-        self._pending_n = 0  # plain rounds buffered since the last ingest (host mirror)
-        self._pending_width = min(self.probe_every, 16)
-        if self.policy in SCHEDULED and self.gamma > 0:
+        self._verdict_key, self._verdict = None, (True, False, None)  # the gate's last verdict and its inputs
+        self._chosen: np.ndarray | None = None  # the slots the gate chose to draft for (None: all)
+        self._drafting = np.ones(self.slots, bool)  # the slots the round about to run drafts for
+        self._lag = np.zeros(self.slots, np.int64)  # positions each slot's drafter cache lacks (lazy ingest)
+        self._step_cost = np.zeros((2, 2))  # [seen, predicted] seconds of [plain, speculative] steps (decayed)
+        if lazy_ingest and self.gamma > 0:
             feats = len(self.drafter.tap_layers) * self.tcfg.hidden_size
-            self._state = self._state.replace(pending=speculate.Pending.init(
-                self.slots, self._pending_width, feats, self.tcfg.jnp_dtype))
+            self._state = self._state.replace(log=speculate.FeatureLog.init(
+                self.slots, self.max_len, feats, self.tcfg.jnp_dtype))
 
     @property
-    def pending_widths(self) -> tuple[int, ...]:
-        """The compiled widths of the deferred ingest: powers of two up to the buffer's."""
-        if self._state.pending is None:
-            return ()
-        p = self._pending_width
-        return tuple(sorted({min(1 << k, p) for k in range(p.bit_length() + 1)}))
+    def flush_widths(self) -> tuple[int, ...]:
+        """The compiled widths of a backlog flush: powers of 4 from 4, up to max_len."""
+        widths, w = [], 4
+        while w < self.max_len:
+            widths.append(w)
+            w *= 4
+        return tuple(widths) + (self.max_len,)
 
-    def _settle_pending(self, draft: bool) -> None:
-        """Before each round. Before a round that drafts, or a plain round that would
-        overflow the buffer, the drafter ingests what the plain rounds since the last ingest
-        buffered; a plain round about to run counts one more buffered round."""
-        n = self._pending_n
-        if n and (draft or n >= self._pending_width):
-            self._ingest_pending(min(w for w in self.pending_widths if w >= n))
-            n = 0
-        self._pending_n = n + (not draft and self._state.pending is not None)
+    @property
+    def flush_lines(self) -> tuple[int, ...]:
+        """The compiled line counts of a backlog flush: powers of two up to the slots
+        (drafters with `ingest_lines`), else the slots."""
+        if not hasattr(self.drafter, "ingest_lines"):
+            return (self.slots,)
+        return tuple(sorted({min(1 << k, self.slots) for k in range(self.slots.bit_length() + 1)}))
 
-    def _ingest_pending(self, width: int) -> None:
-        self._state = slot_round.ingest_pending(self.drafter, self.tparams, self.dparams, self._state, width)
+    def _prepare_round(self, draft: bool, occupied: Sequence[int]) -> None:
+        """Before each round: a round that drafts drafts for the slots the gate chose
+        (else every slot), whose backlog the drafter ingests first; the others get a
+        depth limit of 0 for the round."""
+        self._drafting[:] = True
+        if draft and self._chosen is not None:
+            self._drafting[:] = False
+            self._drafting[self._chosen] = True
+        if draft:
+            self._flush([s for s in occupied if self._drafting[s]])
+
+    def _flush(self, slots: Sequence[int]) -> None:
+        """The drafter ingests the backlog of `slots` in one call (lazy ingest)."""
+        lagging = [s for s in slots if self._lag[s] > 0]
+        if self._state.log is None or not lagging:
+            return
+        width = min(w for w in self.flush_widths if w >= self._lag[lagging].max())
+        self._run_flush(self._flush_rows(lagging), width)
+        self._lag[lagging] = 0
+
+    def _flush_rows(self, slots: Sequence[int]) -> np.ndarray:
+        """The flush's line -> slot array (`slot_round.flush_log`), at a compiled size."""
+        if not hasattr(self.drafter, "ingest_lines"):
+            rows = np.full(self.slots, self.slots, np.int32)
+            rows[list(slots)] = list(slots)
+            return rows
+        lines = min(n for n in self.flush_lines if n >= len(slots))
+        rows = np.full(lines, self.slots, np.int32)
+        rows[:len(slots)] = list(slots)
+        return rows
+
+    def _run_flush(self, rows: np.ndarray, width: int) -> None:
+        self._state = slot_round.flush_log(self.drafter, self.tparams, self.dparams, self._state,
+                                           jnp.asarray(rows), width)

@@ -130,6 +130,13 @@ def speculation_pays(survival, sps, *, draft_time: float, plain_sps=None) -> tup
     return spec > plain, spec, plain
 
 
+def rows_worth_drafting(survival, sps, *, draft_time: float = 0.0) -> np.ndarray:
+    """bool [R]: the requests with a draft among the top-K candidates at the global
+    capacity K (the engine drafts only for these when its gate has chosen to draft)."""
+    survival, sps = _check(survival, sps)
+    return _top_k_depths(survival, global_capacity(survival, sps, draft_time=draft_time)) > 0
+
+
 def _top_k_depths(survival: np.ndarray, k: int) -> np.ndarray:
     depths = np.zeros(survival.shape[0], np.int64)
     r_idx, j_idx = _sorted_candidates(survival)

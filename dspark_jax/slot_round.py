@@ -16,9 +16,11 @@ before it and on quantities fixed before the round:
                       admits position-major;
   plain rounds        (draft=False) the host's choice, from previous rounds' survival,
                       to skip drafting: every depth is 0 and the stale survival is kept
-                      as it was. The committed positions wait in `DecodeState.pending`
-                      (when the state has one) and `ingest_pending` hands them to the
-                      drafter before the next round that drafts.
+                      as it was;
+  rows not drafted    a depth limit of 0 (Schedule.max_depth), the host's choice too.
+With a `FeatureLog` in the state (lazy ingest) the committed positions and the prompts
+go to the log, and `flush_log` hands a row's backlog to the drafter before the host
+drafts for that row; drafts of a row the drafter lags on are garbage, verified never.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class EngineRoundInfo:
     capacity: jax.Array    # [] int32: production's K (other policies: drafts verified)
     verified: jax.Array    # [] int32: B = sum over active rows of (1 + depth)
     first: jax.Array       # [S] int32: first token of rows whose final prompt chunk ran (else 0)
+    lag: jax.Array         # [S] int32: positions in the cache the drafter has not ingested (lazy ingest)
 
 
 def cap_depths(depth: jax.Array, active: jax.Array, budget: int, gamma: int) -> jax.Array:
@@ -230,13 +233,17 @@ def admit(tcfg, drafter, tparams, dparams, state: DecodeState, stale, rows, prom
         last, cache, taps = target.prefill(tcfg, tparams, prompts, q_lens, cache, taps_wanted)
     k_first, k_next = split_keys(keys, 2)
     first = sample_rows(k_first, warp(last, sampling))
-    draft_cache = state.draft_cache
+    draft_cache, log = state.draft_cache, state.log
     if drafter is not None:
         feats = jnp.concatenate(taps, axis=-1)
         nxt = jnp.concatenate([prompts[:, 1:], jnp.zeros_like(prompts[:, :1])], axis=1)
         nxt = jnp.where(jnp.arange(prompts.shape[1])[None] == (lengths - 1)[:, None], first[:, None], nxt)
-        draft_cache = drafter.ingest(dparams, tparams, draft_cache, feats, nxt, jnp.where(rows, 0, old), q_lens)
-    state = state.replace(cache=cache, draft_cache=draft_cache, max_new=max_new, stop_ids=stop_ids,
+        if log is None:
+            draft_cache = drafter.ingest(dparams, tparams, draft_cache, feats, nxt, jnp.where(rows, 0, old), q_lens)
+        else:  # the prompt waits in the log until the row is drafted for
+            log = log.write(feats, nxt, jnp.arange(rows.shape[0]), jnp.zeros_like(q_lens), q_lens)
+            log = log.replace(synced=jnp.where(rows, 0, log.synced))
+    state = state.replace(cache=cache, draft_cache=draft_cache, log=log, max_new=max_new, stop_ids=stop_ids,
                           sampling=sampling)
     state, stale = _start_rows(state, stale, rows, first, k_next)
     return state, stale, first
@@ -245,12 +252,9 @@ def admit(tcfg, drafter, tparams, dparams, state: DecodeState, stale, rows, prom
 def _start_rows(state: DecodeState, stale, rows, first, k_next):
     """Rows whose whole prompt is in the cache start decoding: `first` [S] is their anchor
     and first output token, their keys, output and stale survival restart."""
-    pending = state.pending
-    if pending is not None:  # a row that finished in a plain round may have left positions there
-        pending = pending.replace(count=jnp.where(rows, 0, pending.count))
     state = state.replace(anchor=jnp.where(rows, first, state.anchor), keys=jnp.where(rows, k_next, state.keys),
                           done=state.done & ~rows, out=jnp.where(rows[:, None], 0, state.out),
-                          n_out=jnp.where(rows, 0, state.n_out), pending=pending)
+                          n_out=jnp.where(rows, 0, state.n_out))
     state, _ = commit(state, first[:, None], jnp.ones(rows.shape, jnp.int32), rows)
     return state, jnp.where(rows[None, :, None], 0.0, stale)
 
@@ -276,6 +280,8 @@ def engine_round(tcfg, drafter, gamma: int, budget: int, policy: str, tparams, d
         restart = jnp.zeros((s,), bool).at[line].set(a.first, mode="drop")
         state = state.replace(sampling=a.sampling, max_new=a.max_new, stop_ids=a.stop_ids,
                               cache=state.cache.replace(lengths=jnp.where(restart, 0, state.cache.lengths)))
+        if state.log is not None:
+            state = state.replace(log=state.log.replace(synced=jnp.where(restart, 0, state.log.synced)))
     active = ~state.done
     k_draft, k_accept, keys = split_keys(state.keys, 3)
     draft_tokens, q, conf = draft_block(drafter if draft else None, gamma, tparams, dparams, state, k_draft)
@@ -303,7 +309,7 @@ def engine_round(tcfg, drafter, gamma: int, budget: int, policy: str, tparams, d
         at_end = a.final[:, None] & (jnp.arange(c)[None, :] == last_col[:, None])
         length = jnp.zeros((s,), jnp.int32).at[line].set(a.length, mode="drop")
         follow_lines = jnp.where(at_end, sampled[:, None], a.next)
-        if hasattr(drafter, "ingest_lines"):  # the drafter ingests the lines apart, after the slots
+        if state.log is not None or hasattr(drafter, "ingest_lines"):  # the lines go apart, after the slots
             lines_apart = (jnp.concatenate(t_taps, axis=-1), follow_lines, state.cache.lengths[a.rows])
             chunk = (length, None)
         else:  # one ingest over an [S, W] grid: verified blocks, and each line's chunk on its slot
@@ -321,8 +327,11 @@ def engine_round(tcfg, drafter, gamma: int, budget: int, policy: str, tparams, d
         k_accept, keys, drafted=draft, chunk=chunk)
     if lines_apart is not None:
         feats, follow_lines, start = lines_apart
-        state = state.replace(draft_cache=drafter.ingest_lines(dparams, tparams, state.draft_cache, feats,
-                                                               follow_lines, a.rows, start, a.length))
+        if state.log is not None:  # into the log (lazy ingest)
+            state = state.replace(log=state.log.write(feats, follow_lines, a.rows, start, a.length))
+        else:
+            state = state.replace(draft_cache=drafter.ingest_lines(dparams, tparams, state.draft_cache, feats,
+                                                                   follow_lines, a.rows, start, a.length))
     committed = jnp.pad(committed, ((0, 0), (0, gamma - g)))
     stale = jnp.stack([stale[1], survival]) if draft else stale
     if admission is not None:  # rows whose prompt is complete start decoding, as `admit` starts them
@@ -331,18 +340,34 @@ def engine_round(tcfg, drafter, gamma: int, budget: int, policy: str, tparams, d
     info = EngineRoundInfo(draft=draft_tokens, confidence=conf, survival=survival, depth=depth, accepted=n,
                            tokens=committed, appended=appended, active=active, done=state.done,
                            capacity=capacity, verified=jnp.sum(jnp.where(active, 1 + depth, 0)).astype(jnp.int32),
-                           first=first)
+                           first=first, lag=lag_of(state))
     return state, stale, info
 
 
+def lag_of(state: DecodeState) -> jax.Array:
+    """[S] positions in each row's cache that the drafter has not ingested (0 without a log)."""
+    if state.log is None:
+        return jnp.zeros_like(state.cache.lengths)
+    return jnp.maximum(state.cache.lengths - state.log.synced, 0)
+
+
 @functools.partial(jax.jit, static_argnames=("drafter", "width"), donate_argnames=("state",))
-def ingest_pending(drafter, tparams, dparams, state: DecodeState, width: int) -> DecodeState:
-    """The drafter ingests the positions plain rounds left in `state.pending`, in one call
-    over the first `width` (static; >= every row's count) entries of each row's buffer;
-    then the buffer is empty. Rows that are done are skipped (they draft again only after
-    a restart, which empties their buffer)."""
-    pend = state.pending
-    count = jnp.where(state.done, 0, jnp.minimum(pend.count, width))
-    draft_cache = drafter.ingest(dparams, tparams, state.draft_cache, pend.feats[:, :width], pend.next[:, :width],
-                                 state.cache.lengths - count, count)
-    return state.replace(draft_cache=draft_cache, pending=pend.replace(count=jnp.zeros_like(pend.count)))
+def flush_log(drafter, tparams, dparams, state: DecodeState, rows: jax.Array, width: int) -> DecodeState:
+    """The drafter ingests the backlog in `state.log` of the slots rows [R] (a slot id;
+    S: no line), up to `width` (static) positions each, in one call. Drafters with
+    `ingest_lines` take the R lines; the others ingest over every slot (R must be S, line
+    r for slot r), the unlisted with nothing to ingest."""
+    log = state.log
+    s = state.anchor.shape[0]
+    listed = rows < s
+    slot = jnp.where(listed, rows, jnp.arange(rows.shape[0]) % s)
+    start = log.synced[slot]
+    count = jnp.where(listed, jnp.clip(state.cache.lengths[slot] - start, 0, width), 0)
+    pos = jnp.minimum(start[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :], log.next.shape[1] - 1)
+    feats, nxt = log.read(slot, pos)
+    if hasattr(drafter, "ingest_lines"):
+        draft_cache = drafter.ingest_lines(dparams, tparams, state.draft_cache, feats, nxt, slot, start, count)
+    else:
+        draft_cache = drafter.ingest(dparams, tparams, state.draft_cache, feats, nxt, start, count)
+    synced = log.synced.at[jnp.where(listed, slot, s)].add(count, mode="drop")
+    return state.replace(draft_cache=draft_cache, log=log.replace(synced=synced))

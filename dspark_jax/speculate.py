@@ -8,9 +8,10 @@ One round, for every active request r with verification depth l_r in [0, gamma]:
   update  target cache length += n + 1; the drafter ingests the target features of the
           committed positions; stop tokens and max_new_tokens end requests.
 Nothing here syncs with the host; shapes depend only on (batch, gamma, cache length).
-Plain decoding is the same round with gamma = 0 and no drafter. The engine's plain
-rounds (nothing drafted) may instead buffer the committed positions' features in
-`DecodeState.pending`; the next drafting round ingests them first (deferred ingest).
+Plain decoding is the same round with gamma = 0 and no drafter. A state with a
+`FeatureLog` keeps every committed position's features there, and the drafter ingests
+them only for rows it is current on in rounds that draft (lazy ingest: the engine
+flushes a row's backlog before drafting for it).
 
 A drafter is a static object (hashable, passed as a jit static argument) offering:
   tap_layers                               target layers whose outputs it reads
@@ -48,36 +49,52 @@ class DecodeState:
     max_new: jax.Array    # [B] int32
     stop_ids: jax.Array   # [B, S] int32, -1 = unused
     sampling: SamplingParams
-    pending: Any = None   # Pending, or None: every round ingests its committed positions
+    log: Any = None       # FeatureLog, or None: every round ingests its committed positions
 
 
 @struct.dataclass
-class Pending:
-    """Committed positions whose features the drafter has not ingested yet.
+class FeatureLog:
+    """The target features of every position in each row's cache, for a drafter that
+    ingests lazily (the engine's gated policies).
 
-    A plain round (nothing drafted) has no use for the drafter, so instead of ingesting
-    its one committed position per row it writes the target features here; the next
-    round that drafts ingests them all in one call first (slot_round.ingest_pending).
-    Positions are contiguous: row b holds cache length - count[b] .. cache length - 1.
+    Row b's drafter cache holds positions 0..synced[b]-1; its later positions, up to the
+    target cache length, are only here. Every round writes its committed positions, a
+    prompt its positions as it enters; a drafted round also ingests them at once for rows
+    the drafter is current on. `slot_round.flush_log` hands a row's backlog to the
+    drafter before the row drafts, so a request never drafted for costs the drafter
+    nothing. Memory: batch x max_len x the taps' width (the drafter's cache is about
+    that size again).
     """
 
-    feats: jax.Array  # [B, P, F] target features (the drafter's taps, concatenated)
-    next: jax.Array   # [B, P] int32 the token after each position
-    count: jax.Array  # [B] int32 buffered positions
+    feats: jax.Array   # [B, L, F] target features at each position (the drafter's taps, concatenated), as bits
+    next: jax.Array    # [B, L] int32 the token after each position
+    synced: jax.Array  # [B] int32 positions the drafter has ingested
+    dtype: Any = struct.field(pytree_node=False, default=jnp.float32)  # the features' dtype
 
     @classmethod
-    def init(cls, batch: int, width: int, feat_dim: int, dtype) -> "Pending":
-        return cls(feats=jnp.zeros((batch, width, feat_dim), dtype), next=jnp.zeros((batch, width), jnp.int32),
-                   count=jnp.zeros((batch,), jnp.int32))
+    def init(cls, batch: int, max_len: int, feat_dim: int, dtype) -> "FeatureLog":
+        # stored as unsigned ints of the same width: XLA:CPU scatters bfloat16 by converting
+        # the whole buffer to float32 and back (~1 ms a round at 8 x 272 x 768), ints in place
+        bits = jnp.dtype(f"uint{8 * jnp.dtype(dtype).itemsize}")
+        return cls(feats=jnp.zeros((batch, max_len, feat_dim), bits), next=jnp.zeros((batch, max_len), jnp.int32),
+                   synced=jnp.zeros((batch,), jnp.int32), dtype=jnp.dtype(dtype))
 
-    def push(self, feats: jax.Array, nxt: jax.Array, rows: jax.Array) -> "Pending":
-        """Append one position (feats [B, F], next token [B]) to each of `rows` [B] bool;
-        other rows are emptied (finished or restarting rows do not draft again as they are)."""
-        b = jnp.arange(feats.shape[0])
-        at = jnp.where(rows, self.count, self.next.shape[1])  # out of range: dropped
-        return Pending(feats=self.feats.at[b, at].set(feats.astype(self.feats.dtype), mode="drop"),
-                       next=self.next.at[b, at].set(nxt, mode="drop"),
-                       count=jnp.where(rows, self.count + 1, 0))
+    def write(self, feats: jax.Array, nxt: jax.Array, rows: jax.Array, start: jax.Array,
+              count: jax.Array) -> "FeatureLog":
+        """Line l (feats [R, T, F], next tokens [R, T]) holds positions start[l] ..
+        start[l] + count[l] - 1 of row rows[l]."""
+        t = feats.shape[1]
+        steps = jnp.arange(t, dtype=jnp.int32)[None, :]
+        pos = jnp.where(steps < count[:, None], start[:, None] + steps, self.next.shape[1])  # past the end: dropped
+        row = rows[:, None]
+        bits = jax.lax.bitcast_convert_type(feats.astype(self.dtype), self.feats.dtype)
+        return self.replace(feats=self.feats.at[row, pos].set(bits, mode="drop"),
+                            next=self.next.at[row, pos].set(nxt, mode="drop"))
+
+    def read(self, rows: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(features [R, T, F], next tokens [R, T]) at positions pos [R, T] of rows [R]."""
+        feats = self.feats[rows[:, None], pos]
+        return jax.lax.bitcast_convert_type(feats, self.dtype), self.next[rows[:, None], pos]
 
 
 @struct.dataclass
@@ -150,8 +167,8 @@ def accept_and_commit(drafter, gamma: int, tparams, dparams, state: DecodeState,
                        cache, taps, depth, active, k_accept, keys, drafted: bool = True, chunk=None):
     """Lossless acceptance of the verified drafts, then every update a round makes:
     target cache length, drafter ingest of the committed positions, anchor, output.
-    A round that did not draft, on a state with a `pending` buffer, buffers its active
-    rows' committed position there instead of ingesting it.
+    On a state with a `FeatureLog` the committed positions go to the log, and only a
+    round that drafts ingests them, for the rows the drafter is current on.
 
     chunk: None, or (length [B], next tokens [B, W] or None) of prompt chunks that rode
     along in the verification pass (rows with length > 0, never active): their cache
@@ -180,16 +197,20 @@ def accept_and_commit(drafter, gamma: int, tparams, dparams, state: DecodeState,
             follow = jnp.where((length > 0)[:, None], nxt_chunk, padded)
             ingested = written
     cache = cache.replace(lengths=pos0 + written)
-    draft_cache, pending = state.draft_cache, state.pending
+    draft_cache, log = state.draft_cache, state.log
     if drafter is not None:
         feats = jnp.concatenate(taps, axis=-1)
-        deferred = pending is not None and not drafted
-        if deferred:  # one position per active row (gamma is 0) waits in the buffer
-            pending = pending.push(feats[:, 0], committed[:, 0], active)
-            ingested = jnp.where(active, 0, ingested)  # what is left: prompt chunks riding along
-        if not deferred or (chunk is not None and chunk[1] is not None):
+        if log is None:
             draft_cache = drafter.ingest(dparams, tparams, draft_cache, feats, follow, pos0, ingested)
-    state = state.replace(cache=cache, draft_cache=draft_cache, pending=pending,
+        else:  # everything goes to the log; a drafted round also ingests for rows the drafter is current on
+            log = log.write(feats, follow, jnp.arange(pos0.shape[0]), pos0, ingested)
+            if drafted and gamma > 0:
+                now = log.synced == pos0
+                count_now = jnp.where(now, ingested, 0)
+                draft_cache = drafter.ingest(dparams, tparams, draft_cache, feats, follow,
+                                             jnp.where(now, pos0, log.synced), count_now)
+                log = log.replace(synced=log.synced + count_now)
+    state = state.replace(cache=cache, draft_cache=draft_cache, log=log,
                           anchor=jnp.where(active, nxt, state.anchor), keys=keys)
     state, appended = commit(state, committed, count, active)
     return state, n, committed, appended

@@ -314,6 +314,8 @@ def test_policies_needing_confidences_refuse_drafters_without(pair):
 
 @pytest.mark.slow
 def test_engine_eagle3_equals_greedy(pair):
+    """Also with lazy ingest, where Eagle-3 (no `ingest_lines`) gets the prompts' backlog
+    through a flush over every slot: the same drafts."""
     from dspark_jax.drafters.eagle3 import init_eagle3_params
 
     tcfg, tparams, ref = pair
@@ -321,6 +323,19 @@ def test_engine_eagle3_equals_greedy(pair):
     dparams = init_eagle3_params(drafter, jax.random.key(7))
     dparams["embed_tokens"] = {"embedding": jnp.asarray(tparams["embed_tokens"]["embedding"])}
     dparams["lm_head"] = {"kernel": jnp.asarray(tparams["lm_head"]["kernel"])}
-    engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, buckets=(FULL,))
-    assert engine.policy == "fixed"
-    assert [r.token_ids for r in run_staggered(engine)] == ref
+    drafts = {}
+    for lazy in (False, True):
+        engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, buckets=(FULL,),
+                        lazy_ingest=lazy)
+        assert engine.policy == "fixed" and (engine._state.log is not None) == lazy
+        drafts[lazy], round_once = [], engine._round
+
+        def logged(budget, draft, admission=None, round_once=round_once, got=drafts[lazy]):
+            info = round_once(budget, draft, admission)
+            got.append(np.asarray(info.draft)[np.asarray(info.active)])
+            return info
+
+        engine._round = logged
+        assert [r.token_ids for r in run_staggered(engine)] == ref
+    for d, d_ref in zip(drafts[True], drafts[False], strict=True):
+        np.testing.assert_array_equal(d, d_ref)

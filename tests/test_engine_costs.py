@@ -219,6 +219,46 @@ def test_gate_scales_each_slot_by_its_own_acceptance(pair):
     assert engine.slot_acceptance_ratio(np.array([1]))[0] == pytest.approx(r)
 
 
+def test_gate_drafts_only_for_the_slots_worth_it(pair):
+    """When speculation pays, the round drafts for the slots with a draft among the
+    top-K candidates of the gate's estimates; the other slot gets depth limit 0, and
+    its decode is plain decoding's. A probe drafts for every slot."""
+    tcfg, tparams, ref = pair
+    rounds = {"spec": {2: 1e-3, ADAPTIVE[-1]: 2e-3}, "plain": {2: 1e-3}}
+    engine = _gate_engine(tcfg, tparams, ref, rounds, [0.9, 0.8, 0.7])
+    engine._recent[1] = [0.05, 0.01, 0.0]  # a slot whose drafts barely survive
+    assert engine.should_draft([0, 1]) and engine._verdict[0]
+    np.testing.assert_array_equal(engine._chosen, [0])
+    engine._prepare_round(True, [0, 1])
+    np.testing.assert_array_equal(engine._drafting, [True, False])
+    assert engine.choose_budget([0, 1]) == engine._bucket(2 + GAMMA)  # slot 1 verifies nothing
+    np.testing.assert_array_equal(engine._schedule().max_depth, [GAMMA, 0])
+    engine._prepare_round(False, [0, 1])  # a plain round: the limits are the slots' own again
+    np.testing.assert_array_equal(engine._schedule().max_depth, [GAMMA, GAMMA])
+    engine._plain_streak = engine._probe_gap
+    assert engine.should_draft([0, 1]) and engine._chosen is None
+
+
+def test_gate_scales_speculative_costs_by_what_steps_took(pair):
+    """Speculative steps seen 3x dearer than predicted while plain steps ran as
+    predicted: the gate's factor is 3 (clipped to [0.5, 4]), and a round that paid on
+    the profile no longer does. Steps of one kind only leave it at 1."""
+    tcfg, tparams, ref = pair
+    rounds = {"spec": {2: 1e-3, ADAPTIVE[-1]: 2e-3}, "plain": {2: 1e-3}}
+    engine = _gate_engine(tcfg, tparams, ref, rounds, [0.9, 0.8, 0.7])
+    assert engine.should_draft([0, 1])
+    for _ in range(5):
+        engine._observe_step(True, ADAPTIVE[-1], 2, 3 * 2e-3)
+    assert engine.spec_cost_factor == 1.0  # no plain step seen yet
+    for _ in range(5):
+        engine._observe_step(False, 2, 2, 1e-3)
+    assert engine.spec_cost_factor == pytest.approx(3.0)
+    assert not engine.should_draft([0, 1])  # the cached verdict was recomputed
+    for _ in range(40):
+        engine._observe_step(True, ADAPTIVE[-1], 2, 100 * 2e-3)
+    assert engine.spec_cost_factor == 4.0
+
+
 def test_gate_looks_at_new_requests_that_could_pay(pair):
     """When plain rounds win on what is known, new requests (never drafted for) get one
     drafted round if speculation would pay were they as good as the upper quartile of
@@ -232,7 +272,8 @@ def test_gate_looks_at_new_requests_that_could_pay(pair):
     assert not engine.should_draft([0, 1])  # both slots were drafted for: nothing to look at
     engine._recent[1] = 0.0  # slot 1 is new: half the batch
     engine._verdict_key = None
-    assert engine.should_draft([0, 1]) and engine._verdict == (False, True)
+    assert engine.should_draft([0, 1]) and engine._verdict[:2] == (False, True)
+    assert 1 in engine._chosen  # the look drafts for the new request
     engine._recent[0] = 0.0  # both new, but the past requests were poor: no look
     engine._past_estimates.clear()
     engine._past_estimates.extend([np.array([0.1, 0.0, 0.0])] * 8)
@@ -240,44 +281,53 @@ def test_gate_looks_at_new_requests_that_could_pay(pair):
     assert not engine.should_draft([0, 1])
 
 
-def test_plain_rounds_defer_the_drafter_ingest(pair, tmp_path):
-    """A gated engine's plain rounds only buffer their committed positions; before the
-    next round that drafts, the drafter ingests them (a streak longer than the buffer
-    flushes on the way). Its drafts then equal those of an engine that ingests every
-    round, through staggered arrivals, chunked admission and slots changing hands; an
-    engine that drops the buffer drafts differently. Greedy output throughout."""
+def test_lazy_ingest_drafts_what_eager_ingest_drafts(pair, tmp_path):
+    """A gated engine's drafter ingests nothing at admission or in plain rounds: the
+    positions wait in the feature log, and a slot's backlog is flushed just before a
+    round drafts for it; slots a drafted round does not draft for get depth 0 and keep
+    their backlog. Its drafts for the slots drafted for then equal those of an engine
+    that ingests every round, through staggered arrivals, chunked admission and slots
+    changing hands; an engine that skips the flush drafts differently. Greedy output
+    throughout."""
     tcfg, tparams, ref = pair
     drafter, dparams = random_block_drafter(tcfg, tparams, tmp_path / "drafter")
-    plan = [True, False, False, True, False, True, True, False, False, False, False, False]
+    plan = ["all", "plain", "plain", "some", "plain", "all", "some", "plain", "plain", "plain", "plain", "plain"]
 
     def run(mode):
         engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="production",
-                        sps=SPS, buckets=ADAPTIVE, draft_time=0.004, probe_every=4)
-        assert engine.pending_widths == (1, 2, 4)
+                        sps=SPS, buckets=ADAPTIVE, draft_time=0.004, probe_every=4, lazy_ingest=mode != "eager")
+        assert engine.flush_widths == (4, 16, MAX_LEN) and engine.flush_lines == (1, 2)
         decisions = itertools.cycle(plan)
-        engine.should_draft = lambda occupied: next(decisions)
-        if mode == "eager":
-            engine._state = engine._state.replace(pending=None)
-        elif mode == "dropped":
-            engine._settle_pending = lambda draft: None
+
+        def decide(occupied):
+            kind = next(decisions)
+            engine._chosen = np.asarray(occupied[-1:]) if kind == "some" else None
+            return kind != "plain"
+
+        engine.should_draft = decide
+        flushes, run_flush = [], engine._run_flush
+        engine._run_flush = lambda rows, width: flushes.append(width) or (mode != "dropped" and run_flush(rows, width))
         drafts, round_once = [], engine._round
 
         def logged(budget, draft, admission=None):
             info = round_once(budget, draft, admission)
             if draft:
-                d, c, a = jax.device_get((info.draft, info.confidence, info.active))
-                drafts.append((d[a], c[a]))
+                d, c, a, depth = jax.device_get((info.draft, info.confidence, info.active, info.depth))
+                chosen = a & engine._drafting
+                assert not depth[a & ~engine._drafting].any()  # not drafted for: nothing verified
+                drafts.append((d[chosen], c[chosen]))
             return info
 
         engine._round = logged
         assert [r.token_ids for r in run_staggered(engine)] == ref
-        return drafts, engine.metrics
+        return drafts, engine.metrics, flushes
 
-    deferred, metrics = run("deferred")
-    eager, _ = run("eager")
-    assert metrics.plain_rounds >= 8 and metrics.prefill_chunks > 0 and len(deferred) >= 5
-    for (d, c), (d_ref, c_ref) in zip(deferred, eager, strict=True):
+    lazy, metrics, flushes = run("lazy")
+    eager, _, none = run("eager")
+    assert metrics.plain_rounds >= 8 and metrics.prefill_chunks > 0 and len(lazy) >= 5
+    assert not none and max(flushes) > 4  # a prompt's backlog went in with a flush
+    for (d, c), (d_ref, c_ref) in zip(lazy, eager, strict=True):
         np.testing.assert_array_equal(d, d_ref)
         np.testing.assert_allclose(c, c_ref, rtol=1e-5, atol=1e-6)
-    dropped, _ = run("dropped")
+    dropped, _, _ = run("dropped")
     assert any(not np.array_equal(d, d_ref) for (d, _), (d_ref, _) in zip(dropped, eager))
