@@ -204,7 +204,8 @@ class RoundCostModel:
 
     def _observe_step(self, draft: bool, budget: int, rows: int, seconds: float) -> None:
         """A step's wall time (one without prompt work) against the time its round was
-        predicted to take; sums decayed by 0.9 a step of each kind."""
+        predicted to take; sums decayed by 0.9 a step of each kind. A step over 4x its
+        prediction is a hiccup (a compile, a collection, the machine's) and is left out."""
         if not self.gated or not seconds > 0:
             return
         rate = self.sps[budget] if draft else self.plain_sps[rows]
@@ -212,6 +213,8 @@ class RoundCostModel:
             return
         k = int(draft)
         predicted = 1.0 / rate + (self.draft_time if draft else 0.0)
+        if seconds > 4 * predicted:
+            return
         self._step_cost[:, k] = 0.9 * self._step_cost[:, k] + (seconds, predicted)
 
     def _gate_estimates(self, idx: np.ndarray, limits: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
