@@ -200,8 +200,8 @@ def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: 
     if compile_first:
         _drive(make(), prompts, settings, "closed", clients, clock, sleep)  # compiles what the run needs
     engine = make()
-    # arrival timing, and a gate that reads step times, may reach other shapes: compile them all
-    engine.warmup(sorted({len(p) for p in prompts}))
+    if mode != "closed":  # arrival timing may reach other buckets: compile them all
+        engine.warmup([settings.prompt_len])
     gc.collect()
     gc.disable()  # a collection pause inside a 1-s run reads as a slower policy
     try:
