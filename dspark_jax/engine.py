@@ -106,6 +106,8 @@ class Engine(SlotAdmission, RoundCostModel):
     cached position (speculate.FeatureLog: slots x max_len x the taps' width) and let the
     drafter ingest a slot's positions only when a round drafts for it (None: for the
     scheduled policies, whose gate may not draft; False: every round ingests).
+    learn_step_costs: the gate scales speculative rounds' predicted times by how much
+    dearer than predicted, relative to plain ones, its steps have run (`spec_cost_factor`).
     """
 
     def __init__(self, tcfg, tparams, drafter=None, dparams=None, *, slots: int = 4, max_len: int = 256,
@@ -115,7 +117,8 @@ class Engine(SlotAdmission, RoundCostModel):
                  draft_time: float | None = None, probe_every: int = 16, prefill_chunk: int = 64,
                  recalibrate: bool = False, rounds: dict | None = None,
                  paged: bool = False, page_size: int = 16, num_pages: int | None = None,
-                 attention_impl: str = "auto", attention_interpret: bool = False, lazy_ingest: bool | None = None):
+                 attention_impl: str = "auto", attention_interpret: bool = False, lazy_ingest: bool | None = None,
+                 learn_step_costs: bool = False):
         policy = policy or ("none" if drafter is None else
                             "production" if drafter_has_confidence(drafter) else "fixed")
         if policy not in slot_round.POLICIES:
@@ -163,6 +166,7 @@ class Engine(SlotAdmission, RoundCostModel):
             rounds = profile_sps.stored_rounds(record, policy, self.buckets, self.plain_buckets)
         self._apply_costs(rounds if policy in SCHEDULED else None)
         self.probe_every = int(probe_every)
+        self.learn_step_costs = bool(learn_step_costs)
         self.prefill_chunk = int(prefill_chunk)
         self.mixing = self.prefill_chunk > 0 and target.supports_packed(tcfg) and not paged
         self._threshold_dev = jnp.asarray(self.threshold, jnp.float32)

@@ -196,7 +196,8 @@ class RoundCostModel:
         relative to plain steps (1 until both were seen; clipped to [0.5, 4]): steps in a
         run pay for what a profile over idle slots misses (the flushes of lazy ingest,
         host work, the caches of a busy machine). The gate scales speculative rounds'
-        predicted times by it."""
+        predicted times by it. Only with `learn_step_costs`: the gate's verdicts then
+        depend on timing, so a run may reach shapes a first run did not compile."""
         seen, pred = self._step_cost
         if not (pred > 0).all():
             return 1.0
@@ -206,7 +207,7 @@ class RoundCostModel:
         """A step's wall time (one without prompt work) against the time its round was
         predicted to take; sums decayed by 0.9 a step of each kind. A step over 4x its
         prediction is a hiccup (a compile, a collection, the machine's) and is left out."""
-        if not self.gated or not seconds > 0:
+        if not (self.gated and self.learn_step_costs) or not seconds > 0:
             return
         rate = self.sps[budget] if draft else self.plain_sps[rows]
         if not rate > 0:

@@ -240,14 +240,18 @@ def test_gate_drafts_only_for_the_slots_worth_it(pair):
 
 
 def test_gate_scales_speculative_costs_by_what_steps_took(pair):
-    """Speculative steps seen 3x dearer than predicted while plain steps ran as
-    predicted: the gate's factor is 3 (clipped to [0.5, 4]), and a round that paid on
+    """With learn_step_costs, speculative steps seen 3x dearer than predicted while plain
+    steps ran as predicted: the gate's factor is 3 (clipped to [0.5, 4]), and a round that paid on
     the profile no longer does. Steps of one kind only leave it at 1; a step over 4x its
     prediction is left out."""
     tcfg, tparams, ref = pair
     rounds = {"spec": {2: 1e-3, ADAPTIVE[-1]: 2e-3}, "plain": {2: 1e-3}}
     engine = _gate_engine(tcfg, tparams, ref, rounds, [0.9, 0.8, 0.7])
     assert engine.should_draft([0, 1])
+    engine._observe_step(True, ADAPTIVE[-1], 2, 3 * 2e-3)
+    engine._observe_step(False, 2, 2, 1e-3)
+    assert engine.spec_cost_factor == 1.0  # off by default
+    engine.learn_step_costs = True
     for _ in range(5):
         engine._observe_step(True, ADAPTIVE[-1], 2, 3 * 2e-3)
     assert engine.spec_cost_factor == 1.0  # no plain step seen yet
