@@ -26,9 +26,11 @@ survival, smoothed over its drafted rounds (a running mean per position stands i
 slots not drafted for yet) and scaled by the slot's accepted over predicted drafts, and
 runs a plain decoding round instead when that one is expected to be faster
 (`scheduler.speculation_pays`; engine_costs.py has the details: probes, looks at new
-requests). A plain round only buffers the committed positions' target features; the next
-speculative round's drafter ingests them all in one call first, so a plain round costs
-about what plain decoding costs. After `probe_every` plain rounds in a row one
+requests). A round that drafts drafts only for the slots worth it (the others verify
+nothing). The drafter ingests lazily (speculate.FeatureLog): prompts and plain rounds
+only log the target features, and a slot's backlog enters the drafter's cache just
+before a round drafts for it, so a plain round costs about what plain decoding costs
+and a request never drafted for costs the drafter nothing. After `probe_every` plain rounds in a row one
 speculative round refreshes the estimates (the wait doubles while probes keep finding
 speculation does not pay). A plain round is every depth at 0, chosen before the drafts
 exist: lossless. The fixed policy with depth d < gamma drafts only d tokens (the
