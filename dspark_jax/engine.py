@@ -200,8 +200,8 @@ class Engine(SlotAdmission, RoundCostModel):
         self._max_new = np.ones(slots, np.int32)
         self._stops = np.full((slots, max_stop_ids), -1, np.int32)
         self._max_depth = np.zeros(slots, np.int32)
-        self._max_depth_dev: jax.Array | None = None  # its device copy (None: to be sent)
-        self._max_depth_sent = self._max_depth  # what was sent: the limits x the slots drafted for
+        self._max_depth_dev: jax.Array | None = None  # its device copy: the limits x the slots drafted for
+        self._max_depth_sent: np.ndarray | None = None  # what that copy holds (None: nothing sent yet)
         self._last_round: tuple[int, int] | None = None  # (active slots, verified B)
         # each slot's survival, smoothed over its drafted rounds: it predicts the next round's
         # committed tokens better than the last round's survival alone (the drafting gate reads it)
@@ -297,7 +297,7 @@ class Engine(SlotAdmission, RoundCostModel):
             return False
         adm, plan = self._plan_chunks()
         draft = self.should_draft(occupied)
-        self._prepare_round(draft, occupied)
+        drafted = self._prepare_round(draft, occupied)
         budget = self.choose_budget(occupied) if draft else self._bucket(len(occupied))
         info = self._round(budget, draft, adm)
         first, info = jax.device_get((first, info))
@@ -315,7 +315,6 @@ class Engine(SlotAdmission, RoundCostModel):
         if draft:
             self._stale_host = np.stack([self._stale_host[1], info.survival])
             self._last_round = (n_active, int(info.verified))
-            drafted = [s for s in occupied if self._drafting[s]]
             self._learn_survival(drafted, info)
             self._learn_acceptance(drafted, info)
             self._learn_correction(drafted, info)
@@ -446,7 +445,7 @@ class Engine(SlotAdmission, RoundCostModel):
 
     def _schedule(self) -> slot_round.Schedule:
         limits = np.where(self._drafting, self._max_depth, 0).astype(np.int32)  # 0: not drafted for
-        if self._max_depth_dev is None or not np.array_equal(limits, self._max_depth_sent):
+        if self._max_depth_sent is None or not np.array_equal(limits, self._max_depth_sent):
             self._max_depth_dev, self._max_depth_sent = jnp.asarray(limits), limits
         return slot_round.Schedule(sps=self._sps_dev, max_depth=self._max_depth_dev,
                                   threshold=self._threshold_dev, draft_time=self._draft_time_dev,

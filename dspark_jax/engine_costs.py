@@ -106,8 +106,8 @@ class RoundCostModel:
         shapes are static, so an empty row costs what a busy one does. The repeats go
         round-robin over the kinds, so that a machine's drift moves all of them alike
         (the gate reads their ratios). A gated engine's speculative rounds are timed
-        with the deferred ingest a round that drafts after plain rounds runs first (the
-        gate's choice). The scheduled policies then use them; with `save` they go to the
+        with the flush of a 16-position backlog per slot before them (lazy ingest: what a
+        round that drafts after plain rounds runs first). The scheduled policies then use them; with `save` they go to the
         profile file the engine's SPS came from. Returns {"spec": {B: seconds}, "plain":
         {B: seconds}}, which `Engine(..., rounds=...)` also takes."""
         if self.policy not in SCHEDULED or self.gamma == 0:
@@ -309,16 +309,17 @@ class RoundCostModel:
             return (self.slots,)
         return tuple(sorted({min(1 << k, self.slots) for k in range(self.slots.bit_length() + 1)}))
 
-    def _prepare_round(self, draft: bool, occupied: Sequence[int]) -> None:
+    def _prepare_round(self, draft: bool, occupied: Sequence[int]) -> list[int]:
         """Before each round: a round that drafts drafts for the slots the gate chose
         (else every slot), whose backlog the drafter ingests first; the others get a
-        depth limit of 0 for the round."""
+        depth limit of 0 for the round. Returns the occupied slots drafted for."""
         self._drafting[:] = True
         if draft and self._chosen is not None:
             self._drafting[:] = False
             self._drafting[self._chosen] = True
-        if draft:
-            self._flush([s for s in occupied if self._drafting[s]])
+        drafted = [s for s in occupied if self._drafting[s]] if draft else []
+        self._flush(drafted)
+        return drafted
 
     def _flush(self, slots: Sequence[int]) -> None:
         """The drafter ingests the backlog of `slots` in one call (lazy ingest)."""

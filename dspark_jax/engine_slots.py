@@ -58,7 +58,6 @@ class SlotAdmission:
         self._temp[s], self._top_k[s], self._top_p[s] = req.temperature, req.top_k, req.top_p
         # n_out counts the first token, which the prefill samples (read back after the round)
         self._max_new[s], self._max_depth[s], self._n_out[s] = req.result.max_new_tokens, req.max_depth, 1
-        self._max_depth_dev = None
         self._stops[s] = -1
         self._stops[s, :len(req.stop_ids)] = req.stop_ids
         self._stale_host[:, s] = 0.0
