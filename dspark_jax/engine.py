@@ -38,7 +38,8 @@ drafter's gamma is cut to d), so MTP-1 costs one drafted token, not a block.
 
 What a round costs (engine_costs.py): by default the target pass's SPS(B) plus a
 drafting pass; after `engine.profile_rounds()` (or when the profile file holds them) the
-engine's own measured round times, acceptance and host work included. The production
+engine's own measured round times, acceptance and host work included, and the measured
+backlog flushes, which the gate adds to a drafted round's predicted time. The production
 variant reads either as a step curve over the buckets, so it fills the bucket it pays
 for. An opt-in refinement, learnt from finished rounds only (fixed before each round:
 lossless): `recalibrate=True` reads the confidences through

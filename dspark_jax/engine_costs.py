@@ -6,7 +6,9 @@ Two cost models feed Algorithm 1, the production variant and the gate:
   drafting pass's seconds, both from profile_sps; a speculative round at budget B is
   predicted to take draft_time + 1 / SPS(B), a plain round with R rows 1 / SPS(R);
 - the round profile (`Engine.profile_rounds`, or stored in the profile file): the
-  engine's own compiled rounds timed at every bucket, speculative and plain. A round is
+  engine's own compiled rounds timed at every bucket, speculative and plain, and the
+  backlog flushes of lazy ingest at every compiled shape (the gate adds the flush a
+  drafted round needs to its predicted time). A round is
   more than its passes: acceptance, the drafter's ingest of committed positions, reading
   the round's summary back and the host's bookkeeping. On the CPU demo these add ~5 ms
   to a 13 ms prediction at 4 slots, and a model that misses them verifies too little
@@ -92,6 +94,7 @@ class RoundCostModel:
             draft_time = 0.0
         else:
             spec, plain, draft_time = self._pass_sps, self._pass_sps, self._pass_draft_time
+        self._flush_cost = {tuple(map(int, k)): float(t) for k, t in (rounds or {}).get("flush", {}).items()}
         self.rounds = rounds
         self.draft_time = float(draft_time)
         self.sps = profile_sps.at_buckets(spec, self.buckets) if self.policy == "production" else spec
@@ -105,31 +108,34 @@ class RoundCostModel:
         quartile of `repeats` after `warmup` compiling / warming runs), over idle slots:
         shapes are static, so an empty row costs what a busy one does. The repeats go
         round-robin over the kinds, so that a machine's drift moves all of them alike
-        (the gate reads their ratios). A gated engine's speculative rounds are timed
-        with the flush of a 16-position backlog per slot before them (lazy ingest: what a
-        round that drafts after plain rounds runs first). The scheduled policies then use them; with `save` they go to the
-        profile file the engine's SPS came from. Returns {"spec": {B: seconds}, "plain":
-        {B: seconds}}, which `Engine(..., rounds=...)` also takes."""
+        (the gate reads their ratios). With lazy ingest the backlog flushes are timed too,
+        at every compiled (lines, width): the gate adds the flush a drafted round would
+        need to its predicted time. The scheduled policies then use them; with `save` they
+        go to the profile file the engine's SPS came from. Returns {"spec": {B: seconds},
+        "plain": {B: seconds}, "flush": {(lines, width): seconds}} ("flush" only with lazy
+        ingest), which `Engine(..., rounds=...)` also takes."""
         if self.policy not in SCHEDULED or self.gamma == 0:
             raise DSparkError(f"round profiles serve the scheduled policies ({', '.join(SCHEDULED)}); "
                               f"this engine runs '{self.policy}'")
         if not self.idle:
             raise DSparkError("profile_rounds needs an idle engine")
-        kinds = [(b, True) for b in self.buckets] + [(b, False) for b in self.plain_buckets]
-        samples: dict[tuple[int, bool], list[float]] = {k: [] for k in kinds}
-        flush = self._state.log is not None and self.gated  # drafting after plain rounds flushes first
-        width = min(w for w in self.flush_widths if w >= min(16, self.max_len))
+        kinds = [("spec", b) for b in self.buckets] + [("plain", b) for b in self.plain_buckets]
+        if self._state.log is not None:
+            kinds += [("flush", (n, w)) for n in self.flush_lines for w in self.flush_widths]
+        samples: dict[tuple, list[float]] = {k: [] for k in kinds}
         for i in range(max(1, warmup) + max(1, repeats)):
-            for b, draft in kinds:
+            for kind, size in kinds:
                 t0 = self.clock()
-                if draft and flush:
-                    self._run_flush(self._flush_rows(range(self.slots)), width)
-                jax.device_get(self._round(b, draft))
+                if kind == "flush":
+                    self._run_flush(self._flush_rows(range(size[0])), size[1])
+                    jax.block_until_ready(self._state.draft_cache)
+                else:
+                    jax.device_get(self._round(size, kind == "spec"))
                 if i >= max(1, warmup):
-                    samples[(b, draft)].append(self.clock() - t0)
-        times: dict[str, dict[int, float]] = {"spec": {}, "plain": {}}
-        for (b, draft), got in samples.items():
-            times["spec" if draft else "plain"][b] = max(profile_sps.low_quartile(got), 1e-9)
+                    samples[(kind, size)].append(self.clock() - t0)
+        times: dict[str, dict] = {"spec": {}, "plain": {}}
+        for (kind, size), got in samples.items():
+            times.setdefault(kind, {})[size] = max(profile_sps.low_quartile(got), 1e-9)
         self._apply_costs(times)
         if save and self._profile_ref is not None:
             profile_sps.save_rounds(*self._profile_ref, self.policy, times)
@@ -144,11 +150,13 @@ class RoundCostModel:
         of plain rounds is broken by a probe (a speculative round) after `probe_every`
         rounds; when the probe does not change the verdict the next one waits twice as
         long (up to 8 x probe_every), and a probe that finds speculation paying resets
-        the wait. Slots never drafted for, when they are at least half of the batch, get
-        a look (a drafted round) if speculation would pay were they as good as the
-        better past requests (`_optimistic_estimate`). A verdict to draft also names the
-        slots worth drafting for (`_chosen`; a probe: all). The verdict is kept until
-        its inputs change (a drafted round, a seat, the slots' room left)."""
+        the wait. A drafted round's predicted time includes the flush of the backlogs it
+        needs (`_flush_seconds`). Slots never drafted for get a look (a drafted round
+        for them) when what it may find is worth what it costs (`_look_pays`). A verdict
+        to draft also names the slots worth drafting for (`_chosen`; a probe: all). The
+        verdict is kept until its inputs change (a drafted round, a seat, the slots' room
+        left); meanwhile backlogs only grow and requests' tokens left only shrink, which
+        only make drafting dearer and a look worth less."""
         self._chosen = None
         if not self.gated or self._prior is None:
             return True
@@ -169,26 +177,72 @@ class RoundCostModel:
         return pays or look
 
     def _verdicts(self, idx: np.ndarray, limits: np.ndarray) -> tuple[bool, bool, np.ndarray]:
-        """(whether speculation pays on the slots' estimates, whether it would pay if the
-        slots never drafted for were as good as the better past requests: a look at them,
-        the slots worth drafting for on those estimates (a look: with the new ones)).
-        limits: the slots' depth limits."""
+        """(whether speculation pays on the slots' estimates (the flush it needs
+        included), whether a look at the slots never drafted for is worth it (when they
+        are at least half of the batch: `_look_pays`), the slots worth drafting for on
+        those estimates (a look: with the new ones)). limits: the slots' depth limits."""
         est, fresh = self._gate_estimates(idx, limits)
-        if self._pays(est):
-            return True, False, idx[self._worth(est)]
+        chosen = idx[self._worth(est)]
+        if self._pays(est, self._flush_seconds(chosen)):
+            return True, False, chosen
         if 2 * fresh.sum() < len(idx) or not self._past_estimates:  # new requests: too few to matter
             return False, False, idx[:0]
         live = np.arange(self.gamma)[None, :] < limits[fresh][:, None]
-        est[fresh] = self._optimistic_estimate()[None, :] * live
-        return False, self._pays(est), idx[self._worth(est) | fresh]
+        look, est = self._look_pays(idx, est, fresh, live)
+        return False, look, idx[self._worth(est) | fresh]
 
     def _worth(self, est: np.ndarray) -> np.ndarray:
         return scheduler.rows_worth_drafting(est, self.sps, draft_time=self.draft_time)
 
-    def _pays(self, est: np.ndarray) -> bool:
+    def _spec_costs(self, flush: float = 0.0) -> tuple[np.ndarray, float]:
+        """(the speculative rates, the seconds a speculative round costs beyond them) as the
+        gate predicts them, `flush` seconds of backlog flush included."""
         f = self.spec_cost_factor
-        return scheduler.speculation_pays(est, self.sps / f, draft_time=self.draft_time * f,
-                                          plain_sps=self.plain_sps)[0]
+        return self.sps / f, (self.draft_time + flush) * f
+
+    def _pays(self, est: np.ndarray, flush: float = 0.0) -> bool:
+        sps, extra = self._spec_costs(flush)
+        return scheduler.speculation_pays(est, sps, draft_time=extra, plain_sps=self.plain_sps)[0]
+
+    def _look_pays(self, idx: np.ndarray, est: np.ndarray, fresh: np.ndarray,
+                   live: np.ndarray) -> tuple[bool, np.ndarray]:
+        """Whether a look at the slots never drafted for (`fresh`) is worth what it costs
+        -> (verdict, the estimates with theirs at the past requests' mean).
+
+        What a look can find: for each of 8 quantiles of the requests that finished
+        lately (`_past_quantiles`), the seconds per token a speculative round saves over
+        a plain one if the new slots were like it (0 where it would not pay), averaged,
+        times the tokens the batch makes while the new slots run (rows x their mean
+        tokens left). What it costs: the look's predicted time, its flush of the new
+        slots' backlog (their prompts) included, minus what plain rounds take to make the
+        tokens it is expected to make."""
+        r = len(idx)
+        plain = r * float(self.plain_sps[r])  # tokens/s of a plain round
+        if not plain > 0:
+            return False, est
+        sps, extra = self._spec_costs()
+        past = self._past_quantiles()
+        saved = 0.0
+        for p in past:
+            est[fresh] = p[None, :] * live
+            theta, _ = scheduler.best_round(est, sps, draft_time=extra)
+            saved += max(0.0, 1.0 / plain - 1.0 / theta) if theta > 0 else 0.0
+        left = float(np.mean(self._max_new[idx[fresh]] - self._n_out[idx[fresh]]))
+        benefit = saved / len(past) * r * max(left, 0.0)
+        est[fresh] = past.mean(axis=0)[None, :] * live
+        sps, extra = self._spec_costs(self._flush_seconds(idx[self._worth(est) | fresh]))
+        theta, tau = scheduler.best_round(est, sps, draft_time=extra)
+        cost = tau / theta - tau / plain if theta > 0 else np.inf
+        return bool(benefit > cost), est
+
+    def _flush_seconds(self, slots: Sequence[int]) -> float:
+        """The predicted seconds of the backlog flush a round drafting for `slots` runs
+        first (`_flush`), from the round profile (0 without one)."""
+        lagging = [s for s in slots if self._lag[s] > 0]
+        if self._state.log is None or not lagging:
+            return 0.0
+        width = min(w for w in self.flush_widths if w >= self._lag[lagging].max())
+        return self._flush_cost.get((len(self._flush_rows(lagging)), width), 0.0)
 
     @property
     def spec_cost_factor(self) -> float:
@@ -230,10 +284,11 @@ class RoundCostModel:
         limits = self._depth_limits(idx) if limits is None else limits
         return est * (np.arange(self.gamma)[None, :] < limits[:, None]), fresh
 
-    def _optimistic_estimate(self) -> np.ndarray:
-        """Survival [G] of a new request as good as the upper quartile of the requests that
-        finished lately (per position, from their gate estimates)."""
-        return np.quantile(np.asarray(self._past_estimates), 0.75, axis=0)
+    def _past_quantiles(self) -> np.ndarray:
+        """[8, G]: the survival of the requests that finished lately (their gate
+        estimates), at the 1/16, 3/16, ..., 15/16 quantiles per position: what a new
+        request may turn out to be."""
+        return np.quantile(np.asarray(self._past_estimates), (np.arange(8) + 0.5) / 8, axis=0)
 
     def _learn_acceptance(self, occupied: Sequence[int], info) -> None:
         """Tally a drafted round's accepted drafts against those its survival predicted at
@@ -265,7 +320,7 @@ class RoundCostModel:
         return (seen + k * self.acceptance_ratio) / (expected + k)
 
     def _remember_request(self, slot: int) -> None:
-        """A finishing request's gate estimate joins those `_optimistic_estimate` reads
+        """A finishing request's gate estimate joins those `_past_quantiles` reads
         (requests never drafted for tell nothing and are left out)."""
         if self.gated and self._slot_acc[slot, 1] > 0:
             ratio = self.slot_acceptance_ratio(np.asarray([slot]))[0]

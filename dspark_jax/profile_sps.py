@@ -249,13 +249,16 @@ def save(path: str, key: dict, table: dict[int, float], bmax: int, draft_seconds
 
 def save_rounds(path: str, key: dict, policy: str, rounds: dict) -> None:
     """Store an engine's measured round times (Engine.profile_rounds: {"spec": {B: s},
-    "plain": {B: s}}) under the profile record of `key`, for `policy`."""
+    "plain": {B: s}}, and "flush": {(lines, width): s} with lazy ingest, stored as
+    "LxW") under the profile record of `key`, for `policy`."""
     data = _read(path)
     rec = data["profiles"].get(digest(key))
     if rec is None or rec.get("key") != key:
         raise DSparkError(f"{path} holds no SPS profile for this engine; profile SPS(B) first")
-    rec.setdefault("rounds", {})[policy] = {kind: {str(int(b)): float(t) for b, t in sorted(rounds[kind].items())}
-                                            for kind in ("spec", "plain")}
+    out = {kind: {str(int(b)): float(t) for b, t in sorted(rounds[kind].items())} for kind in ("spec", "plain")}
+    if rounds.get("flush"):
+        out["flush"] = {f"{int(n)}x{int(w)}": float(t) for (n, w), t in sorted(rounds["flush"].items())}
+    rec.setdefault("rounds", {})[policy] = out
     _write(path, data)
 
 
@@ -267,6 +270,8 @@ def stored_rounds(rec: dict, policy: str, buckets: Sequence[int], plain_buckets:
     out = {kind: {int(b): float(t) for b, t in got.get(kind, {}).items()} for kind in ("spec", "plain")}
     if any(int(b) not in out["spec"] for b in buckets) or any(int(b) not in out["plain"] for b in plain_buckets):
         return None
+    if "flush" in got:
+        out["flush"] = {tuple(int(x) for x in k.split("x")): float(t) for k, t in got["flush"].items()}
     return out
 
 

@@ -124,10 +124,21 @@ def speculation_pays(survival, sps, *, draft_time: float, plain_sps=None) -> tup
     """
     survival, sps = _check(survival, sps)
     r_count = survival.shape[0]
-    _, theta = _capacity_curve(survival, sps, draft_time)
+    spec, _ = best_round(survival, sps, draft_time=draft_time)
     plain_sps = sps if plain_sps is None else np.asarray(plain_sps, np.float64)
-    spec, plain = float(np.max(theta)), float(r_count * plain_sps[r_count])
+    plain = float(r_count * plain_sps[r_count])
     return spec > plain, spec, plain
+
+
+def best_round(survival, sps, *, draft_time: float = 0.0) -> tuple[float, float]:
+    """(Theta, expected tokens tau) of the best speculative round on these estimates:
+    the top-K candidates at the global capacity K. Its seconds are tau / Theta."""
+    survival, sps = _check(survival, sps)
+    r_count = survival.shape[0]
+    ks, theta = _capacity_curve(survival, sps, draft_time)
+    best = int(np.argmax(theta))
+    gains = np.sort(survival[survival > 0])[::-1]
+    return float(theta[best]), float(r_count + gains[:ks[best]].sum())
 
 
 def rows_worth_drafting(survival, sps, *, draft_time: float = 0.0) -> np.ndarray:

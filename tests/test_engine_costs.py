@@ -92,6 +92,7 @@ def test_profile_rounds_is_stored_and_reused(pair, tmp_path):
     assert first.rounds is None and first.draft_time == pytest.approx(0.004)  # the pass model
     times = first.profile_rounds(repeats=3, warmup=1)
     assert sorted(times["spec"]) == list(ADAPTIVE) and sorted(times["plain"]) == [2]
+    assert sorted(times["flush"]) == [(n, w) for n in first.flush_lines for w in first.flush_widths]
     assert all(t == pytest.approx(0.01) for kind in times.values() for t in kind.values())
     assert first.rounds == times and first.draft_time == 0.0
     stored = json.load(open(path))["profiles"][profile_sps.digest(key)]["rounds"]["production"]
@@ -101,6 +102,7 @@ def test_profile_rounds_is_stored_and_reused(pair, tmp_path):
 
     second = make()
     assert second.rounds is not None and second.gated and second.draft_time == 0.0
+    assert second.rounds["flush"] == pytest.approx(times["flush"])  # (lines, width) keys come back
     np.testing.assert_allclose(second.sps[1:], 100.0, rtol=1e-5)  # 10 ms at every bucket
     assert [r.token_ids for r in run_staggered(second)] == ref
     assert make(policy="algorithm1").rounds is None  # stored per policy
@@ -268,25 +270,57 @@ def test_gate_scales_speculative_costs_by_what_steps_took(pair):
 
 
 def test_gate_looks_at_new_requests_that_could_pay(pair):
-    """When plain rounds win on what is known, new requests (never drafted for) get one
-    drafted round if speculation would pay were they as good as the upper quartile of
-    finished requests."""
+    """When plain rounds win on what is known, a new request (never drafted for) gets a
+    drafted round when what it may find is worth the look: the seconds per token
+    speculation would save were it like the finished requests (their quantiles), times
+    the tokens made while it runs, against the look's cost. Plain rounds: 2 tokens in 1
+    ms (2000 tok/s); a speculative round: 2.5 ms. A new request as good as the good
+    past ones (all drafts survive) makes it 5.1 tokens: 2040 tok/s, a saving of ~1e-5 s
+    a token; a look at the past requests' mean costs ~0.5 ms more than plain rounds
+    making its tokens. So a request with 19 tokens left gets no look, one with 199 does;
+    and none when its prompt's flush is dear."""
     tcfg, tparams, ref = pair
-    engine = _gate_engine(tcfg, tparams, ref, _rounds(2.0, 1.0), [0.1, 0.0, 0.0])  # 2.2 tokens vs 4 to pay
-    assert not engine.should_draft([0, 1])  # nothing remembered: no look
+    engine = _gate_engine(tcfg, tparams, ref, _rounds(2.5, 1.0), [0.1, 0.0, 0.0])
+
+    def verdict(**at_slot1):
+        for name, value in at_slot1.items():
+            getattr(engine, name)[1] = value
+        engine._verdict_key = None
+        return engine.should_draft([0, 1])
+
+    assert not verdict()  # nothing remembered: no look
     engine._past_estimates.extend([np.array([0.1, 0.0, 0.0])] * 3 + [np.array([1.0, 1.0, 1.0])] * 5)
-    np.testing.assert_allclose(engine._optimistic_estimate(), [1.0, 1.0, 1.0])
-    engine._verdict_key = None
-    assert not engine.should_draft([0, 1])  # both slots were drafted for: nothing to look at
-    engine._recent[1] = 0.0  # slot 1 is new: half the batch
-    engine._verdict_key = None
-    assert engine.should_draft([0, 1]) and engine._verdict[:2] == (False, True)
+    assert engine._past_quantiles().shape == (8, GAMMA)
+    assert not verdict(_max_new=200)  # both slots were drafted for: nothing to look at
+    assert not verdict(_recent=0.0, _max_new=20)  # slot 1 is new, with 19 tokens left: not worth it
+    assert verdict(_max_new=200) and engine._verdict[:2] == (False, True)  # 199 left: a look
     assert 1 in engine._chosen  # the look drafts for the new request
-    engine._recent[0] = 0.0  # both new, but the past requests were poor: no look
-    engine._past_estimates.clear()
+    engine._flush_cost = {(n, w): 0.05 for n in engine.flush_lines for w in engine.flush_widths}
+    assert not verdict(_lag=20)  # its prompt's flush is dear
+    engine._flush_cost = {}
+    engine._past_estimates.clear()  # the past requests were poor: nothing to find
     engine._past_estimates.extend([np.array([0.1, 0.0, 0.0])] * 8)
+    assert not verdict()
+
+
+def test_gate_counts_the_flush_a_drafted_round_needs(pair):
+    """A drafted round first flushes the backlogs of the slots it drafts for: the gate
+    adds that flush's measured time to the round's, so a round that pays when the
+    drafter's cache is current does not with a long backlog to flush."""
+    tcfg, tparams, ref = pair
+    rounds = {"spec": {2: 1e-3, ADAPTIVE[-1]: 2e-3}, "plain": {2: 1e-3},
+              "flush": {(n, w): 0.25e-3 * w for n in (SLOTS,) for w in (4, 16, MAX_LEN)}}
+    engine = _gate_engine(tcfg, tparams, ref, rounds, [0.9, 0.8, 0.7])
+    assert engine.flush_widths == (4, 16, MAX_LEN) and engine._flush_cost == rounds["flush"]
+    assert engine._flush_seconds([0, 1]) == 0.0 and engine.should_draft([0, 1])  # current: pays
+    engine._lag[0] = 3
     engine._verdict_key = None
-    assert not engine.should_draft([0, 1])
+    assert engine._flush_seconds([0, 1]) == pytest.approx(1e-3) and engine._flush_seconds([1]) == 0.0
+    assert engine.should_draft([0, 1])  # 2 + 1 ms for ~6.8 tokens against 2 in 1 ms: still pays
+    engine._lag[1] = 10
+    engine._verdict_key = None
+    assert engine._flush_seconds([0, 1]) == pytest.approx(4e-3)
+    assert not engine.should_draft([0, 1])  # a 16-wide flush first: 6 ms for ~6.8 tokens
 
 
 def test_lazy_ingest_drafts_what_eager_ingest_drafts(pair, tmp_path):

@@ -146,3 +146,31 @@ def test_warp_branches_match_the_rule(mix):
         for s in range(3):
             np.testing.assert_allclose(got[r, s], _warp_by_the_rule(logits[r, s].astype(np.float64), t[r], k[r],
                                                                     p[r]), atol=2e-6)
+
+
+def test_sample_rows_skips_the_noise_only_when_every_row_is_certain():
+    """sample_rows draws by argmax (no Gumbel noise) when every row has a single nonzero
+    entry, which is then every key's draw; one row with two nonzero entries sends the
+    whole batch through the keyed draw, whose frequencies follow that row's
+    distribution (an argmax there would give a point mass and fail)."""
+    v = 16
+    certain = np.zeros((4, v), np.float32)
+    certain[np.arange(4), [3, 0, 15, 7]] = 1.0
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    got = np.asarray(sampling.sample_rows(keys, jnp.asarray(certain)))
+    np.testing.assert_array_equal(got, [3, 0, 15, 7])
+    np.testing.assert_array_equal(got, np.asarray(jax.vmap(sampling.sample)(keys, jnp.asarray(certain))))
+
+    mixed = certain.copy()
+    mixed[2] = 0.0
+    mixed[2, [1, 9]] = [0.3, 0.7]
+    probs = jnp.asarray(mixed)
+    runs = jax.random.split(jax.random.PRNGKey(1), 600)
+    rows = np.asarray(jax.jit(jax.vmap(lambda k: sampling.sample_rows(jax.random.split(k, 4), probs)))(runs))
+    keyed = jax.jit(jax.vmap(lambda k: jax.vmap(sampling.sample)(jax.random.split(k, 4), probs)))(runs)
+    np.testing.assert_array_equal(rows, np.asarray(keyed))
+    np.testing.assert_array_equal(rows[:, [0, 1, 3]], np.broadcast_to([3, 0, 7], (600, 3)))
+    draws = rows[:, 2]
+    assert set(draws.tolist()) == {1, 9}
+    share = float(np.mean(draws == 1))
+    assert abs(share - 0.3) < 4 * math.sqrt(0.3 * 0.7 / len(draws)), share
