@@ -238,11 +238,8 @@ class RoundCostModel:
     def _flush_seconds(self, slots: Sequence[int]) -> float:
         """The predicted seconds of the backlog flush a round drafting for `slots` runs
         first (`_flush`), from the round profile (0 without one)."""
-        lagging = [s for s in slots if self._lag[s] > 0]
-        if self._state.log is None or not lagging:
-            return 0.0
-        width = min(w for w in self.flush_widths if w >= self._lag[lagging].max())
-        return self._flush_cost.get((len(self._flush_rows(lagging)), width), 0.0)
+        plan = self._flush_plan(slots)
+        return 0.0 if plan is None else self._flush_cost.get((len(plan[1]), plan[2]), 0.0)
 
     @property
     def spec_cost_factor(self) -> float:
@@ -378,12 +375,20 @@ class RoundCostModel:
 
     def _flush(self, slots: Sequence[int]) -> None:
         """The drafter ingests the backlog of `slots` in one call (lazy ingest)."""
+        plan = self._flush_plan(slots)
+        if plan is not None:
+            lagging, rows, width = plan
+            self._run_flush(rows, width)
+            self._lag[lagging] = 0
+
+    def _flush_plan(self, slots: Sequence[int]) -> tuple[list[int], np.ndarray, int] | None:
+        """(the slots with a backlog, the flush's rows, its compiled width) of a round
+        drafting for `slots`; None when there is nothing to flush."""
         lagging = [s for s in slots if self._lag[s] > 0]
         if self._state.log is None or not lagging:
-            return
+            return None
         width = min(w for w in self.flush_widths if w >= self._lag[lagging].max())
-        self._run_flush(self._flush_rows(lagging), width)
-        self._lag[lagging] = 0
+        return lagging, self._flush_rows(lagging), width
 
     def _flush_rows(self, slots: Sequence[int]) -> np.ndarray:
         """The flush's line -> slot array (`slot_round.flush_log`), at a compiled size."""

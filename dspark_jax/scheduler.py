@@ -96,19 +96,20 @@ def schedule_prefix_lengths(survival, sps, *, draft_time: float = 0.0) -> np.nda
 
 
 def _capacity_curve(survival: np.ndarray, sps: np.ndarray, draft_time: float):
-    """(K values, Theta when the top-K candidates are admitted) for every admissible K."""
+    """(K values, Theta when the top-K candidates are admitted, their expected tokens tau)
+    for every admissible K."""
     r_count = survival.shape[0]
     r_idx, j_idx = _sorted_candidates(survival)
     gains = survival[r_idx, j_idx]
     ks = np.arange(len(gains) + 1)
     ks = ks[r_count + ks < len(sps)]
     taus = r_count + np.concatenate([[0.0], np.cumsum(gains)])[ks]
-    return ks, rate(taus, sps[r_count + ks], draft_time)
+    return ks, rate(taus, sps[r_count + ks], draft_time), taus
 
 
 def global_capacity(survival: np.ndarray, sps: np.ndarray, *, draft_time: float = 0.0) -> int:
     """argmax over K of Theta when the top-K candidates are admitted (no early stop)."""
-    ks, theta = _capacity_curve(np.asarray(survival, np.float64), np.asarray(sps, np.float64), draft_time)
+    ks, theta, _ = _capacity_curve(np.asarray(survival, np.float64), np.asarray(sps, np.float64), draft_time)
     return int(ks[np.argmax(theta)])
 
 
@@ -134,11 +135,9 @@ def best_round(survival, sps, *, draft_time: float = 0.0) -> tuple[float, float]
     """(Theta, expected tokens tau) of the best speculative round on these estimates:
     the top-K candidates at the global capacity K. Its seconds are tau / Theta."""
     survival, sps = _check(survival, sps)
-    r_count = survival.shape[0]
-    ks, theta = _capacity_curve(survival, sps, draft_time)
+    _, theta, taus = _capacity_curve(survival, sps, draft_time)
     best = int(np.argmax(theta))
-    gains = np.sort(survival[survival > 0])[::-1]
-    return float(theta[best]), float(r_count + gains[:ks[best]].sum())
+    return float(theta[best]), float(taus[best])
 
 
 def rows_worth_drafting(survival, sps, *, draft_time: float = 0.0) -> np.ndarray:
