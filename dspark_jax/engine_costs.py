@@ -154,9 +154,12 @@ class RoundCostModel:
         needs (`_flush_seconds`). Slots never drafted for get a look (a drafted round
         for them) when what it may find is worth what it costs (`_look_pays`). A verdict
         to draft also names the slots worth drafting for (`_chosen`; a probe: all). The
-        verdict is kept until its inputs change (a drafted round, a seat, the slots' room
-        left); meanwhile backlogs only grow and requests' tokens left only shrink, which
-        only make drafting dearer and a look worth less."""
+        verdict is kept until its inputs change (a drafted round, a seat, a departure),
+        a verdict to draft also until the slots' room left changes; meanwhile backlogs
+        only grow and requests' room and tokens left only shrink, which only make
+        drafting dearer and a look worth less, so a verdict not to draft stands (its
+        recomputation, every round in a crowded batch where some request nears its end,
+        cost about 4% of a plain round on the CPU demo)."""
         self._chosen = None
         if not self.gated or self._prior is None:
             return True
@@ -165,10 +168,11 @@ class RoundCostModel:
             return True
         idx = np.asarray(occupied)
         limits = self._depth_limits(idx)
-        key = (idx.tobytes(), limits.tobytes(), round(self.spec_cost_factor, 2))
-        if key != self._verdict_key:
-            self._verdict_key, self._verdict = key, self._verdicts(idx, limits)
+        key = (idx.tobytes(), round(self.spec_cost_factor, 2))
         pays, look, chosen = self._verdict
+        if key != self._verdict_key or ((pays or look) and not np.array_equal(limits, self._verdict_limits)):
+            self._verdict_key, self._verdict_limits = key, limits
+            self._verdict = pays, look, chosen = self._verdicts(idx, limits)
         if self._probed:  # a probe ran last round: it found speculation paying again, or not
             self._probe_gap = self.probe_every if pays else min(2 * self._probe_gap, 8 * self.probe_every)
         self._probed = False
@@ -335,6 +339,7 @@ class RoundCostModel:
         self._slot_acc = np.zeros((self.slots, 2))  # per slot: accepted drafts seen, predicted (decayed)
         self._past_estimates: collections.deque = collections.deque(maxlen=32)  # finished requests' estimates
         self._verdict_key, self._verdict = None, (True, False, None)  # the gate's last verdict and its inputs
+        self._verdict_limits = np.zeros(0, np.int32)  # the depth limits it was reached at
         self._chosen: np.ndarray | None = None  # the slots the gate chose to draft for (None: all)
         self._drafting = np.ones(self.slots, bool)  # the slots the round about to run drafts for
         self._lag = np.zeros(self.slots, np.int64)  # positions each slot's drafter cache lacks (lazy ingest)

@@ -9,6 +9,7 @@ engine that ingests every round)."""
 
 import itertools
 import json
+import types
 
 import jax
 import numpy as np
@@ -156,6 +157,35 @@ def _gate_engine(tcfg, tparams, ref, rounds, survival):
     engine._prior = np.asarray(survival, np.float64)
     engine._recent[:] = survival
     return engine
+
+
+def test_gate_recomputes_only_a_verdict_the_shrinking_room_could_change(pair):
+    """A verdict to draft is recomputed when a request's room left shrinks (here, to no
+    draft at all: then it does not pay); a verdict not to draft stands while the room
+    shrinks, since that only makes drafting pay less, until a seat, a departure or a
+    drafted round."""
+    tcfg, tparams, ref = pair
+    rounds = {"spec": {2: 1e-3, ADAPTIVE[-1]: 2e-3}, "plain": {2: 1e-3}}
+    for survival, first in (([0.9, 0.8, 0.7], True), ([0.1, 0.0, 0.0], False)):
+        engine = _gate_engine(tcfg, tparams, ref, rounds, survival)
+        calls = []
+        verdicts = engine._verdicts
+        engine._verdicts = lambda *a, verdicts=verdicts, calls=calls: calls.append(1) or verdicts(*a)
+        assert engine.should_draft([0, 1]) == first and engine.should_draft([0, 1]) == first
+        assert len(calls) == 1  # cached
+        engine._n_out[:] = engine._max_new - 2  # room for one draft
+        assert engine.should_draft([0, 1]) == first and len(calls) == (2 if first else 1)
+        engine._n_out[:] = engine._max_new - 1  # no room for a draft
+        assert not engine.should_draft([0, 1]) and len(calls) == (3 if first else 1)
+    engine._n_out[:] = 1
+    assert not engine.should_draft([0, 1]) and len(calls) == 1  # (in a run, room grows only at a seat)
+    engine.should_draft([0])
+    assert len(calls) == 2  # a departure: recomputed
+    engine._learn_acceptance([0], types.SimpleNamespace(
+        active=np.ones(SLOTS, bool), depth=np.full(SLOTS, GAMMA), survival=np.full((SLOTS, GAMMA), 0.1),
+        accepted=np.zeros(SLOTS)))
+    engine.should_draft([0])
+    assert len(calls) == 3  # a drafted round: recomputed
 
 
 def test_gate_backs_off_its_probes(pair):
