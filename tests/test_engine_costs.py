@@ -188,6 +188,33 @@ def test_gate_recomputes_only_a_verdict_the_shrinking_room_could_change(pair):
     assert len(calls) == 3  # a drafted round: recomputed
 
 
+def test_gate_checks_its_own_estimates_where_it_drafted_because_they_paid(pair):
+    """The gate tallies accepted drafts against its own estimates at the verified depths,
+    over the rounds it drafted because they paid (not probes, not looks), and scales
+    its estimates by that ratio: once its rounds keep finding nothing, it stops
+    drafting, though the confidences (zero survival reported: no per-slot evidence)
+    say nothing against them."""
+    tcfg, tparams, ref = pair
+    rounds = {"spec": {2: 1e-3, ADAPTIVE[-1]: 2e-3}, "plain": {2: 1e-3}}
+    engine = _gate_engine(tcfg, tparams, ref, rounds, [0.9, 0.8, 0.7])
+    nothing = types.SimpleNamespace(active=np.ones(SLOTS, bool), depth=np.full(SLOTS, GAMMA),
+                                    survival=np.zeros((SLOTS, GAMMA)), accepted=np.zeros(SLOTS))
+    engine._plain_streak = engine._probe_gap
+    assert engine.should_draft([0, 1]) and not engine._paid_round  # a probe: not counted
+    engine._learn_acceptance([0, 1], nothing)
+    assert engine.gate_accuracy == 1.0
+    engine._plain_streak = 0
+    assert engine.should_draft([0, 1]) and engine._paid_round
+    engine._learn_acceptance([0, 1], nothing)  # 2 x (0.9 + 0.8 + 0.7) drafts expected, none seen
+    assert engine.gate_accuracy == pytest.approx(4 / (4.8 + 4))
+    paid = 1
+    while engine.should_draft([0, 1]):
+        engine._learn_acceptance([0, 1], nothing)
+        paid += 1
+    assert 1 < paid < 10 and engine.gate_accuracy < 0.5
+    np.testing.assert_allclose(engine.slot_acceptance_ratio(np.array([0, 1])), 1.0)  # the slots' own: unmoved
+
+
 def test_gate_backs_off_its_probes(pair):
     """While probes find speculation does not pay, the plain streak between them doubles
     up to 8 x probe_every; a probe that finds it paying resets it."""
