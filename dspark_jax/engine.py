@@ -23,8 +23,9 @@ The other is the drafting gate of the scheduled policies (algorithm1, production
 when the cost model charges drafting (a profiled `draft_time` > 0, or round times): each
 round, before drafting, the host predicts the best speculative round from every slot's
 survival, smoothed over its drafted rounds (a running mean per position stands in for
-slots not drafted for yet) and scaled by the slot's accepted over predicted drafts, and
-runs a plain decoding round instead when that one is expected to be faster
+slots not drafted for yet) and scaled by the slot's accepted over predicted drafts and
+by the gate's own record (accepted drafts over its estimates, on the rounds it drafted
+because they paid), and runs a plain decoding round instead when that one is expected to be faster
 (`scheduler.speculation_pays`; engine_costs.py has the details: probes, looks at new
 requests). A round that drafts drafts only for the slots worth it (the others verify
 nothing). The drafter ingests lazily (speculate.FeatureLog): prompts and plain rounds

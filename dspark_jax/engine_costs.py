@@ -146,7 +146,9 @@ class RoundCostModel:
         rounds only). Always True for ungated policies.
 
         The estimate is each slot's smoothed survival, scaled by the acceptance seen
-        against the acceptance the survival predicted (`slot_acceptance_ratio`). A streak
+        against the acceptance the survival predicted (`slot_acceptance_ratio`), then by
+        the gate's own record on the rounds it drafted because they paid
+        (`gate_accuracy`: it drafts when its estimates are high, and they regress). A streak
         of plain rounds is broken by a probe (a speculative round) after `probe_every`
         rounds; when the probe does not change the verdict the next one waits twice as
         long (up to 8 x probe_every), and a probe that finds speculation paying resets

@@ -3,7 +3,8 @@ round at B costs its bucket), the plain round's own rate in the drafting gate, a
 measured round times (Engine.profile_rounds): they reach the gate and the objective,
 go to the profile file and come back from it, and the output stays greedy; the
 per-slot smoothed survival the gate reads, its probes' back-off, its check of the
-confidences against the acceptance seen (all slots and per slot), its look at new
+confidences against the acceptance seen (all slots and per slot) and of its own
+estimates where it drafted because they paid, its look at new
 requests; and the plain rounds' deferred drafter ingest (the drafts after it equal an
 engine that ingests every round)."""
 
