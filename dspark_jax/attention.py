@@ -49,7 +49,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: 
     """Grouped-query attention. q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; mask: [B, T, S].
 
     Rows with no visible key return zeros; V is zeroed where no query can see it, so
-    uninitialised (even NaN) cache slots never leak into the output.
+    uninitialised (even NaN) cache slots never leak into the output. The output has the
+    query's dtype (a cache may be stored wider: kv_cache.storage_dtype).
     """
     b, t, hq, d = q.shape
     hkv = k.shape[2]
@@ -63,4 +64,4 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: 
     seen = mask.any(axis=1)[:, :, None, None]  # [B, S, 1, 1]
     v = jnp.where(seen, v, jnp.zeros((), v.dtype))
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, hq, v.shape[-1])
+    return out.reshape(b, t, hq, v.shape[-1]).astype(q.dtype)

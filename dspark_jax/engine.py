@@ -414,24 +414,26 @@ class Engine(SlotAdmission, RoundCostModel):
                 return b
         return self.buckets[-1]
 
-    def warmup(self, prompt_lens: Sequence[int] = (1,)) -> None:
+    def warmup(self, prompt_lens: Sequence[int] = (1,), greedy: bool = True) -> None:
         """Compile every budget bucket's round (and the gate's plain rounds; each also with
         a chunked-prefill line) and the prefill for these prompt lengths at
         every packed budget (only while idle: the rounds run over empty slots and change
-        nothing)."""
+        nothing). greedy: the programs of all-greedy batches, or (False) those of batches
+        with a sampled request."""
         if not self.idle:
             raise DSparkError("warmup needs an idle engine")
         s = self.slots
         for width in sorted({self._prefill_width(n) for n in prompt_lens}):
             for budget in self._prefill_budgets(width):
                 self._state, self._stale, _ = self._run_admit(np.zeros(s, bool), np.zeros((s, width), np.int32),
-                                                              np.ones(s, np.int32), np.zeros(s, np.uint32), budget)
+                                                              np.ones(s, np.int32), np.zeros(s, np.uint32), budget,
+                                                              greedy=greedy)
         rounds = [(b, True) for b in self.buckets]
         if self.gated:
             rounds += [(b, False) for b in self.plain_buckets]
-        chunks = [None] + ([self._empty_admission()] if self.mixing else [])
+        chunks = [None] + ([self._empty_admission(greedy)] if self.mixing else [])
         for (b, draft), adm in itertools.product(rounds, chunks):
-            self._round(b, draft, adm)
+            self._round(b, draft, adm, greedy)
         if self._state.log is not None:
             for lines, width in itertools.product(self.flush_lines, self.flush_widths):
                 self._run_flush(np.full(lines, s, np.int32), width)
@@ -439,8 +441,14 @@ class Engine(SlotAdmission, RoundCostModel):
 
     # ---------------------------------------------------------------- internals
 
-    def _round(self, budget: int, draft: bool, admission=None):
-        """One `slot_round.engine_round` over the slots (state updated in place) -> its info."""
+    def _round(self, budget: int, draft: bool, admission=None, greedy: bool | None = None):
+        """One `slot_round.engine_round` over the slots (state updated in place) -> its info.
+        When every seated request is greedy the round is the greedy program (argmax draws,
+        no keys split; SamplingParams.greedy); an admission line carries the same promise.
+        greedy: that choice (None: from the seated requests; warmup compiles either)."""
+        sampling = self._state.sampling.promise_greedy(self._all_greedy() if greedy is None else greedy)
+        if sampling is not self._state.sampling:
+            self._state = self._state.replace(sampling=sampling)
         self._state, self._stale, info = slot_round.engine_round(
             self.tcfg, self.drafter, self.gamma, budget, self.policy, self.tparams, self.dparams,
             self._state, self._stale, self._schedule(), draft=draft, admission=admission)

@@ -131,16 +131,24 @@ class SlotAdmission:
     def _prefill_budgets(self, width: int) -> list[int]:
         return sorted({self._prefill_budget(n, width) for n in range(self.slots * width + 1)})
 
-    def _run_admit(self, rows, prompts, lengths, seeds, budget: int | None = None):
+    def _run_admit(self, rows, prompts, lengths, seeds, budget: int | None = None, greedy: bool | None = None):
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
         if budget is None:
             budget = self._prefill_budget(int(np.sum(np.where(rows, lengths, 0))), prompts.shape[1])
         return slot_round.admit(self.tcfg, self.drafter, self.tparams, self.dparams, self._state, self._stale,
                                jnp.asarray(rows), jnp.asarray(prompts), jnp.asarray(lengths, jnp.int32), keys,
-                               self._sampling(), jnp.asarray(self._max_new), jnp.asarray(self._stops), budget=budget)
+                               self._sampling(greedy), jnp.asarray(self._max_new), jnp.asarray(self._stops),
+                               budget=budget)
 
-    def _sampling(self) -> SamplingParams:
-        return SamplingParams(jnp.asarray(self._temp), jnp.asarray(self._top_k), jnp.asarray(self._top_p))
+    def _sampling(self, greedy: bool | None = None) -> SamplingParams:
+        return SamplingParams(jnp.asarray(self._temp), jnp.asarray(self._top_k), jnp.asarray(self._top_p),
+                              greedy=self._all_greedy() if greedy is None else greedy)
+
+    def _all_greedy(self) -> bool:
+        """Whether every seated request is greedy: the rounds may then promise greedy rows
+        (SamplingParams.greedy) and draw by argmax. An empty slot's stale temperature does
+        not count: its tokens are never kept."""
+        return all(self._temp[s] == 0 for s, r in enumerate(self._slot_req) if r is not None)
 
     # ---------------------------------------------------------------- chunked prefill
 
@@ -161,12 +169,14 @@ class SlotAdmission:
         adm = self._admission(tokens, nxt, row=s, length=n, first=at == 0, final=at + n == len(p), seed=req.seed)
         return adm, [(s, at, n)]
 
-    def _admission(self, tokens, nxt, *, row: int, length: int, first: bool, final: bool, seed: int):
+    def _admission(self, tokens, nxt, *, row: int, length: int, first: bool, final: bool, seed: int,
+                   greedy: bool | None = None):
         """One chunk line and the per-slot arrays, sent to the device in one transfer."""
         return jax.device_put(slot_round.Admission(
             tokens=tokens, next=nxt, rows=np.asarray([row], np.int32), length=np.asarray([length], np.int32),
             first=np.asarray([first]), final=np.asarray([final]), seeds=np.asarray([seed], np.uint32),
-            sampling=SamplingParams(self._temp.copy(), self._top_k.copy(), self._top_p.copy()),
+            sampling=SamplingParams(self._temp.copy(), self._top_k.copy(), self._top_p.copy(),
+                                    greedy=self._all_greedy() if greedy is None else greedy),
             max_new=self._max_new.copy(), stop_ids=self._stops.copy()))
 
     def _advance_chunks(self, plan) -> list[int]:
@@ -180,11 +190,11 @@ class SlotAdmission:
                 self._prefilling.remove(s)
         return done
 
-    def _empty_admission(self):
+    def _empty_admission(self, greedy: bool | None = None):
         """A chunk line with nothing in it (warmup compiles the mixed rounds with it).
         Every line is `prefill_chunk` wide: one compiled variant per round program."""
         z = np.zeros((1, self.prefill_chunk), np.int32)
-        return self._admission(z, z, row=0, length=0, first=False, final=False, seed=0)
+        return self._admission(z, z, row=0, length=0, first=False, final=False, seed=0, greedy=greedy)
 
     # ---------------------------------------------------------------- paged mode
 

@@ -3,6 +3,14 @@
 A cache is a pytree, so it flows through `jax.jit` and can be donated. Entries at
 positions >= `lengths[b]` are garbage by contract: every reader masks them, and writes
 of padded query slots are dropped (scatter index out of range with mode="drop").
+
+K/V are stored in `storage_dtype(model dtype)`: the model's dtype, except 16-bit floats
+on the CPU, which keep float32 (twice the memory): XLA:CPU scatters a few positions
+into a bfloat16 cache by converting the whole buffer to float32 and back, and converts
+it again for every attention read, so a round over 8 slots of the demo pair spent about
+a third of its time converting caches. bfloat16 values are exact in float32, and
+attention returns the query's dtype, so the model computes what it computes with a
+bfloat16 cache, less one rounding of the scores' inputs.
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ class KVCache:
     @classmethod
     def init(cls, *, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
              dtype=jnp.float32) -> "KVCache":
+        """An empty cache for a model computing in `dtype` (stored in storage_dtype(dtype))."""
         shape = (num_layers, batch, max_len, kv_heads, head_dim)
+        dtype = storage_dtype(dtype)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    lengths=jnp.zeros((batch,), jnp.int32))
 
@@ -32,6 +42,14 @@ class KVCache:
     @property
     def batch(self) -> int:
         return self.k.shape[1]
+
+
+def storage_dtype(dtype):
+    """The dtype a slot cache keeps K/V in for a model computing in `dtype` (see above)."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4 and jax.default_backend() == "cpu":
+        return jnp.dtype(jnp.float32)
+    return dtype
 
 
 # Logical axes of each cache field (mapped to the mesh in dspark_jax/mesh.py).

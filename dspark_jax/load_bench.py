@@ -201,7 +201,7 @@ def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: 
         _drive(make(), prompts, settings, "closed", clients, clock, sleep)  # compiles what the run needs
     engine = make()
     if mode != "closed":  # arrival timing may reach other buckets: compile them all
-        engine.warmup([settings.prompt_len])
+        engine.warmup([settings.prompt_len], greedy=settings.temperature == 0)
     gc.collect()
     gc.disable()  # a collection pause inside a 1-s run reads as a slower policy
     try:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from dspark_jax import target
-from dspark_jax.sampling import SamplingParams, sample_rows, warp
+from dspark_jax.sampling import SamplingParams, draw
 from dspark_jax.speculate import DecodeState, accept_and_commit, commit, draft_block, split_keys
 
 POLICIES = ("none", "fixed", "algorithm1", "production", "threshold")
@@ -232,7 +232,7 @@ def admit(tcfg, drafter, tparams, dparams, state: DecodeState, stale, rows, prom
     else:
         last, cache, taps = target.prefill(tcfg, tparams, prompts, q_lens, cache, taps_wanted)
     k_first, k_next = split_keys(keys, 2)
-    first = sample_rows(k_first, warp(last, sampling))
+    first = draw(k_first, last, sampling)
     draft_cache, log = state.draft_cache, state.log
     if drafter is not None:
         feats = jnp.concatenate(taps, axis=-1)
@@ -283,7 +283,10 @@ def engine_round(tcfg, drafter, gamma: int, budget: int, policy: str, tparams, d
         if state.log is not None:
             state = state.replace(log=state.log.replace(synced=jnp.where(restart, 0, state.log.synced)))
     active = ~state.done
-    k_draft, k_accept, keys = split_keys(state.keys, 3)
+    if state.sampling.greedy:  # no draw reads a key: they stay as they are
+        k_draft = k_accept = keys = state.keys
+    else:
+        k_draft, k_accept, keys = split_keys(state.keys, 3)
     draft_tokens, q, conf = draft_block(drafter if draft else None, gamma, tparams, dparams, state, k_draft)
     # drafts past the room left (max_new - n_out - 1) could never be committed
     max_depth = jnp.clip(jnp.minimum(sched.max_depth, state.max_new - state.n_out - 1), 0, gamma)
@@ -305,7 +308,7 @@ def engine_round(tcfg, drafter, gamma: int, budget: int, policy: str, tparams, d
         (logits, last), cache, (taps, t_taps) = _verify(tcfg, tparams, tokens, valid, state.cache, taps_wanted,
                                                         budget, tail=(a.tokens, a.rows, t_ok, last_col))
         k_first, k_next = split_keys(jax.vmap(jax.random.key)(a.seeds), 2)
-        sampled = sample_rows(k_first, warp(last, jax.tree.map(lambda x: x[a.rows], state.sampling)))
+        sampled = draw(k_first, last, jax.tree.map(lambda x: x[a.rows], state.sampling))
         at_end = a.final[:, None] & (jnp.arange(c)[None, :] == last_col[:, None])
         length = jnp.zeros((s,), jnp.int32).at[line].set(a.length, mode="drop")
         follow_lines = jnp.where(at_end, sampled[:, None], a.next)

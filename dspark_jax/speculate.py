@@ -21,6 +21,7 @@ A drafter is a static object (hashable, passed as a jit static argument) offerin
                     at position start+t+1)
   propose(dparams, tparams, dcache, anchor [B], start [B], sampling, keys [B])
       -> (draft [B,G] int32, q [B,G,V] warped draft probs, confidence [B,G] float32)
+                   (with sampling.greedy, q may be [B,G,1]: greedy acceptance never reads it)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from flax import struct
 
 from dspark_jax import target
 from dspark_jax.kv_cache import KVCache
-from dspark_jax.sampling import SamplingParams, accept_drafts, sample_rows, warp
+from dspark_jax.sampling import SamplingParams, accept_drafts, draw, greedy_accept, warp
 
 
 @struct.dataclass
@@ -137,7 +138,7 @@ def start(tcfg, drafter, tparams, dparams, prompts, lengths, cache, draft_cache,
     taps_wanted = drafter.tap_layers if drafter is not None else ()
     last, cache, taps = target.prefill(tcfg, tparams, prompts, lengths, cache, taps_wanted)
     k_first, keys = split_keys(keys, 2)
-    first = sample_rows(k_first, warp(last, sampling))
+    first = draw(k_first, last, sampling)
     if drafter is not None:
         feats = jnp.concatenate(taps, axis=-1)
         nxt = jnp.concatenate([prompts[:, 1:], jnp.zeros_like(prompts[:, :1])], axis=1)
@@ -154,7 +155,8 @@ def start(tcfg, drafter, tparams, dparams, prompts, lengths, cache, draft_cache,
 
 
 def draft_block(drafter, gamma: int, tparams, dparams, state: DecodeState, key):
-    """(draft [B, G], q [B, G, V] or [B, G, 1] when nothing is drafted, confidence [B, G])."""
+    """(draft [B, G], q [B, G, V], confidence [B, G]); q may be [B, G, 1] when nothing is
+    drafted or the sampling promises greedy rows (acceptance then never reads it)."""
     b = state.anchor.shape[0]
     if drafter is not None and gamma > 0:
         return drafter.propose(dparams, tparams, state.draft_cache, state.anchor, state.cache.lengths,
@@ -177,12 +179,15 @@ def accept_and_commit(drafter, gamma: int, tparams, dparams, state: DecodeState,
     Returns (state, accepted n [B], committed tokens [B, G + 1], appended [B]).
     """
     pos0 = state.cache.lengths
-    p = warp(logits, state.sampling)
-    if drafter is None or gamma == 0 or not drafted:
-        q = jnp.zeros(q.shape[:2] + p.shape[-1:], jnp.float32)  # nothing is drafted
-    elif q.shape[-1] != p.shape[-1]:
-        raise ValueError(f"drafter vocabulary {q.shape[-1]} != target vocabulary {p.shape[-1]}")
-    n, nxt = accept_drafts(k_accept, draft, q, p, depth)
+    if state.sampling.greedy:  # argmax matching: the same outcome without distributions
+        n, nxt = greedy_accept(draft, logits, depth)
+    else:
+        p = warp(logits, state.sampling)
+        if drafter is None or gamma == 0 or not drafted:
+            q = jnp.zeros(q.shape[:2] + p.shape[-1:], jnp.float32)  # nothing is drafted
+        elif q.shape[-1] != p.shape[-1]:
+            raise ValueError(f"drafter vocabulary {q.shape[-1]} != target vocabulary {p.shape[-1]}")
+        n, nxt = accept_drafts(k_accept, draft, q, p, depth)
     n = jnp.where(active, n, 0)
     count = jnp.where(active, n + 1, 0)
     slot = jnp.arange(gamma + 1)[None, :]

@@ -37,8 +37,9 @@ class DraftLayer(nn.Module):
     def __call__(self, x, positions, ctx_k, ctx_v, mask):
         """x [B, Q, D] block states; ctx_k/v [B, S, Hkv, Dh]; mask [B, Q, S + Q]."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions)
-        keys = jnp.concatenate([ctx_k.astype(k.dtype), k], axis=1)
-        vals = jnp.concatenate([ctx_v.astype(v.dtype), v], axis=1)
+        wide = jnp.promote_types(ctx_k.dtype, k.dtype)  # the block joins the cache's dtype, not the reverse
+        keys = jnp.concatenate([ctx_k.astype(wide), k.astype(wide)], axis=1)
+        vals = jnp.concatenate([ctx_v.astype(wide), v.astype(wide)], axis=1)
         o = attend(q, keys, vals, mask, scale=self.arch.head_dim ** -0.5)
         x = x + self.self_attn.out(o)
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -17,7 +17,7 @@ from dspark_jax import target
 from dspark_jax.drafters.backbone import BlockDrafterModule, block_mask
 from dspark_jax.drafters.config import DrafterConfig
 from dspark_jax.kv_cache import KVCache, write_index
-from dspark_jax.sampling import SamplingParams, sample_rows, warp
+from dspark_jax.sampling import SamplingParams, argmax, sample_rows, warp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +105,10 @@ class BlockDrafter:
         gamma = self.gamma
         h = self.block_hidden(dparams, tparams, dcache, anchor, start)[:, :gamma]
         base = target.logits(self.tcfg, tparams, h)  # [B, G, V] float32
-        step_keys = jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, gamma))(keys), 0, 1)
+        greedy = sampling.greedy  # static: draft by argmax, q is not built (acceptance never reads it)
+        b = anchor.shape[0]
+        step_keys = (jnp.zeros((gamma, b), jnp.int32) if greedy else
+                     jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, gamma))(keys), 0, 1))
         apply = self.module.apply
         params = {"params": dparams}
         cfg = self.cfg
@@ -119,8 +122,11 @@ class BlockDrafter:
             if cfg.markov_rank > 0:
                 bias, e, state = apply(params, prev, h_k, state, method="head_step")
                 logits = u_k + bias
-            q_k = warp(logits, sampling)
-            x_k = sample_rows(key_k, q_k)
+            if greedy:
+                x_k, q_k = argmax(logits), jnp.zeros((b, 1), jnp.float32)
+            else:
+                q_k = warp(logits, sampling)
+                x_k = sample_rows(key_k, q_k)
             if cfg.has_confidence:
                 conf = jax.nn.sigmoid(apply(params, h_k, e, method="confidence") / t_k)
             else:

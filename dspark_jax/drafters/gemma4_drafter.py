@@ -153,8 +153,9 @@ class Gemma4DraftLayer(DecoderLayer):
         """x [B, Q, D] block states; ctx_k/v [B, S, Hkv, Dh]; mask [B, Q, S + Q]."""
         def mix(q, kv):
             k, v = kv
-            keys = jnp.concatenate([ctx_k.astype(k.dtype), k], axis=1)
-            vals = jnp.concatenate([ctx_v.astype(v.dtype), v], axis=1)
+            wide = jnp.promote_types(ctx_k.dtype, k.dtype)  # the block joins the cache's dtype
+            keys = jnp.concatenate([ctx_k.astype(wide), k.astype(wide)], axis=1)
+            vals = jnp.concatenate([ctx_v.astype(wide), v.astype(wide)], axis=1)
             return attend(q, keys, vals, mask, scale=1.0)  # q and k are RMS-normed
 
         return super().__call__(x, positions, None, mix)

@@ -38,7 +38,7 @@ from flax import struct
 
 from dspark_jax.attention import attend, causal_mask
 from dspark_jax.config_gemma4 import FULL, SLIDING, Gemma4Config
-from dspark_jax.kv_cache import write_index, write_layer
+from dspark_jax.kv_cache import storage_dtype, write_index, write_layer
 from dspark_jax.models.gemma4_layers import (Attention, Experts, GatedMLP, RMSNorm, Router,
                                              activation, logical_param)
 from dspark_jax.models.layers import Proj, embedding
@@ -63,7 +63,7 @@ class Gemma4Cache:
     @classmethod
     def init(cls, cfg: Gemma4Config, batch: int, max_len: int) -> "Gemma4Cache":
         def zeros(t, heads, dim):
-            return jnp.zeros((cfg.num_cached(t), batch, max_len, heads, dim), cfg.jnp_dtype)
+            return jnp.zeros((cfg.num_cached(t), batch, max_len, heads, dim), storage_dtype(cfg.jnp_dtype))
 
         s = (SLIDING, cfg.num_key_value_heads, cfg.head_dim)
         f = (FULL, cfg.global_kv_heads, cfg.global_head_dim)
