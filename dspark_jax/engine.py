@@ -161,6 +161,8 @@ class Engine(SlotAdmission, RoundCostModel):
         if mesh is not None:
             tparams = target.shard(tcfg, tparams, mesh)
             dparams = drafter.shard(dparams, mesh) if drafter is not None else None
+        else:  # on the device once, not copied there by every round (host arrays would be)
+            tparams, dparams = jax.device_put((tparams, dparams))
         self.tparams, self.dparams, self.mesh = tparams, dparams, mesh
         self._pass_sps, profiled_draft, record = self._resolve_sps(sps, sps_file)
         self._pass_draft_time = float(profiled_draft if draft_time is None else draft_time)

@@ -49,15 +49,19 @@ def param_shapes_and_axes(cfg):
 
 
 def load(folder: str, dtype: str | None = None):
-    """(config, params) from a Hugging Face folder, dispatching on `model_type`."""
+    """(config, params) from a Hugging Face folder, dispatching on `model_type`. The
+    params are device arrays: a jitted call given host (numpy) arrays copies every one
+    of them to the device on every call (on the CPU demo about half of a decoding step)."""
     hf = checkpoints.read_config(folder)
     model_type = hf.get("model_type")
     if model_type == "qwen3":
-        return checkpoints.load_qwen3(folder, dtype)
+        cfg, params = checkpoints.load_qwen3(folder, dtype)
+        return cfg, jax.device_put(params)
     from dspark_jax.config_gemma4 import MODEL_TYPES as GEMMA4_TYPES
 
     if model_type in GEMMA4_TYPES:
-        return checkpoints.load_gemma4(folder, dtype)
+        cfg, params = checkpoints.load_gemma4(folder, dtype)
+        return cfg, jax.device_put(params)
     raise DSparkError(f"{os.path.join(folder, 'config.json')}: unknown model_type '{model_type}' "
                       f"(supported: {', '.join(checkpoints.SUPPORTED_TARGETS)})")
 

@@ -13,6 +13,7 @@ import copy
 import json
 import os
 
+import jax
 import numpy as np
 
 from dspark_jax import checkpoints
@@ -79,11 +80,17 @@ def check_gamma(gamma: int | None, block_size: int, path: str) -> int:
 
 
 def load(folder: str, tcfg, *, kind: str = "auto", gamma: int | None = None, dtype: str | None = None):
-    """(drafter, params) from a DeepSpec folder, checked against the target config.
+    """(drafter, params) from a DeepSpec folder, checked against the target config; the
+    params are device arrays (see target.load).
 
     kind: "auto" (what the folder holds), "dspark", "dflash", "eagle3", or "mtp1" (any
     drafter folder used with one draft token per round).
     """
+    drafter, params = _load(folder, tcfg, kind=kind, gamma=gamma, dtype=dtype)
+    return drafter, jax.device_put(params)
+
+
+def _load(folder: str, tcfg, *, kind: str, gamma: int | None, dtype: str | None):
     hf = checkpoints.read_config(folder)
     path = os.path.join(folder, "config.json")
     held = architecture_kind(hf, path)
