@@ -38,7 +38,7 @@ from dspark_jax.kv_cache import KVCache, write_index, write_layer
 from dspark_jax.models.layers import MLP, Proj, RMSNorm, embedding
 from dspark_jax.models.qwen3 import attention_module
 from dspark_jax.safetensors_io import open_folder
-from dspark_jax.sampling import sample_rows, warp
+from dspark_jax.sampling import argmax, sample_rows, warp
 
 ARCHITECTURE = "Qwen3Eagle3Model"
 
@@ -267,10 +267,13 @@ class Eagle3Drafter:
         del anchor  # the anchor was ingested as the last slot's next token
         g_len = self.gamma
         b = start.shape[0]
-        step_keys = jax.vmap(lambda k: jax.random.split(k, g_len))(keys)  # [B, G]
+        step_keys = None if sampling.greedy else jax.vmap(lambda k: jax.random.split(k, g_len))(keys)  # [B, G]
 
         def draw(h, j):
-            probs = warp(self.logits(dparams, tparams, h), sampling)
+            logits = self.logits(dparams, tparams, h)
+            if sampling.greedy:  # static: argmax drafts, q is not built (greedy acceptance never reads it)
+                return argmax(logits), jnp.zeros((b, 1), jnp.float32)
+            probs = warp(logits, sampling)
             return sample_rows(step_keys[:, j], probs), probs
 
         x1, q1 = draw(dcache.last_hidden, 0)
