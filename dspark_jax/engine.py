@@ -416,14 +416,19 @@ class Engine(SlotAdmission, RoundCostModel):
                 return b
         return self.buckets[-1]
 
-    def warmup(self, prompt_lens: Sequence[int] = (1,), greedy: bool = True) -> None:
+    def warmup(self, prompt_lens: Sequence[int] = (1,), greedy: bool | None = None) -> None:
         """Compile every budget bucket's round (and the gate's plain rounds; each also with
         a chunked-prefill line) and the prefill for these prompt lengths at
         every packed budget (only while idle: the rounds run over empty slots and change
-        nothing). greedy: the programs of all-greedy batches, or (False) those of batches
-        with a sampled request."""
+        nothing). greedy: the programs of all-greedy batches (True), of batches with a
+        sampled request (False), or both (None: traffic that mixes them switches between
+        the two, and neither should compile mid-run)."""
         if not self.idle:
             raise DSparkError("warmup needs an idle engine")
+        if greedy is None:
+            for flavour in (True, False):
+                self.warmup(prompt_lens, flavour)
+            return
         s = self.slots
         for width in sorted({self._prefill_width(n) for n in prompt_lens}):
             for budget in self._prefill_budgets(width):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax import sampling, target
+from dspark_jax import sampling, slot_round, target
 from dspark_jax.engine import Engine
 from tests.conftest import FIXTURES
 from tests.helpers import make_block_drafter
@@ -113,3 +113,18 @@ def test_a_broken_promise_is_caught(pair, monkeypatch):
     monkeypatch.setattr(Engine, "_all_greedy", lambda self: True)
     greedy, sampled, _ = mixed_batch(pair)
     assert len({tuple(s) for s in sampled}) == 1 and sampled[0] == greedy[0]
+
+
+def test_warmup_compiles_both_programs(pair):
+    """Traffic that mixes greedy and sampled requests switches programs; warmup (by
+    default) compiles both, so serving such traffic compiles no round."""
+    tcfg, tparams, drafter, dparams = pair
+    engine = Engine(tcfg, tparams, drafter, dparams, slots=2, max_len=32, policy="fixed", buckets=(8,))
+    engine.warmup([5])
+    compiled = slot_round.engine_round._cache_size()
+    engine.submit([5, 101, 7, 8, 9], max_new_tokens=8)
+    engine.submit([5, 101, 7, 8, 9], max_new_tokens=8, temperature=2.0, seed=1)
+    engine.run_until_done()
+    engine.submit([5, 101, 7], max_new_tokens=4)  # greedy alone again
+    engine.run_until_done()
+    assert slot_round.engine_round._cache_size() == compiled
