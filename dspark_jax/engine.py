@@ -453,7 +453,7 @@ class Engine(SlotAdmission, RoundCostModel):
         When every seated request is greedy the round is the greedy program (argmax draws,
         no keys split; SamplingParams.greedy); an admission line carries the same promise.
         greedy: that choice (None: from the seated requests; warmup compiles either)."""
-        sampling = self._state.sampling.promise_greedy(self._all_greedy() if greedy is None else greedy)
+        sampling = self._state.sampling.promise_greedy(self._promise(greedy))
         if sampling is not self._state.sampling:
             self._state = self._state.replace(sampling=sampling)
         self._state, self._stale, info = slot_round.engine_round(

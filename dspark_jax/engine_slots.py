@@ -142,13 +142,18 @@ class SlotAdmission:
 
     def _sampling(self, greedy: bool | None = None) -> SamplingParams:
         return SamplingParams(jnp.asarray(self._temp), jnp.asarray(self._top_k), jnp.asarray(self._top_p),
-                              greedy=self._all_greedy() if greedy is None else greedy)
+                              greedy=self._promise(greedy))
 
     def _all_greedy(self) -> bool:
         """Whether every seated request is greedy: the rounds may then promise greedy rows
         (SamplingParams.greedy) and draw by argmax. An empty slot's stale temperature does
         not count: its tokens are never kept."""
         return all(self._temp[s] == 0 for s, r in enumerate(self._slot_req) if r is not None)
+
+    def _promise(self, greedy: bool | None) -> bool:
+        """The greedy promise a pass runs under: `greedy` when given (warmup compiles
+        either program), else whether every seated request is greedy."""
+        return self._all_greedy() if greedy is None else bool(greedy)
 
     # ---------------------------------------------------------------- chunked prefill
 
@@ -176,7 +181,7 @@ class SlotAdmission:
             tokens=tokens, next=nxt, rows=np.asarray([row], np.int32), length=np.asarray([length], np.int32),
             first=np.asarray([first]), final=np.asarray([final]), seeds=np.asarray([seed], np.uint32),
             sampling=SamplingParams(self._temp.copy(), self._top_k.copy(), self._top_p.copy(),
-                                    greedy=self._all_greedy() if greedy is None else greedy),
+                                    greedy=self._promise(greedy)),
             max_new=self._max_new.copy(), stop_ids=self._stops.copy()))
 
     def _advance_chunks(self, plan) -> list[int]:
