@@ -25,9 +25,9 @@ round, before drafting, the host predicts the best speculative round from every 
 survival, smoothed over its drafted rounds (a running mean per position stands in for
 slots not drafted for yet) and scaled by the slot's accepted over predicted drafts and
 by the gate's own record (accepted drafts over its estimates, on the rounds it drafted
-because they paid), and runs a plain decoding round instead when that one is expected to be faster
-(`scheduler.speculation_pays`; engine_costs.py has the details: probes, looks at new
-requests). A round that drafts drafts only for the slots worth it (the others verify
+because they paid), and runs a plain decoding round instead unless a speculative one is
+predicted at least `gate_margin` (10%) faster (`scheduler.speculation_pays`;
+engine_costs.py has the details: probes, looks at new requests). A round that drafts drafts only for the slots worth it (the others verify
 nothing). The drafter ingests lazily (speculate.FeatureLog): prompts and plain rounds
 only log the target features, and a slot's backlog enters the drafter's cache just
 before a round drafts for it, so a plain round costs about what plain decoding costs
@@ -76,7 +76,7 @@ import numpy as np
 
 from dspark_jax import generation, profile_sps, scheduler, slot_round, speculate, target
 from dspark_jax.calibration import OnlineCorrection
-from dspark_jax.engine_costs import SCHEDULED, RoundCostModel
+from dspark_jax.engine_costs import GATE_MARGIN, SCHEDULED, RoundCostModel
 from dspark_jax.engine_records import EngineMetrics, PendingRequest, RequestResult, TokenCallback, as_int, is_int
 from dspark_jax.engine_slots import SlotAdmission
 from dspark_jax.errors import DSparkError
@@ -122,7 +122,7 @@ class Engine(SlotAdmission, RoundCostModel):
                  recalibrate: bool = False, rounds: dict | None = None,
                  paged: bool = False, page_size: int = 16, num_pages: int | None = None,
                  attention_impl: str = "auto", attention_interpret: bool = False, lazy_ingest: bool | None = None,
-                 learn_step_costs: bool = False):
+                 learn_step_costs: bool = False, gate_margin: float = GATE_MARGIN):
         policy = policy or ("none" if drafter is None else
                             "production" if drafter_has_confidence(drafter) else "fixed")
         if policy not in slot_round.POLICIES:
@@ -148,6 +148,8 @@ class Engine(SlotAdmission, RoundCostModel):
             raise DSparkError(f"probe_every must be >= 1; got {probe_every}")
         if prefill_chunk < 0:
             raise DSparkError(f"prefill_chunk must be >= 0; got {prefill_chunk}")
+        if not 0.0 <= gate_margin < 1.0:
+            raise DSparkError(f"gate_margin must be in [0, 1); got {gate_margin}")
         self.tcfg, self.drafter, self.policy = tcfg, drafter, policy
         self.gamma = drafter.gamma if drafter is not None else 0
         self.slots, self.max_len, self.max_stop_ids = slots, max_len, max_stop_ids
@@ -173,6 +175,7 @@ class Engine(SlotAdmission, RoundCostModel):
         self._apply_costs(rounds if policy in SCHEDULED else None)
         self.probe_every = int(probe_every)
         self.learn_step_costs = bool(learn_step_costs)
+        self.gate_margin = float(gate_margin)
         self.prefill_chunk = int(prefill_chunk)
         self.mixing = self.prefill_chunk > 0 and target.supports_packed(tcfg) and not paged
         self._threshold_dev = jnp.asarray(self.threshold, jnp.float32)

@@ -45,6 +45,11 @@ from dspark_jax.errors import DSparkError
 
 SCHEDULED = ("algorithm1", "production")
 ACCEPTANCE_PRIOR = 4.0  # predicted drafts' worth of the all-slot ratio in a slot's acceptance ratio
+# a verdict to draft needs a speculative round predicted this much faster than a plain one:
+# closer calls are coin flips of the cost model (round times over idle slots, estimates
+# that regress) that still pay a drafted round's flush; on the CPU demo at 4 slots they
+# drafted at about 0.9x a plain round's tokens/s
+GATE_MARGIN = 0.1
 
 
 class RoundCostModel:
@@ -210,18 +215,23 @@ class RoundCostModel:
 
     def _pays(self, est: np.ndarray, flush: float = 0.0) -> bool:
         sps, extra = self._spec_costs(flush)
-        return scheduler.speculation_pays(est, sps, draft_time=extra, plain_sps=self.plain_sps)[0]
+        return scheduler.speculation_pays(est, sps, draft_time=extra, plain_sps=self.plain_sps,
+                                          margin=self.gate_margin)[0]
 
     def _look_pays(self, idx: np.ndarray, est: np.ndarray, fresh: np.ndarray,
                    live: np.ndarray) -> tuple[bool, np.ndarray]:
         """Whether a look at the slots never drafted for (`fresh`) is worth what it costs
         -> (verdict, the estimates with theirs at the past requests' mean).
 
-        What a look can find: for each of 8 quantiles of the requests that finished
-        lately (`_past_quantiles`), the seconds per token a speculative round saves over
-        a plain one if the new slots were like it (0 where it would not pay), averaged,
-        times the tokens the batch makes while the new slots run (rows x their mean
-        tokens left). What it costs: the look's predicted time, its flush of the new
+        What a look can find: the 8 quantiles of the requests that finished lately
+        (`_past_quantiles`, scaled by `gate_accuracy` as the gate's verdicts scale
+        estimates) are 8 equally likely kinds of request, and each new slot is one of
+        them on its own: in each of 8 draws every new slot takes a kind, from a fixed
+        permutation of its own (each slot takes every kind once; two new slots are not
+        assumed alike). Per draw, the seconds per token a speculative round saves over a
+        plain one (0 where the gate would not draft: within its margin), averaged over
+        the draws, times the tokens the batch makes while the new slots run (rows x
+        their mean tokens left). What it costs: the look's predicted time, its flush of the new
         slots' backlog (their prompts) included, minus what plain rounds take to make the
         tokens it is expected to make."""
         r = len(idx)
@@ -229,14 +239,15 @@ class RoundCostModel:
         if not plain > 0:
             return False, est
         sps, extra = self._spec_costs()
-        past = self._past_quantiles()
-        saved = 0.0
-        for p in past:
-            est[fresh] = p[None, :] * live
-            theta, _ = scheduler.best_round(est, sps, draft_time=extra)
-            saved += max(0.0, 1.0 / plain - 1.0 / theta) if theta > 0 else 0.0
+        past = np.minimum(1.0, self._past_quantiles() * self.gate_accuracy)
+        kinds = self._look_kinds[:int(fresh.sum())]  # [F, 8]: each new slot's kind in each draw
+        draws = np.repeat(est[None], kinds.shape[1], axis=0)
+        draws[:, fresh] = past[kinds.T] * live[None]
+        theta, _ = scheduler.best_rounds(draws, sps, draft_time=extra)
+        drafts = theta > plain * (1.0 + self.gate_margin)
+        saved = np.sum(1.0 / plain - 1.0 / theta[drafts])
         left = float(np.mean(self._max_new[idx[fresh]] - self._n_out[idx[fresh]]))
-        benefit = saved / len(past) * r * max(left, 0.0)
+        benefit = saved / kinds.shape[1] * r * max(left, 0.0)
         est[fresh] = past.mean(axis=0)[None, :] * live
         sps, extra = self._spec_costs(self._flush_seconds(idx[self._worth(est) | fresh]))
         theta, tau = scheduler.best_round(est, sps, draft_time=extra)
@@ -348,6 +359,40 @@ class RoundCostModel:
             self._past_estimates.append(np.minimum(1.0, self._recent[slot].astype(np.float64) * ratio))
         self._verdict_key = None
 
+    # ------------------------------------------------ the gate's memory of the traffic
+
+    def gate_memory(self) -> dict:
+        """What the gate has learnt about the traffic rather than about the requests
+        seated now: the running mean survival per position, the finished requests'
+        estimates (what a look expects of a new request), the acceptance ratios, its own
+        record on the rounds it drafted because they paid, the probe wait and the step
+        costs. Another engine of the same drafter takes it up with `recall_gate`: a
+        restarted server, or a benchmark's timed run after its warm-up run, starts where
+        the traffic left it instead of drafting blind (a first round always drafts when
+        nothing is known, and looks at new requests need finished ones). Copies."""
+        return {"gamma": self.gamma, "prior": None if self._prior is None else self._prior.copy(),
+                "past_estimates": [e.copy() for e in self._past_estimates],
+                "acceptance": (self._acc_seen, self._acc_expected), "paid": self._paid_acc.copy(),
+                "probe_gap": self._probe_gap, "step_cost": self._step_cost.copy()}
+
+    def recall_gate(self, memory: dict) -> None:
+        """Take up another engine's `gate_memory` (same drafter gamma); the seated
+        requests' own estimates are not part of it."""
+        if memory.get("gamma") != self.gamma:
+            raise DSparkError(f"gate memory of a gamma {memory.get('gamma')} drafter; this engine's gamma is "
+                              f"{self.gamma}")
+        prior = memory["prior"]
+        self._prior = None if prior is None else np.array(prior, np.float64)
+        if prior is not None and self.policy == "production":
+            self._prior_dev = jnp.asarray(self._prior, jnp.float32)
+        self._past_estimates.clear()
+        self._past_estimates.extend(np.array(e, np.float64) for e in memory["past_estimates"])
+        self._acc_seen, self._acc_expected = (float(x) for x in memory["acceptance"])
+        self._paid_acc = np.array(memory["paid"], np.float64)
+        self._probe_gap = int(memory["probe_gap"])
+        self._step_cost = np.array(memory["step_cost"], np.float64)
+        self._verdict_key = None
+
     # ------------------------------------------------ the gate's state; lazy ingest
 
     def _init_gate(self, lazy_ingest: bool) -> None:
@@ -358,6 +403,8 @@ class RoundCostModel:
         self._acc_expected = self._acc_seen = 0.0
         self._slot_acc = np.zeros((self.slots, 2))  # per slot: accepted drafts seen, predicted (decayed)
         self._past_estimates: collections.deque = collections.deque(maxlen=32)  # finished requests' estimates
+        rng = np.random.default_rng(0)  # `_look_pays`: the kind (past quantile) of the i-th new slot in draw m
+        self._look_kinds = np.stack([np.arange(8)] + [rng.permutation(8) for _ in range(self.slots - 1)])
         self._verdict_key, self._verdict = None, (True, False, None)  # the gate's last verdict and its inputs
         self._verdict_limits = np.zeros(0, np.int32)  # the depth limits it was reached at
         self._verdict_raw = np.zeros((self.slots, self.gamma))  # the estimates it read, before gate_accuracy

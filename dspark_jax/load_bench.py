@@ -63,6 +63,7 @@ class LoadSettings:
     prefill_chunk: int = 64     # chunked-prefill tokens per round (0: a separate prefill pass per admission)
     recalibrate: bool = False   # the scheduled policies' online confidence correction
     round_profile: bool = True  # the scheduled policies use the engine's measured round times
+    warm_gate: bool = True      # the scheduled policies' timed runs start from the warm-up run's gate memory
 
     def __post_init__(self):
         bad = [p for p in self.policies if p not in POLICIES]
@@ -192,14 +193,23 @@ def make_engine(tcfg, tparams, drafter, dparams, policy: str, clients: int, sett
 
 def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: int, settings: LoadSettings,
               prompts, sps=None, draft_time: float = 0.0, clock=time.perf_counter, sleep=time.sleep,
-              compile_first: bool = True, rounds: dict | None = None) -> LoadRow:
-    """One (policy, mode, concurrency) measurement."""
+              compile_first: bool = True, rounds: dict | None = None, gate: dict | None = None) -> LoadRow:
+    """One (policy, mode, concurrency) measurement. gate: where the warm-up run leaves
+    its engine's gate memory (`Engine.gate_memory`, scheduled policies with
+    `settings.warm_gate`) and where timed runs take it from: they measure a server that
+    has seen this traffic before, not one drafting blind at start-up."""
     def make():
         return make_engine(tcfg, tparams, drafter, dparams, policy, clients, settings, sps, draft_time, rounds)
 
+    keep = gate is not None and settings.warm_gate and policy in SCHEDULED_POLICIES
     if compile_first:
-        _drive(make(), prompts, settings, "closed", clients, clock, sleep)  # compiles what the run needs
+        warm = make()
+        _drive(warm, prompts, settings, "closed", clients, clock, sleep)  # compiles what the run needs
+        if keep:
+            gate["memory"] = warm.gate_memory()
     engine = make()
+    if keep and "memory" in gate:
+        engine.recall_gate(gate["memory"])
     if mode != "closed":  # arrival timing may reach other buckets: compile them all
         engine.warmup([settings.prompt_len], greedy=settings.temperature == 0)
     gc.collect()
@@ -248,6 +258,7 @@ def run(tcfg, tparams, drafter, dparams, settings: LoadSettings, progress: Calla
 
     runs: dict[tuple[str, str, int], list[LoadRow]] = {}
     rounds: dict[tuple[str, int], dict] = {}
+    gates: dict[tuple[str, int], dict] = {}  # (policy, c): the warm-up run's gate memory
     for c in settings.concurrency:
         if settings.round_profile and settings.draft_cost:
             for policy in (p for p in settings.policies if p in SCHEDULED_POLICIES):
@@ -261,7 +272,8 @@ def run(tcfg, tparams, drafter, dparams, settings: LoadSettings, progress: Calla
                 for policy in settings.policies if rep % 2 == 0 else settings.policies[::-1]:
                     row = run_point(tcfg, tparams, drafter if policy != "none" else None, dparams, policy, mode,
                                     c, settings, prompts, sps=curves.get(c), draft_time=draft_times.get(c, 0.0),
-                                    compile_first=rep == 0, rounds=rounds.get((policy, c)))
+                                    compile_first=rep == 0, rounds=rounds.get((policy, c)),
+                                    gate=gates.setdefault((policy, c), {}))
                     runs.setdefault((mode, policy, c), []).append(row)
                     if progress is not None:
                         progress(row)

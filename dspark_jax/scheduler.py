@@ -113,13 +113,15 @@ def global_capacity(survival: np.ndarray, sps: np.ndarray, *, draft_time: float 
     return int(ks[np.argmax(theta)])
 
 
-def speculation_pays(survival, sps, *, draft_time: float, plain_sps=None) -> tuple[bool, float, float]:
+def speculation_pays(survival, sps, *, draft_time: float, plain_sps=None,
+                     margin: float = 0.0) -> tuple[bool, float, float]:
     """Whether a speculative round is expected to beat a plain decoding round.
 
     survival [R, gamma]: the best available estimate of this round's prefix survival
     (earlier rounds' values: the decision must not depend on this round's drafts).
     draft_time: seconds a speculative round costs beyond 1 / sps[B]. plain_sps: rate of a
-    plain round at R tokens, indexed by R (None: `sps`, the target pass alone). Returns
+    plain round at R tokens, indexed by R (None: `sps`, the target pass alone). margin: how much
+    faster the speculative round must be predicted to be (0.1: by 10%). Returns
     (pays, predicted Theta of the best speculative round (drafting included), Theta of a
     plain round: R tokens, nothing drafted).
     """
@@ -128,7 +130,7 @@ def speculation_pays(survival, sps, *, draft_time: float, plain_sps=None) -> tup
     spec, _ = best_round(survival, sps, draft_time=draft_time)
     plain_sps = sps if plain_sps is None else np.asarray(plain_sps, np.float64)
     plain = float(r_count * plain_sps[r_count])
-    return spec > plain, spec, plain
+    return spec > plain * (1.0 + margin), spec, plain
 
 
 def best_round(survival, sps, *, draft_time: float = 0.0) -> tuple[float, float]:
@@ -138,6 +140,25 @@ def best_round(survival, sps, *, draft_time: float = 0.0) -> tuple[float, float]
     _, theta, taus = _capacity_curve(survival, sps, draft_time)
     best = int(np.argmax(theta))
     return float(theta[best]), float(taus[best])
+
+
+def best_rounds(survival, sps, *, draft_time: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """`best_round` of D batches at once: survival [D, R, gamma] -> (Theta [D], tau [D])."""
+    survival = np.asarray(survival, np.float64)
+    sps = np.asarray(sps, np.float64)
+    if survival.ndim != 3:
+        raise ValueError(f"survival must be [D, R, gamma]; got shape {survival.shape}")
+    d, r_count, g = survival.shape
+    _check(survival.reshape(d * r_count, g)[:r_count], sps)
+    gains = -np.sort(-survival.reshape(d, r_count * g), axis=1)
+    ks = np.arange(r_count * g + 1)
+    ks = ks[r_count + ks < len(sps)]
+    taus = r_count + np.concatenate([np.zeros((d, 1)), np.cumsum(gains, axis=1)], axis=1)[:, ks]
+    theta = rate(taus, sps[r_count + ks][None, :], draft_time)
+    candidates = ks[None, :] <= np.sum(gains > 0, axis=1, keepdims=True)  # as best_round: a > 0 only
+    best = np.argmax(np.where(candidates, theta, -np.inf), axis=1)
+    rows = np.arange(d)
+    return theta[rows, best], taus[rows, best]
 
 
 def rows_worth_drafting(survival, sps, *, draft_time: float = 0.0) -> np.ndarray:

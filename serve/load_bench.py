@@ -50,6 +50,9 @@ def main(argv=None) -> None:
     p.add_argument("--prefill-chunk", type=int, default=64,
                    help="prompt tokens per round that ride along in the verification pass while other "
                         "slots decode (0: a separate prefill pass per admission)")
+    p.add_argument("--cold-gate", action="store_true",
+                   help="the scheduled policies' timed runs start with an empty gate memory (default: the "
+                        "memory their warm-up run left, as a server that has seen the traffic)")
     p.add_argument("--recalibrate", action="store_true",
                    help="scheduled policies: correct the confidences online from observed acceptances")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
@@ -79,7 +82,8 @@ def main(argv=None) -> None:
             temperature=args.temperature, seed=args.seed, max_len=args.max_len, sps_file=args.sps_file,
             buckets=args.buckets, repeats=args.repeats, draft_cost=not args.no_draft_cost,
             length_spread=args.length_spread, prefill_chunk=args.prefill_chunk,
-            recalibrate=args.recalibrate, round_profile=not args.no_round_profile)
+            recalibrate=args.recalibrate, round_profile=not args.no_round_profile,
+            warm_gate=not args.cold_gate)
         tcfg, tparams = target.load(tfolder, args.dtype)
         drafter = dparams = None
         if dfolder is not None:

@@ -144,6 +144,13 @@ def test_drafting_cost_objective_against_brute_force(seed):
     pays, spec, plain = scheduler.speculation_pays(survival, sps, draft_time=draft_time)
     assert spec == pytest.approx(best) and plain == pytest.approx(r * sps[r])
     assert pays == (best > r * sps[r])
+    assert scheduler.speculation_pays(survival, sps, draft_time=draft_time, margin=0.1)[0] == (best > 1.1 * r * sps[r])
+    # D batches at once: each one's best round
+    batch = np.stack([survival, survival * 0.5, np.zeros_like(survival)])
+    theta, tau = scheduler.best_rounds(batch, sps, draft_time=draft_time)
+    for d in range(len(batch)):
+        want_theta, want_tau = scheduler.best_round(batch[d], sps, draft_time=draft_time)
+        assert theta[d] == pytest.approx(want_theta) and tau[d] == pytest.approx(want_tau)
 
 
 def test_drafting_cost_moves_the_choice():
