@@ -112,7 +112,7 @@ class Engine(SlotAdmission, RoundCostModel):
     scheduled policies, whose gate may not draft; False: every round ingests).
     learn_step_costs: the gate scales speculative rounds' predicted times by how much
     dearer than predicted, relative to plain ones, its steps have run (`spec_cost_factor`).
-    """
+    gate_margin: how much faster than a plain round a speculative one must be predicted."""
 
     def __init__(self, tcfg, tparams, drafter=None, dparams=None, *, slots: int = 4, max_len: int = 256,
                  policy: str | None = None, depth: int | None = None, threshold: float = 0.5, sps=None,
@@ -174,8 +174,7 @@ class Engine(SlotAdmission, RoundCostModel):
             rounds = profile_sps.stored_rounds(record, policy, self.buckets, self.plain_buckets)
         self._apply_costs(rounds if policy in SCHEDULED else None)
         self.probe_every = int(probe_every)
-        self.learn_step_costs = bool(learn_step_costs)
-        self.gate_margin = float(gate_margin)
+        self.learn_step_costs, self.gate_margin = bool(learn_step_costs), float(gate_margin)
         self.prefill_chunk = int(prefill_chunk)
         self.mixing = self.prefill_chunk > 0 and target.supports_packed(tcfg) and not paged
         self._threshold_dev = jnp.asarray(self.threshold, jnp.float32)

@@ -29,6 +29,10 @@ all. With lazy ingest (speculate.FeatureLog, the default for the scheduled polic
 the drafter ingests nothing in plain rounds or at admission: a slot's backlog is
 flushed into the drafter's cache just before a round drafts for it (`_prepare_round`),
 so requests the gate never drafts for never cost the drafter anything.
+
+What the gate learns about the traffic (not about the seated requests) moves between
+engines: `gate_memory` / `recall_gate` (a restarted server; the load bench's timed runs
+after their warm-up run).
 """
 
 from __future__ import annotations
