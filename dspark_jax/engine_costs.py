@@ -51,8 +51,8 @@ SCHEDULED = ("algorithm1", "production")
 ACCEPTANCE_PRIOR = 4.0  # predicted drafts' worth of the all-slot ratio in a slot's acceptance ratio
 # a verdict to draft needs a speculative round predicted this much faster than a plain one:
 # closer calls are coin flips of the cost model (round times over idle slots, estimates
-# that regress) that still pay a drafted round's flush; on the CPU demo at 4 slots they
-# drafted at about 0.9x a plain round's tokens/s
+# that regress) that still pay a drafted round's flush; on the CPU demo at 4 slots, rounds
+# drafted without a margin made 0.8-0.9x a plain round's tokens/s
 GATE_MARGIN = 0.1
 
 
@@ -235,9 +235,9 @@ class RoundCostModel:
         assumed alike). Per draw, the seconds per token a speculative round saves over a
         plain one (0 where the gate would not draft: within its margin), averaged over
         the draws, times the tokens the batch makes while the new slots run (rows x
-        their mean tokens left). What it costs: the look's predicted time, its flush of the new
-        slots' backlog (their prompts) included, minus what plain rounds take to make the
-        tokens it is expected to make."""
+        their mean tokens left). What it costs: the look's predicted time, its flush of
+        the new slots' backlog (their prompts) included, minus what plain rounds take to
+        make the tokens it is expected to make."""
         r = len(idx)
         plain = r * float(self.plain_sps[r])  # tokens/s of a plain round
         if not plain > 0:

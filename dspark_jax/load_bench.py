@@ -9,8 +9,9 @@ c slots) and every arrival mode:
   queue when every slot is busy.
 
 Each point first runs its workload once untimed (closed loop), which compiles exactly
-the buckets the timed run uses (a Poisson run compiles every bucket), then runs it
-timed. The scheduled policies' engines first time their own rounds at every bucket
+the buckets the timed run uses (a Poisson run compiles every bucket) and leaves the
+scheduled policies' gate memory their timed runs start from (`--cold-gate`: not), then
+runs it timed. The scheduled policies' engines first time their own rounds at every bucket
 (`Engine.profile_rounds`, once per level) and schedule with those costs. Rows report
 aggregate tokens/s, mean per-user tokens/s, mean verified budget B
 per round and tau; `plot` draws

@@ -149,7 +149,8 @@ def best_rounds(survival, sps, *, draft_time: float = 0.0) -> tuple[np.ndarray, 
     if survival.ndim != 3:
         raise ValueError(f"survival must be [D, R, gamma]; got shape {survival.shape}")
     d, r_count, g = survival.shape
-    _check(survival.reshape(d * r_count, g)[:r_count], sps)
+    if sps.ndim != 1 or len(sps) < r_count + 1:
+        raise ValueError(f"sps must be 1-D with an entry for every batch up to R = {r_count}")
     gains = -np.sort(-survival.reshape(d, r_count * g), axis=1)
     ks = np.arange(r_count * g + 1)
     ks = ks[r_count + ks < len(sps)]

@@ -232,9 +232,8 @@ def test_gate_memory_carries_to_a_new_engine(pair):
     """What the gate learnt about the traffic (the running mean survival, the finished
     requests' estimates, its record, the probe wait) reaches another engine through
     gate_memory / recall_gate: a fresh engine drafts blind on its first round (nothing
-    known), one that recalls a memory where drafting did not pay runs a plain round,
-    and looks at a new request as the first engine would. A memory of another gamma is
-    refused."""
+    known), and after recalling a memory where drafting did not pay (recall drops its
+    cached verdict) it runs a plain round. A memory of another gamma is refused."""
     tcfg, tparams, ref = pair
     rounds = _rounds(2.5, 1.0)
     old = _gate_engine(tcfg, tparams, ref, rounds, [0.1, 0.0, 0.0])
@@ -246,7 +245,6 @@ def test_gate_memory_carries_to_a_new_engine(pair):
                    buckets=ADAPTIVE, probe_every=3, rounds=rounds)
     assert fresh.should_draft([0, 1])  # nothing known: it drafts to learn
     fresh.recall_gate(memory)
-    fresh._verdict_key = None
     assert not fresh.should_draft([0, 1])
     np.testing.assert_allclose(fresh._prior, [0.1, 0.0, 0.0])
     assert fresh._probe_gap == 24 and len(fresh._past_estimates) == 8
