@@ -78,6 +78,7 @@ from dspark_jax import generation, profile_sps, scheduler, slot_round, speculate
 from dspark_jax.calibration import OnlineCorrection
 from dspark_jax.engine_costs import GATE_MARGIN, SCHEDULED, RoundCostModel
 from dspark_jax.engine_records import EngineMetrics, PendingRequest, RequestResult, TokenCallback, as_int, is_int
+from dspark_jax.engine_profile import RoundProfiler
 from dspark_jax.engine_slots import SlotAdmission
 from dspark_jax.errors import DSparkError
 from dspark_jax.paged_cache import PageAllocator, pages_needed
@@ -90,7 +91,7 @@ def drafter_has_confidence(drafter) -> bool:
     return cfg is None or bool(getattr(cfg, "has_confidence", False))
 
 
-class Engine(SlotAdmission, RoundCostModel):
+class Engine(SlotAdmission, RoundCostModel, RoundProfiler):
     """Fixed slots, slot-based caches of `max_len` positions, one policy for every round.
 
     policy: "none" (plain decoding; the drafter is ignored), "fixed" (depth `depth`,
@@ -146,10 +147,8 @@ class Engine(SlotAdmission, RoundCostModel):
             drafter = dataclasses.replace(drafter, gamma=self.depth)  # draft only what is verified
         if probe_every < 1:
             raise DSparkError(f"probe_every must be >= 1; got {probe_every}")
-        if prefill_chunk < 0:
-            raise DSparkError(f"prefill_chunk must be >= 0; got {prefill_chunk}")
-        if not 0.0 <= gate_margin < 1.0:
-            raise DSparkError(f"gate_margin must be in [0, 1); got {gate_margin}")
+        if prefill_chunk < 0 or not 0.0 <= gate_margin < 1.0:
+            raise DSparkError(f"need prefill_chunk >= 0 and gate_margin in [0, 1); got {prefill_chunk}, {gate_margin}")
         self.tcfg, self.drafter, self.policy = tcfg, drafter, policy
         self.gamma = drafter.gamma if drafter is not None else 0
         self.slots, self.max_len, self.max_stop_ids = slots, max_len, max_stop_ids

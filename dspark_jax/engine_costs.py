@@ -104,6 +104,7 @@ class RoundCostModel:
         else:
             spec, plain, draft_time = self._pass_sps, self._pass_sps, self._pass_draft_time
         self._flush_cost = {tuple(map(int, k)): float(t) for k, t in (rounds or {}).get("flush", {}).items()}
+        self._host_time = float((rounds or {}).get("host", 0.0))
         self.rounds = rounds
         self.draft_time = float(draft_time)
         self.sps = profile_sps.at_buckets(spec, self.buckets) if self.policy == "production" else spec
@@ -111,44 +112,6 @@ class RoundCostModel:
         self.gated = self.policy in SCHEDULED and self.gamma > 0 and (draft_time > 0 or rounds is not None)
         self._verdict_key = None  # the gate decides afresh on the new costs
         self._upload_costs()
-
-    def profile_rounds(self, repeats: int = 16, warmup: int = 2, save: bool = True) -> dict:
-        """Time this engine's rounds at every bucket, speculative and plain (low
-        quartile of `repeats` after `warmup` compiling / warming runs), over idle slots:
-        shapes are static, so an empty row costs what a busy one does. The repeats go
-        round-robin over the kinds, so that a machine's drift moves all of them alike
-        (the gate reads their ratios). With lazy ingest the backlog flushes are timed too,
-        at every compiled (lines, width): the gate adds the flush a drafted round would
-        need to its predicted time. The scheduled policies then use them; with `save` they
-        go to the profile file the engine's SPS came from. Returns {"spec": {B: seconds},
-        "plain": {B: seconds}, "flush": {(lines, width): seconds}} ("flush" only with lazy
-        ingest), which `Engine(..., rounds=...)` also takes."""
-        if self.policy not in SCHEDULED or self.gamma == 0:
-            raise DSparkError(f"round profiles serve the scheduled policies ({', '.join(SCHEDULED)}); "
-                              f"this engine runs '{self.policy}'")
-        if not self.idle:
-            raise DSparkError("profile_rounds needs an idle engine")
-        kinds = [("spec", b) for b in self.buckets] + [("plain", b) for b in self.plain_buckets]
-        if self._state.log is not None:
-            kinds += [("flush", (n, w)) for n in self.flush_lines for w in self.flush_widths]
-        samples: dict[tuple, list[float]] = {k: [] for k in kinds}
-        for i in range(max(1, warmup) + max(1, repeats)):
-            for kind, size in kinds:
-                t0 = self.clock()
-                if kind == "flush":
-                    self._run_flush(self._flush_rows(range(size[0])), size[1])
-                    jax.block_until_ready(self._state.draft_cache)
-                else:
-                    jax.device_get(self._round(size, kind == "spec"))
-                if i >= max(1, warmup):
-                    samples[(kind, size)].append(self.clock() - t0)
-        times: dict[str, dict] = {"spec": {}, "plain": {}}
-        for (kind, size), got in samples.items():
-            times.setdefault(kind, {})[size] = max(profile_sps.low_quartile(got), 1e-9)
-        self._apply_costs(times)
-        if save and self._profile_ref is not None:
-            profile_sps.save_rounds(*self._profile_ref, self.policy, times)
-        return times
 
     def should_draft(self, occupied: Sequence[int]) -> bool:
         """The drafting gate: draft unless a plain round is predicted faster (from earlier
@@ -213,9 +176,10 @@ class RoundCostModel:
 
     def _spec_costs(self, flush: float = 0.0) -> tuple[np.ndarray, float]:
         """(the speculative rates, the seconds a speculative round costs beyond them) as the
-        gate predicts them, `flush` seconds of backlog flush included."""
+        gate predicts them, `flush` seconds of backlog flush and the host work a drafted
+        step adds (the round profile's "host") included."""
         f = self.spec_cost_factor
-        return self.sps / f, (self.draft_time + flush) * f
+        return self.sps / f, (self.draft_time + flush + self._host_time) * f
 
     def _pays(self, est: np.ndarray, flush: float = 0.0) -> bool:
         sps, extra = self._spec_costs(flush)

@@ -211,7 +211,9 @@ def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: 
     engine = make()
     if keep and "memory" in gate:
         engine.recall_gate(gate["memory"])
-    if mode != "closed":  # arrival timing may reach other buckets: compile them all
+    # arrival timing, or a gate that starts from another run's memory, may reach shapes
+    # the warm-up run did not: compile them all (cached after the first engine)
+    if mode != "closed" or keep:
         engine.warmup([settings.prompt_len], greedy=settings.temperature == 0)
     gc.collect()
     gc.disable()  # a collection pause inside a 1-s run reads as a slower policy

@@ -249,8 +249,8 @@ def save(path: str, key: dict, table: dict[int, float], bmax: int, draft_seconds
 
 def save_rounds(path: str, key: dict, policy: str, rounds: dict) -> None:
     """Store an engine's measured round times (Engine.profile_rounds: {"spec": {B: s},
-    "plain": {B: s}}, and "flush": {(lines, width): s} with lazy ingest, stored as
-    "LxW") under the profile record of `key`, for `policy`."""
+    "plain": {B: s}}, "flush": {(lines, width): s} with lazy ingest, stored as "LxW",
+    and "host": s) under the profile record of `key`, for `policy`."""
     data = _read(path)
     rec = data["profiles"].get(digest(key))
     if rec is None or rec.get("key") != key:
@@ -258,6 +258,8 @@ def save_rounds(path: str, key: dict, policy: str, rounds: dict) -> None:
     out = {kind: {str(int(b)): float(t) for b, t in sorted(rounds[kind].items())} for kind in ("spec", "plain")}
     if rounds.get("flush"):
         out["flush"] = {f"{int(n)}x{int(w)}": float(t) for (n, w), t in sorted(rounds["flush"].items())}
+    if "host" in rounds:
+        out["host"] = float(rounds["host"])
     rec.setdefault("rounds", {})[policy] = out
     _write(path, data)
 
@@ -272,6 +274,8 @@ def stored_rounds(rec: dict, policy: str, buckets: Sequence[int], plain_buckets:
         return None
     if "flush" in got:
         out["flush"] = {tuple(int(x) for x in k.split("x")): float(t) for k, t in got["flush"].items()}
+    if "host" in got:
+        out["host"] = float(got["host"])
     return out
 
 
@@ -351,4 +355,6 @@ def markdown(rec: dict) -> str:
             cells = [f"{float(rounds[kind][str(b)]) * 1e3:.3f}" if str(b) in rounds.get(kind, {}) else ""
                      for kind in ("spec", "plain")]
             lines.append(f"| {b} | {cells[0]} | {cells[1]} |")
+        if "host" in rounds:
+            lines.append(f"\nhost work per drafted step: {float(rounds['host']) * 1e3:.3f} ms")
     return "\n".join(lines)

@@ -76,8 +76,9 @@ def test_measured_round_times_drive_the_gate(pair, policy):
 
 
 def test_profile_rounds_is_stored_and_reused(pair, tmp_path):
-    """An engine whose SPS profile comes from a file times its rounds at every bucket,
-    writes them next to the profile, and the next engine on that file schedules with them."""
+    """An engine whose SPS profile comes from a file times its rounds at every bucket
+    (and the host work of a drafted step, leaving the gate's state as it was), writes
+    them next to the profile, and the next engine on that file schedules with them."""
     tcfg, tparams, ref = pair
     drafter, dparams = slot_oracle(tcfg, ref)
     path = str(tmp_path / "sps.json")
@@ -95,16 +96,19 @@ def test_profile_rounds_is_stored_and_reused(pair, tmp_path):
     times = first.profile_rounds(repeats=3, warmup=1)
     assert sorted(times["spec"]) == list(ADAPTIVE) and sorted(times["plain"]) == [2]
     assert sorted(times["flush"]) == [(n, w) for n in first.flush_lines for w in first.flush_widths]
-    assert all(t == pytest.approx(0.01) for kind in times.values() for t in kind.values())
+    assert all(t == pytest.approx(0.01) for kind in ("spec", "plain", "flush") for t in times[kind].values())
+    assert times["host"] == pytest.approx(0.01) and first._host_time == pytest.approx(0.01)
+    assert first._prior is None and not first._recent.any() and not first._max_depth.any()  # put back
     assert first.rounds == times and first.draft_time == 0.0
     stored = json.load(open(path))["profiles"][profile_sps.digest(key)]["rounds"]["production"]
     assert stored["spec"] == {str(b): pytest.approx(0.01) for b in ADAPTIVE}
-    assert "engine rounds (production)" in profile_sps.markdown(json.load(open(path))["profiles"][
-        profile_sps.digest(key)])
+    text = profile_sps.markdown(json.load(open(path))["profiles"][profile_sps.digest(key)])
+    assert "engine rounds (production)" in text and "host work per drafted step: 10.000 ms" in text
 
     second = make()
     assert second.rounds is not None and second.gated and second.draft_time == 0.0
     assert second.rounds["flush"] == pytest.approx(times["flush"])  # (lines, width) keys come back
+    assert second._host_time == pytest.approx(0.01)
     np.testing.assert_allclose(second.sps[1:], 100.0, rtol=1e-5)  # 10 ms at every bucket
     assert [r.token_ids for r in run_staggered(second)] == ref
     assert make(policy="algorithm1").rounds is None  # stored per policy
