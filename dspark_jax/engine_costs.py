@@ -5,10 +5,11 @@ Two cost models feed Algorithm 1, the production variant and the gate:
 - the pass model (always there): SPS(B) of the target's verification pass and one
   drafting pass's seconds, both from profile_sps; a speculative round at budget B is
   predicted to take draft_time + 1 / SPS(B), a plain round with R rows 1 / SPS(R);
-- the round profile (`Engine.profile_rounds`, or stored in the profile file): the
-  engine's own compiled rounds timed at every bucket, speculative and plain, and the
-  backlog flushes of lazy ingest at every compiled shape (the gate adds the flush a
-  drafted round needs to its predicted time). A round is
+- the round profile (`Engine.profile_rounds`, engine_profile.py, or stored in the
+  profile file): the engine's own compiled rounds timed at every bucket, speculative
+  and plain, the backlog flushes of lazy ingest at every compiled shape (the gate adds
+  the flush a drafted round needs to its predicted time) and the host work of a drafted
+  step (added likewise). A round is
   more than its passes: acceptance, the drafter's ingest of committed positions, reading
   the round's summary back and the host's bookkeeping. On the CPU demo these add ~5 ms
   to a 13 ms prediction at 4 slots, and a model that misses them verifies too little

@@ -10,8 +10,8 @@ c slots) and every arrival mode:
 
 Each point first runs its workload once untimed (closed loop), which compiles exactly
 the buckets the timed run uses (a Poisson run compiles every bucket) and leaves the
-scheduled policies' gate memory their timed runs start from (`--cold-gate`: not), then
-runs it timed. The scheduled policies' engines first time their own rounds at every bucket
+scheduled policies' gate memory their timed runs start from (`--cold-gate`: not; a
+second untimed run from that memory compiles what such runs reach), then runs it timed. The scheduled policies' engines first time their own rounds at every bucket
 (`Engine.profile_rounds`, once per level) and schedule with those costs. Rows report
 aggregate tokens/s, mean per-user tokens/s, mean verified budget B
 per round and tau; `plot` draws
@@ -206,14 +206,15 @@ def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: 
     if compile_first:
         warm = make()
         _drive(warm, prompts, settings, "closed", clients, clock, sleep)  # compiles what the run needs
-        if keep:
-            gate["memory"] = warm.gate_memory()
+        if keep:  # a run from that memory takes other paths (prefill remainders of other widths):
+            gate["memory"] = warm.gate_memory()  # run it once untimed, as the timed runs will
+            warm = make()
+            warm.recall_gate(gate["memory"])
+            _drive(warm, prompts, settings, "closed", clients, clock, sleep)
     engine = make()
     if keep and "memory" in gate:
         engine.recall_gate(gate["memory"])
-    # arrival timing, or a gate that starts from another run's memory, may reach shapes
-    # the warm-up run did not: compile them all (cached after the first engine)
-    if mode != "closed" or keep:
+    if mode != "closed":  # arrival timing may reach other buckets: compile them all
         engine.warmup([settings.prompt_len], greedy=settings.temperature == 0)
     gc.collect()
     gc.disable()  # a collection pause inside a 1-s run reads as a slower policy
