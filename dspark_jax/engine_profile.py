@@ -11,7 +11,7 @@ programs:
 - the host work a drafted step adds: folding the round into the gate's estimates and
   the verdict the next step recomputes (every drafted round changes its inputs). Timed
   on the engine's own gate state with every slot seated at its depth limit, then
-  restored (on the CPU demo, 0.13-0.17 ms at 2 slots, against 4-5 ms drafted rounds).
+  restored (on the CPU demo, 0.11-0.18 ms at 1-8 slots, against 4-12 ms drafted rounds).
 
 Everything in it is measured once and then fixed, so the gate's verdicts do not depend
 on a run's timing (they would otherwise reach shapes a warm-up did not compile).
