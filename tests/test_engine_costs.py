@@ -236,8 +236,9 @@ def test_gate_memory_carries_to_a_new_engine(pair):
     """What the gate learnt about the traffic (the running mean survival, the finished
     requests' estimates, its record, the probe wait) reaches another engine through
     gate_memory / recall_gate: a fresh engine drafts blind on its first round (nothing
-    known), and after recalling a memory where drafting did not pay (recall drops its
-    cached verdict) it runs a plain round. A memory of another gamma is refused."""
+    known); recalling a memory where drafting paid, it drafts because that pays, and
+    recalling one where it did not (recall drops the cached verdict), it runs a plain
+    round. A memory of another gamma is refused."""
     tcfg, tparams, ref = pair
     rounds = _rounds(2.5, 1.0)
     old = _gate_engine(tcfg, tparams, ref, rounds, [0.1, 0.0, 0.0])
@@ -247,7 +248,10 @@ def test_gate_memory_carries_to_a_new_engine(pair):
     drafter, dparams = slot_oracle(tcfg, ref)
     fresh = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="algorithm1", sps=SPS,
                    buckets=ADAPTIVE, probe_every=3, rounds=rounds)
+    fresh._max_depth[:], fresh._max_new[:], fresh._n_out[:] = GAMMA, 20, 1  # two seated requests, never drafted for
     assert fresh.should_draft([0, 1])  # nothing known: it drafts to learn
+    fresh.recall_gate(_gate_engine(tcfg, tparams, ref, rounds, [0.9, 0.8, 0.7]).gate_memory())
+    assert fresh.should_draft([0, 1]) and fresh._paid_round  # a memory where drafting paid: it pays here too
     fresh.recall_gate(memory)
     assert not fresh.should_draft([0, 1])
     np.testing.assert_allclose(fresh._prior, [0.1, 0.0, 0.0])
