@@ -376,11 +376,9 @@ class Engine(SlotAdmission, RoundCostModel, RoundProfiler):
             return
         mean = np.where(counts > 0, (surv * live).sum(axis=0) / np.maximum(counts, 1), 0.0)
         if self._prior is None:
-            self._prior = np.where(counts > 0, mean, 0.0)
+            self._set_prior(np.where(counts > 0, mean, 0.0))
         else:
-            self._prior = np.where(counts > 0, 0.8 * self._prior + 0.2 * mean, self._prior)
-        if self.policy == "production":  # only its capacity reads the prior on device
-            self._prior_dev = jnp.asarray(self._prior, jnp.float32)
+            self._set_prior(np.where(counts > 0, 0.8 * self._prior + 0.2 * mean, self._prior))
 
     def _learn_correction(self, occupied: Sequence[int], info) -> None:
         """Feed the round's verified outcomes to the online confidence correction."""

@@ -349,10 +349,10 @@ class RoundCostModel:
         if memory.get("gamma") != self.gamma:
             raise DSparkError(f"gate memory of a gamma {memory.get('gamma')} drafter; this engine's gamma is "
                               f"{self.gamma}")
-        prior = memory["prior"]
-        self._prior = None if prior is None else np.array(prior, np.float64)
-        if prior is not None and self.policy == "production":
-            self._prior_dev = jnp.asarray(self._prior, jnp.float32)
+        if memory["prior"] is not None:
+            self._set_prior(np.array(memory["prior"], np.float64))
+        else:
+            self._prior = None
         self._past_estimates.clear()
         self._past_estimates.extend(np.array(e, np.float64) for e in memory["past_estimates"])
         self._acc_seen, self._acc_expected = (float(x) for x in memory["acceptance"])
@@ -360,6 +360,13 @@ class RoundCostModel:
         self._probe_gap = int(memory["probe_gap"])
         self._step_cost = np.array(memory["step_cost"], np.float64)
         self._verdict_key = None
+
+    def _set_prior(self, prior: np.ndarray) -> None:
+        """The running mean survival per position, and its device copy (only the
+        production variant's capacity reads it on device)."""
+        self._prior = prior
+        if self.policy == "production":
+            self._prior_dev = jnp.asarray(prior, jnp.float32)
 
     # ------------------------------------------------ the gate's state; lazy ingest
 

@@ -11,7 +11,8 @@ c slots) and every arrival mode:
 Each point first runs its workload once untimed (closed loop), which compiles exactly
 the buckets the timed run uses (a Poisson run compiles every bucket) and leaves the
 scheduled policies' gate memory their timed runs start from (`--cold-gate`: not; a
-second untimed run from that memory compiles what such runs reach), then runs it timed. The scheduled policies' engines first time their own rounds at every bucket
+second untimed run from that memory compiles what such runs reach), then runs it
+timed. The scheduled policies' engines first time their own rounds at every bucket
 (`Engine.profile_rounds`, once per level) and schedule with those costs. Rows report
 aggregate tokens/s, mean per-user tokens/s, mean verified budget B
 per round and tau; `plot` draws

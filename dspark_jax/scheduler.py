@@ -137,13 +137,13 @@ def best_round(survival, sps, *, draft_time: float = 0.0) -> tuple[float, float]
     """(Theta, expected tokens tau) of the best speculative round on these estimates:
     the top-K candidates at the global capacity K. Its seconds are tau / Theta."""
     survival, sps = _check(survival, sps)
-    _, theta, taus = _capacity_curve(survival, sps, draft_time)
-    best = int(np.argmax(theta))
-    return float(theta[best]), float(taus[best])
+    theta, tau = best_rounds(survival[None], sps, draft_time=draft_time)
+    return float(theta[0]), float(tau[0])
 
 
 def best_rounds(survival, sps, *, draft_time: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """`best_round` of D batches at once: survival [D, R, gamma] -> (Theta [D], tau [D])."""
+    """`best_round` of D batches at once: survival [D, R, gamma] -> (Theta [D], tau [D]).
+    The candidates admitted are the K largest survivals (a > 0), for the best K."""
     survival = np.asarray(survival, np.float64)
     sps = np.asarray(sps, np.float64)
     if survival.ndim != 3:
