@@ -386,14 +386,41 @@ def plot(rows: Sequence[LoadRow], out_dir: str) -> list[str]:
     return paths
 
 
-def write(rows: Sequence[LoadRow], settings: LoadSettings, out_dir: str, meta: dict | None = None) -> dict:
+def read(paths: Sequence[str]) -> tuple[list[LoadRow], dict, dict]:
+    """The rows of earlier runs' results.json files (a folder stands for its results.json),
+    for one table and one pair of plots: a sweep run one level per process, say. Returns
+    the rows, the first file's settings and its meta; a point found twice is an error."""
+    rows, seen, first = [], set(), None
+    for path in paths:
+        file = os.path.join(path, "results.json") if os.path.isdir(path) else path
+        try:
+            with open(file) as f:
+                data = json.load(f)
+            found = [LoadRow(**{**r, "repeat_throughputs": tuple(r.get("repeat_throughputs", ()))})
+                     for r in data["rows"]]
+        except FileNotFoundError:
+            raise DSparkError(f"no load-bench results at {file}") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DSparkError(f"{file} is not a load-bench results.json ({type(e).__name__}: {e})") from None
+        for r in found:
+            if (r.mode, r.policy, r.concurrency) in seen:
+                raise DSparkError(f"{file}: {r.mode} {r.policy} c={r.concurrency} is already in an earlier file")
+            seen.add((r.mode, r.policy, r.concurrency))
+        rows += found
+        first = first or data
+    order = {p: i for i, p in enumerate(POLICIES)}
+    rows.sort(key=lambda r: (r.mode, order.get(r.policy, len(order)), r.concurrency))
+    return rows, first.get("settings", {}) if first else {}, first.get("meta", {}) if first else {}
+
+
+def write(rows: Sequence[LoadRow], settings: LoadSettings | dict, out_dir: str, meta: dict | None = None) -> dict:
     """results.json, results.md and the two plots under out_dir; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     title = "Load benchmark" + (f": {meta.get('title')}" if meta and meta.get("title") else "")
     md = markdown(rows, title)
     paths = {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md")}
     with open(paths["json"], "w") as f:
-        json.dump({"settings": dataclasses.asdict(settings), "meta": meta or {},
+        json.dump({"settings": settings if isinstance(settings, dict) else dataclasses.asdict(settings), "meta": meta or {},
                    "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
     with open(paths["markdown"], "w") as f:
         f.write(md + "\n")

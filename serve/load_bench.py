@@ -4,6 +4,8 @@
 
 Writes results.json, results.md, throughput_vs_per_user.png (Figure 7 shape) and
 budget_vs_concurrency.png (Figure 8 shape) under --out-dir and prints the table.
+
+    python -m serve.load_bench --merge run_c1 run_c2 run_c4 --out-dir all    # levels run apart, one table
 """
 
 from __future__ import annotations
@@ -57,8 +59,20 @@ def main(argv=None) -> None:
                    help="scheduled policies: correct the confidences online from observed acceptances")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--out-dir", default="load_bench_out")
+    p.add_argument("--merge", nargs="+", metavar="RESULTS",
+                   help="run nothing: merge earlier runs' results.json files (or their folders), one level "
+                        "per run say, into one table and one pair of plots under --out-dir")
     args = p.parse_args(argv)
     with cli_errors("serve.load_bench"):
+        if args.merge:
+            from dspark_jax import load_bench
+
+            rows, settings, meta = load_bench.read(args.merge)
+            settings["concurrency"] = sorted({r.concurrency for r in rows})
+            paths = load_bench.write(rows, settings, args.out_dir, meta)
+            print(load_bench.markdown(rows, "Load benchmark" + (f": {meta['title']}" if meta.get("title") else "")))
+            print(f"\nwrote {paths['json']}, {paths['markdown']}, {', '.join(paths['plots'])}")
+            return
         import jax
         from tqdm import tqdm
 

@@ -101,3 +101,37 @@ def test_profile_cli_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         profile_sps_cli.main(["--target", TARGET, "--slots", "0"])
     assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def _row(policy, c, tps):
+    return load_bench.LoadRow(policy=policy, mode="closed", concurrency=c, requests=4, tokens=100, seconds=100 / tps,
+                              throughput=tps, per_user=tps / c, mean_verified=c, mean_budget=c, tau=1.0,
+                              runs=2, throughput_min=tps - 1, throughput_max=tps + 1, repeat_throughputs=(tps - 1, tps + 1))
+
+
+def test_merge_joins_levels_run_apart(tmp_path, capsys):
+    """Levels run in separate processes (a GPU lease, say) merge into one table and one
+    pair of plots; the frontier is computed per level; a point found twice is refused."""
+    for c, (none, prod) in {1: (100.0, 120.0), 4: (300.0, 290.0)}.items():
+        settings = load_bench.LoadSettings(concurrency=(c,), policies=("none", "production"))
+        load_bench.write([_row("production", c, prod), _row("none", c, none)], settings, str(tmp_path / f"c{c}"),
+                         {"title": "demo"})
+    out = tmp_path / "all"
+    load_bench_cli.main(["--merge", str(tmp_path / "c4"), str(tmp_path / "c1" / "results.json"),
+                         "--out-dir", str(out)])
+    printed = capsys.readouterr().out
+    assert "### Load benchmark: demo" in printed
+    assert "| closed | 1 | production variant | 120.0 | no speculation | 100.0 | 1.200 |" in printed
+    assert "| closed | 4 | production variant | 290.0 | no speculation | 300.0 | 0.967 |" in printed
+    data = json.loads((out / "results.json").read_text())
+    assert data["settings"]["concurrency"] == [1, 4]
+    assert [(r["policy"], r["concurrency"]) for r in data["rows"]] == [
+        ("none", 1), ("none", 4), ("production", 1), ("production", 4)]
+    assert data["rows"][0]["repeat_throughputs"] == [99.0, 101.0]
+    for name in ("throughput_vs_per_user.png", "budget_vs_concurrency.png"):
+        assert (out / name).stat().st_size > 0
+    for bad, message in (([str(tmp_path / "c1"), str(tmp_path / "c1")], "already in an earlier file"),
+                         ([str(tmp_path / "nothing")], "no load-bench results")):
+        with pytest.raises(SystemExit) as e:
+            load_bench_cli.main(["--merge", *bad, "--out-dir", str(out)])
+        assert e.value.code == 2 and message in capsys.readouterr().err
