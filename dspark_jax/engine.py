@@ -111,7 +111,8 @@ class Engine(SlotAdmission, RoundCostModel, RoundProfiler):
     it holds them, else the pass model). lazy_ingest: keep the target features of every
     cached position (speculate.FeatureLog: slots x max_len x the taps' width) and let the
     drafter ingest a slot's positions only when a round drafts for it (None: for the
-    scheduled policies, whose gate may not draft; False: every round ingests).
+    scheduled policies on the CPU, whose gate may not draft; on a GPU / TPU a small
+    model's round costs its launches, and a flush is one more; False: every round ingests).
     learn_step_costs: the gate scales speculative rounds' predicted times by how much
     dearer than predicted, relative to plain ones, its steps have run (`spec_cost_factor`).
     gate_margin: how much faster than a plain round a speculative one must be predicted."""
@@ -195,7 +196,8 @@ class Engine(SlotAdmission, RoundCostModel, RoundProfiler):
             n_out=jnp.zeros((slots,), jnp.int32), max_new=jnp.ones((slots,), jnp.int32),
             stop_ids=jnp.full((slots, max_stop_ids), -1, jnp.int32), sampling=SamplingParams.make(slots))
         self._stale = jnp.zeros((2, slots, self.gamma), jnp.float32)
-        self._init_gate(policy in SCHEDULED if lazy_ingest is None else bool(lazy_ingest))
+        lazy = policy in SCHEDULED and jax.default_backend() == "cpu"  # the default (lazy_ingest above)
+        self._init_gate(lazy if lazy_ingest is None else bool(lazy_ingest))
         # host mirrors of per-slot facts the budget choice and admission need
         self._stale_host = np.zeros((2, slots, self.gamma), np.float32)
         self._slot_req: list[PendingRequest | None] = [None] * slots
@@ -386,7 +388,7 @@ class Engine(SlotAdmission, RoundCostModel, RoundProfiler):
             return
         idx = np.asarray([s for s in occupied if info.active[s]], np.int64)
         self.correction.update(info.confidence[idx], info.accepted[idx], info.depth[idx], self._temp[idx] > 0)
-        self._conf_scale_dev = jnp.asarray(self.correction.scale)
+        self._conf_scale_dev = jax.device_put(np.asarray(self.correction.scale, np.float32))
 
     def choose_budget(self, occupied: Sequence[int]) -> int:
         """The round's token bucket, from facts fixed before the round (never its drafts)."""
@@ -464,7 +466,7 @@ class Engine(SlotAdmission, RoundCostModel, RoundProfiler):
     def _schedule(self) -> slot_round.Schedule:
         limits = np.where(self._drafting, self._max_depth, 0).astype(np.int32)  # 0: not drafted for
         if self._max_depth_sent is None or not np.array_equal(limits, self._max_depth_sent):
-            self._max_depth_dev, self._max_depth_sent = jnp.asarray(limits), limits
+            self._max_depth_dev, self._max_depth_sent = jax.device_put(limits), limits
         return slot_round.Schedule(sps=self._sps_dev, max_depth=self._max_depth_dev,
                                   threshold=self._threshold_dev, draft_time=self._draft_time_dev,
                                   prior=self._prior_dev, conf_scale=self._conf_scale_dev)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import collections
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -365,8 +366,8 @@ class RoundCostModel:
         """The running mean survival per position, and its device copy (only the
         production variant's capacity reads it on device)."""
         self._prior = prior
-        if self.policy == "production":
-            self._prior_dev = jnp.asarray(prior, jnp.float32)
+        if self.policy == "production":  # a plain transfer: jnp.asarray of float64 also runs a cast
+            self._prior_dev = jax.device_put(np.asarray(prior, np.float32))
 
     # ------------------------------------------------ the gate's state; lazy ingest
 
