@@ -147,10 +147,9 @@ class Engine(SlotAdmission, RoundCostModel, RoundProfiler):
             raise DSparkError(f"depth must be in [0, gamma={gamma}]; got {depth}")
         if policy == "fixed" and 0 < self.depth < gamma and dataclasses.is_dataclass(drafter):
             drafter = dataclasses.replace(drafter, gamma=self.depth)  # draft only what is verified
-        if probe_every < 1:
-            raise DSparkError(f"probe_every must be >= 1; got {probe_every}")
-        if prefill_chunk < 0 or not 0.0 <= gate_margin < 1.0:
-            raise DSparkError(f"need prefill_chunk >= 0 and gate_margin in [0, 1); got {prefill_chunk}, {gate_margin}")
+        if probe_every < 1 or prefill_chunk < 0 or not 0.0 <= gate_margin < 1.0:
+            raise DSparkError(f"need probe_every >= 1, prefill_chunk >= 0 and gate_margin in [0, 1); "
+                              f"got {probe_every}, {prefill_chunk}, {gate_margin}")
         self.tcfg, self.drafter, self.policy = tcfg, drafter, policy
         self.gamma = drafter.gamma if drafter is not None else 0
         self.slots, self.max_len, self.max_stop_ids = slots, max_len, max_stop_ids
@@ -458,8 +457,9 @@ class Engine(SlotAdmission, RoundCostModel, RoundProfiler):
         sampling = self._state.sampling.promise_greedy(self._promise(greedy))
         if sampling is not self._state.sampling:
             self._state = self._state.replace(sampling=sampling)
+        dparams = self.dparams if draft or self._state.log is None else None  # unread: spare their dispatch
         self._state, self._stale, info = slot_round.engine_round(
-            self.tcfg, self.drafter, self.gamma, budget, self.policy, self.tparams, self.dparams,
+            self.tcfg, self.drafter, self.gamma, budget, self.policy, self.tparams, dparams,
             self._state, self._stale, self._schedule(), draft=draft, admission=admission)
         return info
 

@@ -141,13 +141,14 @@ class RoundCostModel:
         if self._plain_streak >= self._probe_gap:
             self._probed = True
             return True
-        idx = np.asarray(occupied)
-        limits = self._depth_limits(idx)
-        key = (idx.tobytes(), round(self.spec_cost_factor, 2))
+        key = (tuple(occupied), round(self.spec_cost_factor, 2) if self.learn_step_costs else 1.0)
         pays, look, chosen = self._verdict
-        if key != self._verdict_key or ((pays or look) and not np.array_equal(limits, self._verdict_limits)):
-            self._verdict_key, self._verdict_limits = key, limits
-            self._verdict = pays, look, chosen = self._verdicts(idx, limits)
+        if key != self._verdict_key or pays or look:  # a standing no needs no arrays (every plain step)
+            idx = np.asarray(occupied)
+            limits = self._depth_limits(idx)
+            if key != self._verdict_key or not np.array_equal(limits, self._verdict_limits):
+                self._verdict_key, self._verdict_limits = key, limits
+                self._verdict = pays, look, chosen = self._verdicts(idx, limits)
         if self._probed:  # a probe ran last round: it found speculation paying again, or not
             self._probe_gap = self.probe_every if pays else min(2 * self._probe_gap, 8 * self.probe_every)
         self._probed = False

@@ -420,8 +420,8 @@ def write(rows: Sequence[LoadRow], settings: LoadSettings | dict, out_dir: str, 
     md = markdown(rows, title)
     paths = {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md")}
     with open(paths["json"], "w") as f:
-        json.dump({"settings": settings if isinstance(settings, dict) else dataclasses.asdict(settings), "meta": meta or {},
-                   "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+        fields = settings if isinstance(settings, dict) else dataclasses.asdict(settings)
+        json.dump({"settings": fields, "meta": meta or {}, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
     with open(paths["markdown"], "w") as f:
         f.write(md + "\n")
     paths["plots"] = plot(rows, out_dir)

@@ -105,8 +105,8 @@ def test_profile_cli_errors_are_one_line(capsys):
 
 def _row(policy, c, tps):
     return load_bench.LoadRow(policy=policy, mode="closed", concurrency=c, requests=4, tokens=100, seconds=100 / tps,
-                              throughput=tps, per_user=tps / c, mean_verified=c, mean_budget=c, tau=1.0,
-                              runs=2, throughput_min=tps - 1, throughput_max=tps + 1, repeat_throughputs=(tps - 1, tps + 1))
+                              throughput=tps, per_user=tps / c, mean_verified=c, mean_budget=c, tau=1.0, runs=2,
+                              throughput_min=tps - 1, throughput_max=tps + 1, repeat_throughputs=(tps - 1, tps + 1))
 
 
 def test_merge_joins_levels_run_apart(tmp_path, capsys):

@@ -30,7 +30,6 @@ log=$OUT/log.txt
   $PY -c "import jax, flax, optax, numpy; print('jax', jax.__version__, 'flax', flax.__version__, \
 'optax', optax.__version__, 'numpy', numpy.__version__); print(jax.devices())"
 } 2>&1 | tee -a "$log"
-git log -1 --oneline 2>/dev/null | tee -a "$log"
 
 for c in $LEVELS; do
   l=$(left)
