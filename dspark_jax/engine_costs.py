@@ -171,7 +171,7 @@ class RoundCostModel:
             return False, False, idx[:0]
         live = np.arange(self.gamma)[None, :] < limits[fresh][:, None]
         look, est = self._look_pays(idx, est, fresh, live)
-        return False, look, idx[self._worth(est) | fresh]
+        return False, look, idx[self._worth(est) | fresh] if look else idx[:0]
 
     def _worth(self, est: np.ndarray) -> np.ndarray:
         return scheduler.rows_worth_drafting(est, self.sps, draft_time=self.draft_time)
@@ -274,7 +274,17 @@ class RoundCostModel:
         """[8, G]: the survival of the requests that finished lately (their gate
         estimates), at the 1/16, 3/16, ..., 15/16 quantiles per position: what a new
         request may turn out to be."""
-        return np.quantile(np.asarray(self._past_estimates), (np.arange(8) + 0.5) / 8, axis=0)
+        if self._quantiles is None:  # kept until the estimates change (`_remember`)
+            self._quantiles = np.quantile(np.asarray(self._past_estimates), (np.arange(8) + 0.5) / 8, axis=0)
+        return self._quantiles
+
+    def _remember(self, estimates, clear: bool = False) -> None:
+        """Finished requests' gate estimates join those `_past_quantiles` reads (the
+        oldest drop out past 32; `clear`: they replace them)."""
+        if clear:
+            self._past_estimates.clear()
+        self._past_estimates.extend(np.array(e, np.float64) for e in estimates)
+        self._quantiles = None
 
     def _learn_acceptance(self, occupied: Sequence[int], info) -> None:
         """Tally a drafted round's accepted drafts against those its survival predicted at
@@ -326,7 +336,7 @@ class RoundCostModel:
         (requests never drafted for tell nothing and are left out)."""
         if self.gated and self._slot_acc[slot, 1] > 0:
             ratio = self.slot_acceptance_ratio(np.asarray([slot]))[0]
-            self._past_estimates.append(np.minimum(1.0, self._recent[slot].astype(np.float64) * ratio))
+            self._remember([np.minimum(1.0, self._recent[slot].astype(np.float64) * ratio)])
         self._verdict_key = None
 
     # ------------------------------------------------ the gate's memory of the traffic
@@ -355,8 +365,7 @@ class RoundCostModel:
             self._set_prior(np.array(memory["prior"], np.float64))
         else:
             self._prior = None
-        self._past_estimates.clear()
-        self._past_estimates.extend(np.array(e, np.float64) for e in memory["past_estimates"])
+        self._remember(memory["past_estimates"], clear=True)
         self._acc_seen, self._acc_expected = (float(x) for x in memory["acceptance"])
         self._paid_acc = np.array(memory["paid"], np.float64)
         self._probe_gap = int(memory["probe_gap"])
@@ -380,6 +389,7 @@ class RoundCostModel:
         self._acc_expected = self._acc_seen = 0.0
         self._slot_acc = np.zeros((self.slots, 2))  # per slot: accepted drafts seen, predicted (decayed)
         self._past_estimates: collections.deque = collections.deque(maxlen=32)  # finished requests' estimates
+        self._quantiles: np.ndarray | None = None  # their quantiles (`_past_quantiles`)
         rng = np.random.default_rng(0)  # `_look_pays`: the kind (past quantile) of the i-th new slot in draw m
         self._look_kinds = np.stack([np.arange(8)] + [rng.permutation(8) for _ in range(self.slots - 1)])
         self._verdict_key, self._verdict = None, (True, False, None)  # the gate's last verdict and its inputs

@@ -242,7 +242,7 @@ def test_gate_memory_carries_to_a_new_engine(pair):
     tcfg, tparams, ref = pair
     rounds = _rounds(2.5, 1.0)
     old = _gate_engine(tcfg, tparams, ref, rounds, [0.1, 0.0, 0.0])
-    old._past_estimates.extend([np.array([0.1, 0.0, 0.0])] * 8)
+    old._remember([np.array([0.1, 0.0, 0.0])] * 8)
     old._probe_gap = 24
     memory = old.gate_memory()
     drafter, dparams = slot_oracle(tcfg, ref)
@@ -393,7 +393,7 @@ def test_gate_looks_at_new_requests_that_could_pay(pair):
         return engine.should_draft([0, 1])
 
     assert not verdict()  # nothing remembered: no look
-    engine._past_estimates.extend([np.array([0.1, 0.0, 0.0])] * 3 + [np.array([1.0, 1.0, 1.0])] * 5)
+    engine._remember([np.array([0.1, 0.0, 0.0])] * 3 + [np.array([1.0, 1.0, 1.0])] * 5)
     assert engine._past_quantiles().shape == (8, GAMMA)
     assert not verdict(_max_new=200)  # both slots were drafted for: nothing to look at
     assert not verdict(_recent=0.0, _max_new=20)  # slot 1 is new, with 19 tokens left: not worth it
@@ -402,8 +402,7 @@ def test_gate_looks_at_new_requests_that_could_pay(pair):
     engine._flush_cost = {(n, w): 0.05 for n in engine.flush_lines for w in engine.flush_widths}
     assert not verdict(_lag=20)  # its prompt's flush is dear
     engine._flush_cost = {}
-    engine._past_estimates.clear()  # the past requests were poor: nothing to find
-    engine._past_estimates.extend([np.array([0.1, 0.0, 0.0])] * 8)
+    engine._remember([np.array([0.1, 0.0, 0.0])] * 8, clear=True)  # the past requests were poor: nothing to find
     assert not verdict()
 
 
