@@ -47,7 +47,7 @@ done
 
 l=$(left)
 if [ "$l" -ge 60 ]; then
-  JAX_PLATFORMS=cuda timeout "$l" $PY -m pytest -q -p no:cacheprovider tests/test_kernels_verify.py tests/test_kernels_block.py \
-      -k GPU 2>&1 | tee "$OUT/kernels.txt" | tail -5
+  JAX_PLATFORMS=cuda timeout "$l" $PY -m pytest -q -p no:cacheprovider -k GPU \
+      tests/test_kernels_verify.py tests/test_kernels_block.py 2>&1 | tee "$OUT/kernels.txt" | tail -5
 fi
 echo "done after $(($(date +%s) - start)) s" | tee -a "$log"
