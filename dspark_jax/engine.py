@@ -28,8 +28,8 @@ by the gate's own record (accepted drafts over its estimates, on the rounds it d
 because they paid), and runs a plain decoding round instead unless a speculative one is
 predicted at least `gate_margin` (10%) faster (`scheduler.speculation_pays`;
 engine_costs.py has the details: probes, looks at new requests). A round that drafts
-drafts only for the slots worth it (the others verify nothing). The drafter ingests
-lazily (speculate.FeatureLog): prompts and plain rounds only log the target features,
+drafts only for the slots worth it (the others verify nothing). On the CPU the drafter
+ingests lazily (speculate.FeatureLog): prompts and plain rounds only log the target features,
 and a slot's backlog enters the drafter's cache just before a round drafts for it, so
 a plain round costs about what plain decoding costs and a request never drafted for
 costs the drafter nothing. After `probe_every` plain rounds in a row one speculative

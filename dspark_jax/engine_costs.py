@@ -26,7 +26,7 @@ of their row count.
 
 The gate also picks the slots a drafted round drafts for: those with a draft among the
 top-K candidates of its estimates (scheduler.rows_worth_drafting); a probe drafts for
-all. With lazy ingest (speculate.FeatureLog, the default for the scheduled policies)
+all. With lazy ingest (speculate.FeatureLog, the scheduled policies' default on the CPU)
 the drafter ingests nothing in plain rounds or at admission: a slot's backlog is
 flushed into the drafter's cache just before a round drafts for it (`_prepare_round`),
 so requests the gate never drafts for never cost the drafter anything.

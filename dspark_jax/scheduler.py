@@ -95,22 +95,25 @@ def schedule_prefix_lengths(survival, sps, *, draft_time: float = 0.0) -> np.nda
     return depths
 
 
-def _capacity_curve(survival: np.ndarray, sps: np.ndarray, draft_time: float):
-    """(K values, Theta when the top-K candidates are admitted, their expected tokens tau)
-    for every admissible K."""
-    r_count = survival.shape[0]
-    r_idx, j_idx = _sorted_candidates(survival)
-    gains = survival[r_idx, j_idx]
-    ks = np.arange(len(gains) + 1)
+def _capacity_curves(survival: np.ndarray, sps: np.ndarray, draft_time: float):
+    """For D batches, survival [D, R, gamma]: (the admissible K values, Theta [D, K] when a
+    batch's top-K candidates are admitted (-inf past its candidates: a > 0 only), their
+    expected tokens tau [D, K])."""
+    d, r_count, g = survival.shape
+    gains = -np.sort(-survival.reshape(d, r_count * g), axis=1)
+    ks = np.arange(r_count * g + 1)
     ks = ks[r_count + ks < len(sps)]
-    taus = r_count + np.concatenate([[0.0], np.cumsum(gains)])[ks]
-    return ks, rate(taus, sps[r_count + ks], draft_time), taus
+    taus = r_count + np.concatenate([np.zeros((d, 1)), np.cumsum(gains, axis=1)], axis=1)[:, ks]
+    theta = rate(taus, sps[r_count + ks][None, :], draft_time)
+    theta = np.where(ks[None, :] <= np.sum(gains > 0, axis=1, keepdims=True), theta, -np.inf)
+    return ks, theta, taus
 
 
 def global_capacity(survival: np.ndarray, sps: np.ndarray, *, draft_time: float = 0.0) -> int:
     """argmax over K of Theta when the top-K candidates are admitted (no early stop)."""
-    ks, theta, _ = _capacity_curve(np.asarray(survival, np.float64), np.asarray(sps, np.float64), draft_time)
-    return int(ks[np.argmax(theta)])
+    ks, theta, _ = _capacity_curves(np.asarray(survival, np.float64)[None], np.asarray(sps, np.float64),
+                                    draft_time)
+    return int(ks[np.argmax(theta[0])])
 
 
 def speculation_pays(survival, sps, *, draft_time: float, plain_sps=None,
@@ -148,17 +151,11 @@ def best_rounds(survival, sps, *, draft_time: float = 0.0) -> tuple[np.ndarray, 
     sps = np.asarray(sps, np.float64)
     if survival.ndim != 3:
         raise ValueError(f"survival must be [D, R, gamma]; got shape {survival.shape}")
-    d, r_count, g = survival.shape
-    if sps.ndim != 1 or len(sps) < r_count + 1:
-        raise ValueError(f"sps must be 1-D with an entry for every batch up to R = {r_count}")
-    gains = -np.sort(-survival.reshape(d, r_count * g), axis=1)
-    ks = np.arange(r_count * g + 1)
-    ks = ks[r_count + ks < len(sps)]
-    taus = r_count + np.concatenate([np.zeros((d, 1)), np.cumsum(gains, axis=1)], axis=1)[:, ks]
-    theta = rate(taus, sps[r_count + ks][None, :], draft_time)
-    candidates = ks[None, :] <= np.sum(gains > 0, axis=1, keepdims=True)  # as best_round: a > 0 only
-    best = np.argmax(np.where(candidates, theta, -np.inf), axis=1)
-    rows = np.arange(d)
+    if sps.ndim != 1 or len(sps) < survival.shape[1] + 1:
+        raise ValueError(f"sps must be 1-D with an entry for every batch up to R = {survival.shape[1]}")
+    _, theta, taus = _capacity_curves(survival, sps, draft_time)
+    best = np.argmax(theta, axis=1)
+    rows = np.arange(len(best))
     return theta[rows, best], taus[rows, best]
 
 
