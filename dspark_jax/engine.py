@@ -29,10 +29,8 @@ because they paid), and runs a plain decoding round instead unless a speculative
 predicted at least `gate_margin` (10%) faster (`scheduler.speculation_pays`;
 engine_costs.py has the details: probes, looks at new requests). A round that drafts
 drafts only for the slots worth it (the others verify nothing). On the CPU the drafter
-ingests lazily (speculate.FeatureLog): prompts and plain rounds only log the target features,
-and a slot's backlog enters the drafter's cache just before a round drafts for it, so
-a plain round costs about what plain decoding costs and a request never drafted for
-costs the drafter nothing. After `probe_every` plain rounds in a row one speculative
+ingests lazily (engine_ingest.py), so a plain round costs about what plain decoding
+costs. After `probe_every` plain rounds in a row one speculative
 round refreshes the estimates (the wait doubles while probes keep finding speculation
 does not pay). A plain round is every depth at 0, chosen before the drafts
 exist: lossless. The fixed policy with depth d < gamma drafts only d tokens (the
@@ -78,6 +76,7 @@ import numpy as np
 from dspark_jax import generation, profile_sps, scheduler, slot_round, speculate, target
 from dspark_jax.calibration import OnlineCorrection
 from dspark_jax.engine_costs import GATE_MARGIN, SCHEDULED, RoundCostModel
+from dspark_jax.engine_ingest import LazyIngest
 from dspark_jax.engine_records import EngineMetrics, PendingRequest, RequestResult, TokenCallback, as_int, is_int
 from dspark_jax.engine_profile import RoundProfiler
 from dspark_jax.engine_slots import SlotAdmission
@@ -92,7 +91,7 @@ def drafter_has_confidence(drafter) -> bool:
     return cfg is None or bool(getattr(cfg, "has_confidence", False))
 
 
-class Engine(SlotAdmission, RoundCostModel, RoundProfiler):
+class Engine(SlotAdmission, RoundCostModel, LazyIngest, RoundProfiler):
     """Fixed slots, slot-based caches of `max_len` positions, one policy for every round.
 
     policy: "none" (plain decoding; the drafter is ignored), "fixed" (depth `depth`,
@@ -215,6 +214,7 @@ class Engine(SlotAdmission, RoundCostModel, RoundProfiler):
         self._recent = np.zeros((slots, self.gamma), np.float32)
         self._prior: np.ndarray | None = None  # running mean survival per position (drafted rounds)
         self._prior_dev = jnp.zeros((self.gamma,), jnp.float32)  # its device copy (zeros until known)
+        self._prior_synced = True  # whether that copy holds the prior (`_sync_prior`)
         scheduled = policy in SCHEDULED and self.gamma > 0
         self.correction = OnlineCorrection(self.gamma) if scheduled and recalibrate else None
         self._conf_scale_dev = jnp.ones((2, self.gamma), jnp.float32) if self.correction is not None else None
@@ -307,6 +307,8 @@ class Engine(SlotAdmission, RoundCostModel, RoundProfiler):
         drafted = self._prepare_round(draft, occupied)
         budget = self.choose_budget(occupied) if draft else self._bucket(len(occupied))
         info = self._round(budget, draft, adm)
+        if draft:  # the next verdict, while the device runs this round
+            self.foresee(occupied)
         first, info = jax.device_get((first, info))
         self._lag = np.array(info.lag, np.int64)
         at, now = now, self.clock()
@@ -354,32 +356,11 @@ class Engine(SlotAdmission, RoundCostModel, RoundProfiler):
             steps += 1
         return [self.results[i] for i in sorted(self.results)]
 
-    def _depth_limits(self, idx: np.ndarray) -> np.ndarray:
-        """Each slot's depth limit this round: its own max_depth and the room it has left."""
-        room = np.minimum(self._max_depth[idx], self._max_new[idx] - self._n_out[idx] - 1)
+    def _depth_limits(self, idx: np.ndarray, ahead: int = 0) -> np.ndarray:
+        """Each slot's depth limit this round: its own max_depth and the room it has left
+        (ahead: after that many more tokens)."""
+        room = np.minimum(self._max_depth[idx], self._max_new[idx] - self._n_out[idx] - 1 - ahead)
         return np.maximum(np.minimum(room, self.gamma), 0)  # (np.clip is slower on small arrays)
-
-    def _learn_survival(self, occupied: Sequence[int], info) -> None:
-        """Fold the round's survival into each drafted slot's smoothed survival (a slot's
-        first drafted round is taken as is: requests differ, and the running mean would
-        outweigh the slot's own rounds for long) and into the running per-position mean."""
-        idx = np.asarray([s for s in occupied if info.active[s]], np.int64)
-        if not len(idx) or self.gamma == 0:
-            return
-        surv = np.asarray(info.survival[idx], np.float64)
-        live = np.arange(self.gamma)[None, :] < self._depth_limits(idx)[:, None]
-        prev = self._recent[idx].astype(np.float64)
-        fresh = prev.max(axis=1, keepdims=True) <= 0
-        base = np.where(fresh, self._prior if self._prior is not None else surv, prev)  # kept where not live
-        self._recent[idx] = np.where(live, np.where(fresh, surv, 0.8 * prev + 0.2 * surv), base)
-        counts = live.sum(axis=0)
-        if not counts.any():
-            return
-        mean = np.where(counts > 0, (surv * live).sum(axis=0) / np.maximum(counts, 1), 0.0)
-        if self._prior is None:
-            self._set_prior(np.where(counts > 0, mean, 0.0))
-        else:
-            self._set_prior(np.where(counts > 0, 0.8 * self._prior + 0.2 * mean, self._prior))
 
     def _learn_correction(self, occupied: Sequence[int], info) -> None:
         """Feed the round's verified outcomes to the online confidence correction."""
@@ -401,7 +382,9 @@ class Engine(SlotAdmission, RoundCostModel, RoundProfiler):
             # the device computes K from the same stale survival (global_capacity_jnp) and caps
             # it at the bucket, so a float32-vs-float64 tie broken differently only costs room
             stale = self._stale_host[0][idx].astype(np.float64)
-            stale = np.where(stale.max(axis=1, keepdims=True) > 0, stale, self._prior_or_zeros()[None, :])
+            known = stale.max(axis=1, keepdims=True) > 0
+            self._sync_prior(known)
+            stale = np.where(known, stale, self._prior_or_zeros()[None, :])
             stale *= np.arange(self.gamma)[None, :] < limit[:, None]
             k = scheduler.global_capacity(stale, self.sps, draft_time=self.draft_time)
             need = min(need, n + k)

@@ -26,10 +26,12 @@ of their row count.
 
 The gate also picks the slots a drafted round drafts for: those with a draft among the
 top-K candidates of its estimates (scheduler.rows_worth_drafting); a probe drafts for
-all. With lazy ingest (speculate.FeatureLog, the scheduled policies' default on the CPU)
-the drafter ingests nothing in plain rounds or at admission: a slot's backlog is
-flushed into the drafter's cache just before a round drafts for it (`_prepare_round`),
-so requests the gate never drafts for never cost the drafter anything.
+all. With lazy ingest (engine_ingest.py, the scheduled policies' default on the CPU) a
+drafted round first flushes the backlog of the slots it drafts for.
+
+While a round drafted because it paid runs on the device, the host reaches the next
+round's verdict (`foresee`), one round behind on the estimates; on an accelerator its
+host work then costs nothing.
 
 What the gate learns about the traffic (not about the seated requests) moves between
 engines: `gate_memory` / `recall_gate` (a restarted server; the load bench's timed runs
@@ -42,10 +44,9 @@ import collections
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from dspark_jax import profile_sps, scheduler, slot_round, speculate
+from dspark_jax import profile_sps, scheduler, speculate
 from dspark_jax.errors import DSparkError
 
 SCHEDULED = ("algorithm1", "production")
@@ -111,7 +112,7 @@ class RoundCostModel:
         self.sps = profile_sps.at_buckets(spec, self.buckets) if self.policy == "production" else spec
         self.plain_sps = profile_sps.at_buckets(plain, self.plain_buckets)[:self.slots + 1]
         self.gated = self.policy in SCHEDULED and self.gamma > 0 and (draft_time > 0 or rounds is not None)
-        self._verdict_key = None  # the gate decides afresh on the new costs
+        self._verdict_key = self._foreseen = None  # the gate decides afresh on the new costs
         self._upload_costs()
 
     def should_draft(self, occupied: Sequence[int]) -> bool:
@@ -141,14 +142,18 @@ class RoundCostModel:
         if self._plain_streak >= self._probe_gap:
             self._probed = True
             return True
-        key = (tuple(occupied), round(self.spec_cost_factor, 2) if self.learn_step_costs else 1.0)
+        key = self._gate_key(occupied)
+        foreseen, self._foreseen = self._foreseen, None
+        if foreseen is not None and foreseen[0] == key:  # reached while the last round ran (`foresee`)
+            self._verdict_key, self._verdict_limits, verdict = foreseen
+            self._adopt(occupied, verdict)
         pays, look, chosen = self._verdict
         if key != self._verdict_key or pays or look:  # a standing no needs no arrays (every plain step)
             idx = np.asarray(occupied)
             limits = self._depth_limits(idx)
             if key != self._verdict_key or not np.array_equal(limits, self._verdict_limits):
                 self._verdict_key, self._verdict_limits = key, limits
-                self._verdict = pays, look, chosen = self._verdicts(idx, limits)
+                pays, look, chosen = self._adopt(occupied, self._verdicts(idx, limits))
         if self._probed:  # a probe ran last round: it found speculation paying again, or not
             self._probe_gap = self.probe_every if pays else min(2 * self._probe_gap, 8 * self.probe_every)
         self._probed = False
@@ -156,22 +161,44 @@ class RoundCostModel:
             self._chosen, self._paid_round = chosen, pays
         return pays or look
 
-    def _verdicts(self, idx: np.ndarray, limits: np.ndarray) -> tuple[bool, bool, np.ndarray]:
+    def _gate_key(self, occupied: Sequence[int]) -> tuple:
+        return tuple(occupied), round(self.spec_cost_factor, 2) if self.learn_step_costs else 1.0
+
+    def foresee(self, occupied: Sequence[int]) -> None:
+        """While the device runs a round drafted because it paid, reach the next round's
+        verdict for the same slots, so that the host's work on it overlaps the device's
+        (on the H200 demo a verdict took a third of a 2 ms round). It reads the estimates
+        of the rounds before this one, and the room left after this one commits a token
+        per slot; `should_draft` takes it up if the slots stay the same. Probes and looks
+        are not foreseen: the verdict after them reads what they found."""
+        self._foreseen = None
+        if self.gated and self._paid_round:
+            idx = np.asarray(occupied)
+            limits = self._depth_limits(idx, ahead=1)
+            self._foreseen = (self._gate_key(occupied), limits, self._verdicts(idx, limits))
+
+    def _adopt(self, occupied: Sequence[int], verdict: tuple) -> tuple[bool, bool, np.ndarray]:
+        """Make `verdict` (of `_verdicts`) the standing one -> (pays, look, chosen)."""
+        self._verdict = verdict[:3]
+        self._verdict_raw[np.asarray(occupied)] = verdict[3]
+        return self._verdict
+
+    def _verdicts(self, idx: np.ndarray, limits: np.ndarray) -> tuple[bool, bool, np.ndarray, np.ndarray]:
         """(whether speculation pays on the slots' estimates (the flush it needs
         included), whether a look at the slots never drafted for is worth it (when they
         are at least half of the batch: `_look_pays`), the slots worth drafting for on
-        those estimates (a look: with the new ones)). limits: the slots' depth limits."""
+        those estimates (a look: with the new ones), the estimates read (before
+        gate_accuracy)). limits: the slots' depth limits."""
         raw, fresh = self._gate_estimates(idx, limits)
-        self._verdict_raw[idx] = raw
         est = np.minimum(1.0, raw * self.gate_accuracy)
         chosen = idx[self._worth(est)]
         if self._pays(est, self._flush_seconds(chosen)):
-            return True, False, chosen
+            return True, False, chosen, raw
         if 2 * fresh.sum() < len(idx) or not self._past_estimates:  # new requests: too few to matter
-            return False, False, idx[:0]
+            return False, False, idx[:0], raw
         live = np.arange(self.gamma)[None, :] < limits[fresh][:, None]
         look, est = self._look_pays(idx, est, fresh, live)
-        return False, look, idx[self._worth(est) | fresh] if look else idx[:0]
+        return False, look, idx[self._worth(est) | fresh] if look else idx[:0], raw
 
     def _worth(self, est: np.ndarray) -> np.ndarray:
         return scheduler.rows_worth_drafting(est, self.sps, draft_time=self.draft_time)
@@ -286,6 +313,28 @@ class RoundCostModel:
         self._past_estimates.extend(np.array(e, np.float64) for e in estimates)
         self._quantiles = None
 
+    def _learn_survival(self, occupied: Sequence[int], info) -> None:
+        """Fold the round's survival into each drafted slot's smoothed survival (a slot's
+        first drafted round is taken as is: requests differ, and the running mean would
+        outweigh the slot's own rounds for long) and into the running per-position mean."""
+        idx = np.asarray([s for s in occupied if info.active[s]], np.int64)
+        if not len(idx) or self.gamma == 0:
+            return
+        surv = np.asarray(info.survival[idx], np.float64)
+        live = np.arange(self.gamma)[None, :] < self._depth_limits(idx)[:, None]
+        prev = self._recent[idx].astype(np.float64)
+        fresh = prev.max(axis=1, keepdims=True) <= 0
+        base = np.where(fresh, self._prior if self._prior is not None else surv, prev)  # kept where not live
+        self._recent[idx] = np.where(live, np.where(fresh, surv, 0.8 * prev + 0.2 * surv), base)
+        counts = live.sum(axis=0)
+        if not counts.any():
+            return
+        mean = np.where(counts > 0, (surv * live).sum(axis=0) / np.maximum(counts, 1), 0.0)
+        if self._prior is None:
+            self._set_prior(np.where(counts > 0, mean, 0.0))
+        else:
+            self._set_prior(np.where(counts > 0, 0.8 * self._prior + 0.2 * mean, self._prior))
+
     def _learn_acceptance(self, occupied: Sequence[int], info) -> None:
         """Tally a drafted round's accepted drafts against those its survival predicted at
         the verified depths (sums decayed by 0.9 a round), over all slots and per slot:
@@ -370,14 +419,22 @@ class RoundCostModel:
         self._paid_acc = np.array(memory["paid"], np.float64)
         self._probe_gap = int(memory["probe_gap"])
         self._step_cost = np.array(memory["step_cost"], np.float64)
-        self._verdict_key = None
+        self._verdict_key = self._foreseen = None
 
     def _set_prior(self, prior: np.ndarray) -> None:
-        """The running mean survival per position, and its device copy (only the
-        production variant's capacity reads it on device)."""
+        """The running mean survival per position. Its device copy (only the production
+        variant's capacity reads it, for rows with no survival yet) is refreshed by
+        `_sync_prior`, when such a row is about to draft: a transfer every drafted round
+        cost 0.3 ms of host time on the CPU demo."""
         self._prior = prior
-        if self.policy == "production":  # a plain transfer: jnp.asarray of float64 also runs a cast
-            self._prior_dev = jax.device_put(np.asarray(prior, np.float32))
+        self._prior_synced = False
+
+    def _sync_prior(self, known: np.ndarray) -> None:
+        """Refresh the prior's device copy when a row about to draft has no survival yet
+        (known: per row, whether it has) and the prior moved since the last transfer."""
+        if not self._prior_synced and self._prior is not None and not known.all():
+            self._prior_dev = jax.device_put(np.asarray(self._prior, np.float32))  # plain transfer: no device cast
+            self._prior_synced = True
 
     # ------------------------------------------------ the gate's state; lazy ingest
 
@@ -393,6 +450,7 @@ class RoundCostModel:
         rng = np.random.default_rng(0)  # `_look_pays`: the kind (past quantile) of the i-th new slot in draw m
         self._look_kinds = np.stack([np.arange(8)] + [rng.permutation(8) for _ in range(self.slots - 1)])
         self._verdict_key, self._verdict = None, (True, False, None)  # the gate's last verdict and its inputs
+        self._foreseen: tuple | None = None  # (key, limits, verdict) reached while a round ran (`foresee`)
         self._verdict_limits = np.zeros(0, np.int32)  # the depth limits it was reached at
         self._verdict_raw = np.zeros((self.slots, self.gamma))  # the estimates it read, before gate_accuracy
         self._paid_round = False  # the round about to run drafts because it pays (not a probe, not a look)
@@ -405,64 +463,3 @@ class RoundCostModel:
             feats = len(self.drafter.tap_layers) * self.tcfg.hidden_size
             self._state = self._state.replace(log=speculate.FeatureLog.init(
                 self.slots, self.max_len, feats, self.tcfg.jnp_dtype))
-
-    @property
-    def flush_widths(self) -> tuple[int, ...]:
-        """The compiled widths of a backlog flush: powers of 4 from 4, up to max_len."""
-        widths, w = [], 4
-        while w < self.max_len:
-            widths.append(w)
-            w *= 4
-        return tuple(widths) + (self.max_len,)
-
-    @property
-    def flush_lines(self) -> tuple[int, ...]:
-        """The compiled line counts of a backlog flush: powers of two up to the slots
-        (drafters with `ingest_lines`), else the slots."""
-        if not hasattr(self.drafter, "ingest_lines"):
-            return (self.slots,)
-        return tuple(sorted({min(1 << k, self.slots) for k in range(self.slots.bit_length() + 1)}))
-
-    def _prepare_round(self, draft: bool, occupied: Sequence[int]) -> list[int]:
-        """Before each round: a round that drafts drafts for the slots the gate chose
-        (else every slot), whose backlog the drafter ingests first; the others get a
-        depth limit of 0 for the round. Returns the occupied slots drafted for."""
-        self._drafting[:] = True
-        if draft and self._chosen is not None:
-            self._drafting[:] = False
-            self._drafting[self._chosen] = True
-        drafted = [s for s in occupied if self._drafting[s]] if draft else []
-        self._flush(drafted)
-        return drafted
-
-    def _flush(self, slots: Sequence[int]) -> None:
-        """The drafter ingests the backlog of `slots` in one call (lazy ingest)."""
-        plan = self._flush_plan(slots)
-        if plan is not None:
-            lagging, rows, width = plan
-            self._run_flush(rows, width)
-            self._lag[lagging] = 0
-
-    def _flush_plan(self, slots: Sequence[int]) -> tuple[list[int], np.ndarray, int] | None:
-        """(the slots with a backlog, the flush's rows, its compiled width) of a round
-        drafting for `slots`; None when there is nothing to flush."""
-        lagging = [s for s in slots if self._lag[s] > 0]
-        if self._state.log is None or not lagging:
-            return None
-        width = min(w for w in self.flush_widths if w >= self._lag[lagging].max())
-        return lagging, self._flush_rows(lagging), width
-
-    def _flush_rows(self, slots: Sequence[int]) -> np.ndarray:
-        """The flush's line -> slot array (`slot_round.flush_log`), at a compiled size."""
-        if not hasattr(self.drafter, "ingest_lines"):
-            rows = np.full(self.slots, self.slots, np.int32)
-            rows[list(slots)] = list(slots)
-            return rows
-        lines = min(n for n in self.flush_lines if n >= len(slots))
-        rows = np.full(lines, self.slots, np.int32)
-        rows[:len(slots)] = list(slots)
-        return rows
-
-    def _run_flush(self, rows: np.ndarray, width: int) -> None:
-        self._state = slot_round.flush_log(self.drafter, self.tparams, self.dparams, self._state,
-                                           jnp.asarray(rows), width)

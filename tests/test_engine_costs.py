@@ -193,6 +193,61 @@ def test_gate_recomputes_only_a_verdict_the_shrinking_room_could_change(pair):
     assert len(calls) == 3  # a drafted round: recomputed
 
 
+def test_gate_foresees_the_next_verdict_while_a_paid_round_runs(pair):
+    """While a round drafted because it paid runs, the host reaches the next verdict
+    (`foresee`, on the estimates before that round, with the room one token shorter);
+    the next step takes it up without recomputing when the slots stay the same, with
+    the estimates it read, and recomputes when they change. Probes are not foreseen."""
+    tcfg, tparams, ref = pair
+    rounds = {"spec": {2: 1e-3, ADAPTIVE[-1]: 2e-3}, "plain": {2: 1e-3}}
+    engine = _gate_engine(tcfg, tparams, ref, rounds, [0.9, 0.8, 0.7])
+    calls = []
+    verdicts = engine._verdicts
+    engine._verdicts = lambda *a: calls.append(a[1].copy()) or verdicts(*a)
+    assert engine.should_draft([0, 1]) and engine._paid_round and len(calls) == 1
+    raw = engine._verdict_raw.copy()
+    engine._verdict_raw[:] = 0.0  # the verdict's estimates, which the round in flight's tally reads
+    engine.foresee([0, 1])
+    assert len(calls) == 2 and calls[1].tolist() == [GAMMA, GAMMA]
+    assert not engine._verdict_raw.any()  # untouched until taken up
+    engine._recent[:] = [0.5, 0.4, 0.3]  # what the round in flight teaches: after the foreseen verdict
+    engine._n_out[:] = engine._max_new - GAMMA - 2  # one token committed: the room foreseen
+    engine._learn_acceptance([0, 1], types.SimpleNamespace(
+        active=np.ones(SLOTS, bool), depth=np.full(SLOTS, GAMMA), survival=np.full((SLOTS, GAMMA), 0.9),
+        accepted=np.full(SLOTS, GAMMA)))
+    assert engine.should_draft([0, 1]) and len(calls) == 2  # taken up
+    np.testing.assert_allclose(engine._verdict_raw, raw)  # the same estimates (the room still fits gamma)
+    engine.foresee([0, 1])
+    assert len(calls) == 3
+    assert engine.should_draft([0]) and len(calls) == 4  # a departure: recomputed
+    engine._plain_streak = engine._probe_gap
+    assert engine.should_draft([0, 1]) and not engine._paid_round  # a probe
+    engine.foresee([0, 1])
+    assert engine._foreseen is None and len(calls) == 4
+
+
+def test_production_sends_its_prior_only_when_a_row_reads_it(pair):
+    """The production variant's capacity reads the prior on device only for rows with
+    no survival yet: the prior's device copy is refreshed when such a row drafts, not
+    at every drafted round."""
+    tcfg, tparams, ref = pair
+    drafter, dparams = slot_oracle(tcfg, ref)
+    engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="production", sps=SPS,
+                    buckets=ADAPTIVE)
+    engine._max_depth[:], engine._max_new[:], engine._n_out[:] = GAMMA, 20, 1
+    engine._set_prior(np.array([0.9, 0.8, 0.7]))
+    engine._stale_host[0][:] = 0.5
+    sent = engine._prior_dev
+    engine.choose_budget([0, 1])
+    assert engine._prior_dev is sent  # every row has survival of its own
+    engine._stale_host[0][1] = 0.0  # a new request's row
+    engine.choose_budget([0, 1])
+    np.testing.assert_allclose(np.asarray(engine._prior_dev), [0.9, 0.8, 0.7], rtol=1e-6)
+    sent = engine._prior_dev
+    engine.choose_budget([0, 1])
+    assert engine._prior_dev is sent  # unchanged since: not sent again
+
+
 def test_gate_checks_its_own_estimates_where_it_drafted_because_they_paid(pair):
     """The gate tallies accepted drafts against its own estimates at the verified depths,
     over the rounds it drafted because they paid (not probes, not looks), and scales

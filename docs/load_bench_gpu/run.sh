@@ -8,11 +8,13 @@
 # runs under `timeout` for what is left. Writes, under $OUT: log.txt (environment and
 # progress), sps_profile.json (SPS(B) and the round profiles), levels.tgz (each level's
 # results.json, results.md and plots; merge them with `python -m serve.load_bench --merge`)
-# and, with time left, kernels.txt (the Pallas GPU kernel tests).
+# and, with time left, kernels.txt (the Pallas GPU kernel tests; KERNELS=0 skips them).
+# REPEATS (3) and RPC (12, requests per client) set the timed runs' length.
 set -u
 OUT=${OUT:-work/lb_gpu}
 BUDGET=${1:-520}
 LEVELS=${LEVELS:-"1 8 4 2"}
+KERNELS=${KERNELS:-1} REPEATS=${REPEATS:-3} RPC=${RPC:-12}
 start=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - start))); }
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -36,7 +38,7 @@ for c in $LEVELS; do
   if [ "$l" -lt 60 ]; then echo "skipped c=$c: ${l}s left" | tee -a "$log"; continue; fi
   t0=$(date +%s)
   timeout "$l" $PY -m serve.load_bench --prompt-file docs/load_bench_cpu/prompts.jsonl --concurrency "$c" \
-      --max-new-tokens 32 --length-spread 0.5 --requests-per-client 12 --buckets pow2 --repeats 3 \
+      --max-new-tokens 32 --length-spread 0.5 --requests-per-client "$RPC" --buckets pow2 --repeats "$REPEATS" \
       --sps-file "$OUT/sps_profile.json" --out-dir "/tmp/dspark_lb/c$c" 2>&1 | tr '\r' '\n' | \
       grep -v '^ *$' | tee -a "$log"
   rc=${PIPESTATUS[0]}
@@ -46,7 +48,7 @@ for c in $LEVELS; do
 done
 
 l=$(left)
-if [ "$l" -ge 60 ]; then
+if [ "$KERNELS" != 0 ] && [ "$l" -ge 60 ]; then
   JAX_PLATFORMS=cuda timeout "$l" $PY -m pytest -q -p no:cacheprovider -k GPU \
       tests/test_kernels_verify.py tests/test_kernels_block.py 2>&1 | tee "$OUT/kernels.txt" | tail -5
 fi
