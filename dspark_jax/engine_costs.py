@@ -51,6 +51,12 @@ from dspark_jax.errors import DSparkError
 
 SCHEDULED = ("algorithm1", "production")
 ACCEPTANCE_PRIOR = 4.0  # predicted drafts' worth of the all-slot ratio in a slot's acceptance ratio
+# per round since a slot was last drafted for, the gate keeps this share of its smoothed
+# survival's distance from the running mean: the rounds the gate skips teach it nothing, and
+# a request's survival drifts (on the H200 demo at one slot, a request the gate stopped
+# drafting for stayed undrafted for good: 28% of rounds drafted, where 51% paid on estimates
+# refreshed every round)
+STALE_KEEP = 0.8
 # a verdict to draft needs a speculative round predicted this much faster than a plain one:
 # closer calls are coin flips of the cost model (round times over idle slots, estimates
 # that regress) that still pay a drafted round's flush; on the CPU demo at 4 slots, rounds
@@ -135,25 +141,27 @@ class RoundCostModel:
         only grow and requests' room and tokens left only shrink, which only make
         drafting dearer and a look worth less, so a verdict not to draft stands (its
         recomputation, every round in a crowded batch where some request nears its end,
-        cost about 4% of a plain round on the CPU demo)."""
+        cost about 4% of a plain round on the CPU demo) until the plain streak doubles
+        (the estimates of slots not drafted for relax towards the running mean:
+        `_gate_estimates`). After a round drafted because
+        it paid, the verdict `foresee` reached while it ran is taken up instead
+        (`_take_foreseen`)."""
         self._chosen, self._paid_round = None, False
         if not self.gated or self._prior is None:
             return True
         if self._plain_streak >= self._probe_gap:
             self._probed = True
             return True
-        key = self._gate_key(occupied)
-        foreseen, self._foreseen = self._foreseen, None
-        if foreseen is not None and foreseen[0] == key:  # reached while the last round ran (`foresee`)
-            self._verdict_key, self._verdict_limits, verdict = foreseen
-            self._adopt(occupied, verdict)
+        key = self._gate_key(occupied, self._plain_streak)
         pays, look, chosen = self._verdict
-        if key != self._verdict_key or pays or look:  # a standing no needs no arrays (every plain step)
-            idx = np.asarray(occupied)
+        if not self._take_foreseen(occupied, key) and (key != self._verdict_key or pays or look):
+            idx = np.asarray(occupied)  # (a standing no needs no arrays: every plain step)
             limits = self._depth_limits(idx)
             if key != self._verdict_key or not np.array_equal(limits, self._verdict_limits):
                 self._verdict_key, self._verdict_limits = key, limits
-                pays, look, chosen = self._adopt(occupied, self._verdicts(idx, limits))
+                pays, look, chosen, raw = self._verdicts(idx, limits)
+                self._verdict, self._verdict_raw[idx] = (pays, look, chosen), raw
+        pays, look, chosen = self._verdict
         if self._probed:  # a probe ran last round: it found speculation paying again, or not
             self._probe_gap = self.probe_every if pays else min(2 * self._probe_gap, 8 * self.probe_every)
         self._probed = False
@@ -161,27 +169,45 @@ class RoundCostModel:
             self._chosen, self._paid_round = chosen, pays
         return pays or look
 
-    def _gate_key(self, occupied: Sequence[int]) -> tuple:
-        return tuple(occupied), round(self.spec_cost_factor, 2) if self.learn_step_costs else 1.0
+    def _gate_key(self, occupied: Sequence[int], streak: int) -> tuple:
+        """What a verdict is reached on, beyond the estimates: the slots, the cost factor,
+        and the plain streak's doublings (`_gate_estimates` relaxes the estimates of slots
+        not drafted for, so a verdict not to draft is looked at again after 1, 2, 4, ...
+        plain rounds)."""
+        return tuple(occupied), round(self.spec_cost_factor, 2) if self.learn_step_costs else 1.0, \
+            int(streak).bit_length()
 
     def foresee(self, occupied: Sequence[int]) -> None:
         """While the device runs a round drafted because it paid, reach the next round's
-        verdict for the same slots, so that the host's work on it overlaps the device's
-        (on the H200 demo a verdict took a third of a 2 ms round). It reads the estimates
-        of the rounds before this one, and the room left after this one commits a token
-        per slot; `should_draft` takes it up if the slots stay the same. Probes and looks
-        are not foreseen: the verdict after them reads what they found."""
+        verdict, so that the host's work on it overlaps the device's (on the H200 demo a
+        verdict took a third of a 2 ms round). It reads the estimates of the rounds
+        before this one, and the room left after this one commits a token per slot.
+        Probes and looks are not foreseen: the verdict after them reads what they found."""
         self._foreseen = None
         if self.gated and self._paid_round:
             idx = np.asarray(occupied)
             limits = self._depth_limits(idx, ahead=1)
-            self._foreseen = (self._gate_key(occupied), limits, self._verdicts(idx, limits))
+            self._foreseen = (self._gate_key(occupied, 0), limits, self._verdicts(idx, limits))
 
-    def _adopt(self, occupied: Sequence[int], verdict: tuple) -> tuple[bool, bool, np.ndarray]:
-        """Make `verdict` (of `_verdicts`) the standing one -> (pays, look, chosen)."""
-        self._verdict = verdict[:3]
-        self._verdict_raw[np.asarray(occupied)] = verdict[3]
-        return self._verdict
+    def _take_foreseen(self, occupied: Sequence[int], key: tuple) -> bool:
+        """Make the foreseen verdict the standing one if it is for these slots, or if it
+        is a verdict to draft and some slot it chose is still seated: it then stands for
+        one round across departures, seats and rooms that shrank faster than foreseen
+        (the slots that joined wait for that round's own foresight, which is on the batch
+        as it is). At 8 slots a request leaves or joins nearly every other round, and
+        recomputing there cost the H200 demo about 1 ms a round. Returns whether it did."""
+        foreseen, self._foreseen = self._foreseen, None
+        if foreseen is None:
+            return False
+        seen_key, limits, (pays, look, chosen, raw) = foreseen
+        if seen_key != key:
+            seated = set(occupied)
+            chosen = chosen[[int(s) in seated for s in chosen]] if len(chosen) else chosen
+            if not (pays and seen_key[1:] == key[1:] and len(chosen)):
+                return False
+        self._verdict_key, self._verdict_limits, self._verdict = key, limits, (pays, look, chosen)
+        self._verdict_raw[list(seen_key[0])] = raw  # what the round's tally reads (`_learn_acceptance`)
+        return True
 
     def _verdicts(self, idx: np.ndarray, limits: np.ndarray) -> tuple[bool, bool, np.ndarray, np.ndarray]:
         """(whether speculation pays on the slots' estimates (the flush it needs
@@ -288,11 +314,14 @@ class RoundCostModel:
     def _gate_estimates(self, idx: np.ndarray, limits: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(survival the gate expects of slots idx next round [n, G], which of them were
         never drafted for): the smoothed survival (the running mean for those never drafted
-        for) x the slot's acceptance ratio, clipped to 1 and masked to its live positions
-        (limits: the slots' depth limits, None: computed here)."""
+        for), moved towards the running mean by STALE_KEEP per round since the slot was
+        last drafted for, x the slot's acceptance ratio, clipped to 1 and masked to its live
+        positions (limits: the slots' depth limits, None: computed here)."""
         est = self._recent[idx].astype(np.float64)
         fresh = est.max(axis=1) <= 0
         est[fresh] = self._prior
+        idle = np.maximum(self.metrics.rounds - self._last_drafted[idx] - 1, 0)
+        est = self._prior + (est - self._prior) * (STALE_KEEP ** idle)[:, None]
         est = np.minimum(1.0, est * self.slot_acceptance_ratio(idx)[:, None])
         limits = self._depth_limits(idx) if limits is None else limits
         return est * (np.arange(self.gamma)[None, :] < limits[:, None]), fresh
@@ -326,6 +355,7 @@ class RoundCostModel:
         fresh = prev.max(axis=1, keepdims=True) <= 0
         base = np.where(fresh, self._prior if self._prior is not None else surv, prev)  # kept where not live
         self._recent[idx] = np.where(live, np.where(fresh, surv, 0.8 * prev + 0.2 * surv), base)
+        self._last_drafted[idx] = self.metrics.rounds
         counts = live.sum(axis=0)
         if not counts.any():
             return
@@ -453,6 +483,7 @@ class RoundCostModel:
         self._foreseen: tuple | None = None  # (key, limits, verdict) reached while a round ran (`foresee`)
         self._verdict_limits = np.zeros(0, np.int32)  # the depth limits it was reached at
         self._verdict_raw = np.zeros((self.slots, self.gamma))  # the estimates it read, before gate_accuracy
+        self._last_drafted = np.zeros(self.slots, np.int64)  # each slot's last drafted round (metrics.rounds)
         self._paid_round = False  # the round about to run drafts because it pays (not a probe, not a look)
         self._paid_acc = np.zeros(2)  # accepted drafts seen, predicted by the gate, over such rounds (decayed)
         self._chosen: np.ndarray | None = None  # the slots the gate chose to draft for (None: all)

@@ -39,12 +39,14 @@ class LazyIngest:
 
     def _prepare_round(self, draft: bool, occupied: Sequence[int]) -> list[int]:
         """Before each round: a round that drafts drafts for the slots the gate chose
-        (else every slot), whose backlog the drafter ingests first; the others get a
-        depth limit of 0 for the round. Returns the occupied slots drafted for."""
+        (else every slot), whose backlog the drafter ingests first; the other occupied
+        slots get a depth limit of 0 for the round. Empty slots keep theirs (they draft
+        nothing): the limits reach the device only when they change, and a request
+        leaving or joining then changes nothing. Returns the occupied slots drafted for."""
         self._drafting[:] = True
-        if draft and self._chosen is not None:
-            self._drafting[:] = False
-            self._drafting[self._chosen] = True
+        if draft and self._chosen is not None and len(self._chosen) < len(occupied):
+            chosen = set(self._chosen.tolist())
+            self._drafting[[s for s in occupied if s not in chosen]] = False
         drafted = [s for s in occupied if self._drafting[s]] if draft else []
         self._flush(drafted)
         return drafted

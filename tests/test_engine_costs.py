@@ -197,7 +197,8 @@ def test_gate_foresees_the_next_verdict_while_a_paid_round_runs(pair):
     """While a round drafted because it paid runs, the host reaches the next verdict
     (`foresee`, on the estimates before that round, with the room one token shorter);
     the next step takes it up without recomputing when the slots stay the same, with
-    the estimates it read, and recomputes when they change. Probes are not foreseen."""
+    the estimates it read. A verdict to draft also stands across a departure (for the
+    slots still seated); one not to draft is recomputed. Probes are not foreseen."""
     tcfg, tparams, ref = pair
     rounds = {"spec": {2: 1e-3, ADAPTIVE[-1]: 2e-3}, "plain": {2: 1e-3}}
     engine = _gate_engine(tcfg, tparams, ref, rounds, [0.9, 0.8, 0.7])
@@ -219,11 +220,16 @@ def test_gate_foresees_the_next_verdict_while_a_paid_round_runs(pair):
     np.testing.assert_allclose(engine._verdict_raw, raw)  # the same estimates (the room still fits gamma)
     engine.foresee([0, 1])
     assert len(calls) == 3
-    assert engine.should_draft([0]) and len(calls) == 4  # a departure: recomputed
+    assert engine.should_draft([1]) and len(calls) == 3  # a departure: the verdict to draft stands
+    assert engine._chosen.tolist() == [1]
+    engine._recent[:], engine.gate_margin = 0.01, 0.5  # a batch where drafting does not pay
+    engine.foresee([1])
+    assert engine._foreseen[2][0] is False and len(calls) == 4
+    assert not engine.should_draft([0, 1]) and len(calls) == 5  # a seat: the verdict not to draft is recomputed
     engine._plain_streak = engine._probe_gap
     assert engine.should_draft([0, 1]) and not engine._paid_round  # a probe
     engine.foresee([0, 1])
-    assert engine._foreseen is None and len(calls) == 4
+    assert engine._foreseen is None and len(calls) == 5
 
 
 def test_production_sends_its_prior_only_when_a_row_reads_it(pair):
