@@ -141,9 +141,9 @@ class RoundCostModel:
         only grow and requests' room and tokens left only shrink, which only make
         drafting dearer and a look worth less, so a verdict not to draft stands (its
         recomputation, every round in a crowded batch where some request nears its end,
-        cost about 4% of a plain round on the CPU demo) until the plain streak doubles
-        (the estimates of slots not drafted for relax towards the running mean:
-        `_gate_estimates`). After a round drafted because
+        cost about 4% of a plain round on the CPU demo) until the plain streak reaches 2,
+        8, 32 or 128 rounds (the estimates of slots not drafted for relax towards the
+        running mean: `_gate_estimates`). After a round drafted because
         it paid, the verdict `foresee` reached while it ran is taken up instead
         (`_take_foreseen`)."""
         self._chosen, self._paid_round = None, False
@@ -171,11 +171,12 @@ class RoundCostModel:
 
     def _gate_key(self, occupied: Sequence[int], streak: int) -> tuple:
         """What a verdict is reached on, beyond the estimates: the slots, the cost factor,
-        and the plain streak's doublings (`_gate_estimates` relaxes the estimates of slots
-        not drafted for, so a verdict not to draft is looked at again after 1, 2, 4, ...
-        plain rounds)."""
+        and the plain streak's length in powers of 4 (`_gate_estimates` relaxes the
+        estimates of slots not drafted for, so a verdict not to draft is looked at again
+        after 2, 8, 32 and 128 plain rounds; at every doubling it cost 5% of the CPU demo's
+        time at one slot)."""
         return tuple(occupied), round(self.spec_cost_factor, 2) if self.learn_step_costs else 1.0, \
-            int(streak).bit_length()
+            int(streak).bit_length() // 2
 
     def foresee(self, occupied: Sequence[int]) -> None:
         """While the device runs a round drafted because it paid, reach the next round's
