@@ -425,9 +425,7 @@ class Engine(SlotAdmission, RoundCostModel, LazyIngest, RoundProfiler):
         chunks = [None] + ([self._empty_admission(greedy)] if self.mixing else [])
         for (b, draft), adm in itertools.product(rounds, chunks):
             self._round(b, draft, adm, greedy)
-        if self._state.log is not None:
-            for lines, width in itertools.product(self.flush_lines, self.flush_widths):
-                self._run_flush(np.full(lines, s, np.int32), width)
+        self._warm_flushes()
         jax.block_until_ready(self._state.anchor)
 
     # ---------------------------------------------------------------- internals

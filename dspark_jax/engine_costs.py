@@ -46,16 +46,16 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from dspark_jax import profile_sps, scheduler, speculate
+from dspark_jax import profile_sps, scheduler
 from dspark_jax.errors import DSparkError
 
 SCHEDULED = ("algorithm1", "production")
 ACCEPTANCE_PRIOR = 4.0  # predicted drafts' worth of the all-slot ratio in a slot's acceptance ratio
 # per round since a slot was last drafted for, the gate keeps this share of its smoothed
 # survival's distance from the running mean: the rounds the gate skips teach it nothing, and
-# a request's survival drifts (on the H200 demo at one slot, a request the gate stopped
-# drafting for stayed undrafted for good: 28% of rounds drafted, where 51% paid on estimates
-# refreshed every round)
+# a request's survival drifts (replayed with the H200 demo's round profile at one slot, a
+# request the gate stopped drafting for stayed undrafted to its end: 28% of rounds drafted,
+# where estimates refreshed every round found 51% paying)
 STALE_KEEP = 0.8
 # a verdict to draft needs a speculative round predicted this much faster than a plain one:
 # closer calls are coin flips of the cost model (round times over idle slots, estimates
@@ -467,12 +467,10 @@ class RoundCostModel:
             self._prior_dev = jax.device_put(np.asarray(self._prior, np.float32))  # plain transfer: no device cast
             self._prior_synced = True
 
-    # ------------------------------------------------ the gate's state; lazy ingest
+    # ------------------------------------------------ the gate's state
 
     def _init_gate(self, lazy_ingest: bool) -> None:
-        """The gate's state. With `lazy_ingest` the state gets a feature log
-        (speculate.FeatureLog) and the drafter ingests a slot's positions only when a
-        round drafts for it; otherwise every round ingests its committed positions."""
+        """The gate's state, and the drafter's ingest (`_init_ingest`)."""
         self._plain_streak, self._probe_gap, self._probed = 0, self.probe_every, False
         self._acc_expected = self._acc_seen = 0.0
         self._slot_acc = np.zeros((self.slots, 2))  # per slot: accepted drafts seen, predicted (decayed)
@@ -489,9 +487,5 @@ class RoundCostModel:
         self._paid_acc = np.zeros(2)  # accepted drafts seen, predicted by the gate, over such rounds (decayed)
         self._chosen: np.ndarray | None = None  # the slots the gate chose to draft for (None: all)
         self._drafting = np.ones(self.slots, bool)  # the slots the round about to run drafts for
-        self._lag = np.zeros(self.slots, np.int64)  # positions each slot's drafter cache lacks (lazy ingest)
         self._step_cost = np.zeros((2, 2))  # [seen, predicted] seconds of [plain, speculative] steps (decayed)
-        if lazy_ingest and self.gamma > 0:
-            feats = len(self.drafter.tap_layers) * self.tcfg.hidden_size
-            self._state = self._state.replace(log=speculate.FeatureLog.init(
-                self.slots, self.max_len, feats, self.tcfg.jnp_dtype))
+        self._init_ingest(lazy_ingest)

@@ -7,18 +7,35 @@ launch, which an accelerator's rounds, costing their launches, cannot spare."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
-from dspark_jax import slot_round
+from dspark_jax import slot_round, speculate
 
 
 class LazyIngest:
     """Mixin of `Engine`: the flush's compiled shapes, its plan and its run, and the
     choice of the slots a round drafts for. Expects the engine's slots, max_len, drafter,
     state, `_lag` (positions each slot's drafter cache lacks) and the gate's `_chosen`."""
+
+    def _init_ingest(self, lazy: bool) -> None:
+        """With `lazy` the state gets a feature log and the drafter ingests a slot's
+        positions only when a round drafts for it; otherwise every round ingests its
+        committed positions."""
+        self._lag = np.zeros(self.slots, np.int64)  # positions each slot's drafter cache lacks
+        if lazy and self.gamma > 0:
+            feats = len(self.drafter.tap_layers) * self.tcfg.hidden_size
+            self._state = self._state.replace(log=speculate.FeatureLog.init(
+                self.slots, self.max_len, feats, self.tcfg.jnp_dtype))
+
+    def _warm_flushes(self) -> None:
+        """Compile the flush at every (lines, width) it runs at (nothing without a log)."""
+        if self._state.log is not None:
+            for lines, width in itertools.product(self.flush_lines, self.flush_widths):
+                self._run_flush(np.full(lines, self.slots, np.int32), width)
 
     @property
     def flush_widths(self) -> tuple[int, ...]:

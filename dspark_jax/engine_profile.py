@@ -30,9 +30,9 @@ from dspark_jax.engine_costs import SCHEDULED
 from dspark_jax.errors import DSparkError
 
 # what the host-work timing changes and puts back
-_GATE_STATE = ("_recent", "_prior", "_prior_dev", "_prior_synced", "_acc_expected", "_acc_seen", "_slot_acc", "_paid_acc",
-               "_verdict_key", "_verdict", "_foreseen", "_last_drafted", "_verdict_limits", "_verdict_raw", "_max_depth", "_max_new", "_n_out",
-               "correction", "_conf_scale_dev")
+_GATE_STATE = ("_recent", "_prior", "_prior_dev", "_prior_synced", "_acc_expected", "_acc_seen", "_slot_acc",
+               "_paid_acc", "_verdict_key", "_verdict", "_foreseen", "_last_drafted", "_verdict_limits",
+               "_verdict_raw", "_max_depth", "_max_new", "_n_out", "correction", "_conf_scale_dev")
 
 
 class RoundProfiler:
@@ -105,7 +105,9 @@ class RoundProfiler:
                 self._verdicts(idx, self._depth_limits(idx, ahead=1))
                 jax.device_get(out)
                 if i:  # the first: warming
-                    learn.append(t1 - t0), alone.append(t2 - t1), overlapped.append(self.clock() - t2)
+                    learn.append(t1 - t0)
+                    alone.append(t2 - t1)
+                    overlapped.append(self.clock() - t2)
         finally:
             for name, value in saved.items():
                 setattr(self, name, value)
