@@ -52,11 +52,15 @@ from dspark_jax.errors import DSparkError
 SCHEDULED = ("algorithm1", "production")
 ACCEPTANCE_PRIOR = 4.0  # predicted drafts' worth of the all-slot ratio in a slot's acceptance ratio
 # per round since a slot was last drafted for, the gate keeps this share of its smoothed
-# survival's distance from the running mean: the rounds the gate skips teach it nothing, and
-# a request's survival drifts (replayed with the H200 demo's round profile at one slot, a
-# request the gate stopped drafting for stayed undrafted to its end: 28% of rounds drafted,
-# where estimates refreshed every round found 51% paying)
+# survival's distance from the request's own mean: the rounds the gate skips teach it
+# nothing, and a request's survival drifts around its mean (replayed with the H200 demo's
+# round profile at one slot, a request the gate stopped drafting for stayed undrafted to its
+# end: 28% of rounds drafted, where estimates refreshed every round found 51% paying)
 STALE_KEEP = 0.8
+# drafted rounds' worth of the running mean in a request's own mean survival (the
+# running mean is of drafted rounds, which the gate picks: relaxing towards it alone made
+# the gate redraft the CPU demo's code and prose requests at 2 slots, where none paid)
+OWN_MEAN_PRIOR = 2.0
 # a verdict to draft needs a speculative round predicted this much faster than a plain one:
 # closer calls are coin flips of the cost model (round times over idle slots, estimates
 # that regress) that still pay a drafted round's flush; on the CPU demo at 4 slots, rounds
@@ -315,14 +319,17 @@ class RoundCostModel:
     def _gate_estimates(self, idx: np.ndarray, limits: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(survival the gate expects of slots idx next round [n, G], which of them were
         never drafted for): the smoothed survival (the running mean for those never drafted
-        for), moved towards the running mean by STALE_KEEP per round since the slot was
-        last drafted for, x the slot's acceptance ratio, clipped to 1 and masked to its live
-        positions (limits: the slots' depth limits, None: computed here)."""
+        for), moved towards the request's own mean survival (shrunk towards the running
+        mean by OWN_MEAN_PRIOR rounds' worth of it) by STALE_KEEP per round since the slot
+        was last drafted for, x the slot's acceptance ratio, clipped to 1 and masked to its
+        live positions (limits: the slots' depth limits, None: computed here)."""
         est = self._recent[idx].astype(np.float64)
         fresh = est.max(axis=1) <= 0
         est[fresh] = self._prior
         idle = np.maximum(self.metrics.rounds - self._last_drafted[idx] - 1, 0)
-        est = self._prior + (est - self._prior) * (STALE_KEEP ** idle)[:, None]
+        total, count = self._own_survival[:, idx]
+        mean = (total + OWN_MEAN_PRIOR * self._prior) / (count + OWN_MEAN_PRIOR)
+        est = mean + (est - mean) * (STALE_KEEP ** idle)[:, None]
         est = np.minimum(1.0, est * self.slot_acceptance_ratio(idx)[:, None])
         limits = self._depth_limits(idx) if limits is None else limits
         return est * (np.arange(self.gamma)[None, :] < limits[:, None]), fresh
@@ -357,6 +364,7 @@ class RoundCostModel:
         base = np.where(fresh, self._prior if self._prior is not None else surv, prev)  # kept where not live
         self._recent[idx] = np.where(live, np.where(fresh, surv, 0.8 * prev + 0.2 * surv), base)
         self._last_drafted[idx] = self.metrics.rounds
+        self._own_survival[:, idx] += np.stack([surv * live, live])
         counts = live.sum(axis=0)
         if not counts.any():
             return
@@ -483,6 +491,7 @@ class RoundCostModel:
         self._verdict_limits = np.zeros(0, np.int32)  # the depth limits it was reached at
         self._verdict_raw = np.zeros((self.slots, self.gamma))  # the estimates it read, before gate_accuracy
         self._last_drafted = np.zeros(self.slots, np.int64)  # each slot's last drafted round (metrics.rounds)
+        self._own_survival = np.zeros((2, self.slots, self.gamma))  # per slot: survival summed, rounds counted
         self._paid_round = False  # the round about to run drafts because it pays (not a probe, not a look)
         self._paid_acc = np.zeros(2)  # accepted drafts seen, predicted by the gate, over such rounds (decayed)
         self._chosen: np.ndarray | None = None  # the slots the gate chose to draft for (None: all)

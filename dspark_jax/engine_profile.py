@@ -31,8 +31,8 @@ from dspark_jax.errors import DSparkError
 
 # what the host-work timing changes and puts back
 _GATE_STATE = ("_recent", "_prior", "_prior_dev", "_prior_synced", "_acc_expected", "_acc_seen", "_slot_acc",
-               "_paid_acc", "_verdict_key", "_verdict", "_foreseen", "_last_drafted", "_verdict_limits",
-               "_verdict_raw", "_max_depth", "_max_new", "_n_out", "correction", "_conf_scale_dev")
+               "_paid_acc", "_verdict_key", "_verdict", "_foreseen", "_last_drafted", "_own_survival",
+               "_verdict_limits", "_verdict_raw", "_max_depth", "_max_new", "_n_out", "correction", "_conf_scale_dev")
 
 
 class RoundProfiler:

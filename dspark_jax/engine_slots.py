@@ -61,7 +61,7 @@ class SlotAdmission:
         self._stops[s] = -1
         self._stops[s, :len(req.stop_ids)] = req.stop_ids
         self._stale_host[:, s] = 0.0
-        self._recent[s] = 0.0
+        self._recent[s] = self._own_survival[:, s] = 0.0
         self._slot_acc[s], self._verdict_key = 0.0, None
         self._prefill_at[s] = 0
         req.result.admitted_at = now

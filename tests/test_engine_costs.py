@@ -233,30 +233,36 @@ def test_gate_foresees_the_next_verdict_while_a_paid_round_runs(pair):
 
 
 def test_gate_relaxes_the_estimates_of_slots_it_skips(pair):
-    """The estimates of a slot not drafted for move towards the running mean by
-    STALE_KEEP a round, so a verdict not to draft, reached on a bad stretch, is looked
-    at again as the plain streak grows (at 2 and 8 rounds, not every round) and drafting
-    resumes once the relaxed estimates pay: here the running mean pays (2 x 3.4 tokens
-    in 2.5 ms against 2 in 1 ms) and 0.05 a position does not."""
+    """The estimates of a slot not drafted for move towards the request's own mean
+    survival (with OWN_MEAN_PRIOR rounds' worth of the running mean) by STALE_KEEP a
+    round, so a verdict not to draft, reached on a bad stretch, is looked at again as the
+    plain streak grows (at 2 and 8 rounds, not every round) and drafting resumes once the
+    relaxed estimates pay: here the running mean pays (2 x 3.4 tokens in 2.5 ms against
+    2 in 1 ms) and 0.05 a position does not. A request whose own rounds were all bad
+    stays undrafted."""
     tcfg, tparams, ref = pair
-    engine = _gate_engine(tcfg, tparams, ref, _rounds(2.5, 1.0), [0.9, 0.8, 0.7])
-    engine._recent[:], engine._probe_gap = 0.05, 1000  # (no probes)
-    calls = []
-    verdicts = engine._verdicts
-    engine._verdicts = lambda *a: calls.append(engine._plain_streak) or verdicts(*a)
-    assert not engine.should_draft([0, 1])
-    est, _ = engine._gate_estimates(np.array([0, 1]))
-    np.testing.assert_allclose(est[0], 0.05)  # drafted for last round: its own
-    resumed = None
-    for streak in range(1, 12):
-        engine.metrics.rounds += 1
-        engine._plain_streak = streak
-        if engine.should_draft([0, 1]):
-            resumed = streak
-            break
-    assert calls == [0, 2, 8] and resumed == 8
-    est, _ = engine._gate_estimates(np.array([0, 1]))
-    np.testing.assert_allclose(est[0], [0.9, 0.8, 0.7] - np.array([0.85, 0.75, 0.65]) * 0.8 ** 7, rtol=1e-6)
+    resumed = {}
+    for own_rounds in (0, 10):
+        engine = _gate_engine(tcfg, tparams, ref, _rounds(2.5, 1.0), [0.9, 0.8, 0.7])
+        engine._recent[:], engine._probe_gap = 0.05, 1000  # (no probes)
+        engine._own_survival[:] = np.array([0.05 * own_rounds, own_rounds])[:, None, None]
+        calls = []
+        verdicts = engine._verdicts
+        engine._verdicts = lambda *a, calls=calls, engine=engine: calls.append(engine._plain_streak) or verdicts(*a)
+        assert not engine.should_draft([0, 1])
+        est, _ = engine._gate_estimates(np.array([0, 1]))
+        np.testing.assert_allclose(est[0], 0.05)  # drafted for last round: its own
+        for streak in range(1, 12):
+            engine.metrics.rounds += 1
+            engine._plain_streak = streak
+            if engine.should_draft([0, 1]):
+                resumed[own_rounds] = streak
+                break
+        assert calls[:3] == [0, 2, 8]
+        mean = (0.5 * own_rounds / 10 + 2 * np.array([0.9, 0.8, 0.7])) / (own_rounds + 2)
+        est, _ = engine._gate_estimates(np.array([0, 1]))
+        np.testing.assert_allclose(est[0], mean - (mean - 0.05) * 0.8 ** (streak - 1), rtol=1e-6)
+    assert resumed == {0: 8}
 
 
 def test_production_sends_its_prior_only_when_a_row_reads_it(pair):
