@@ -4,9 +4,10 @@ measured round times (Engine.profile_rounds): they reach the gate and the object
 go to the profile file and come back from it, and the output stays greedy; the
 per-slot smoothed survival the gate reads, its probes' back-off, its check of the
 confidences against the acceptance seen (all slots and per slot) and of its own
-estimates where it drafted because they paid, its look at new
-requests; and the plain rounds' deferred drafter ingest (the drafts after it equal an
-engine that ingests every round)."""
+estimates where it drafted because they paid, its look at new requests, the verdict it
+reaches while a round runs, the relaxation of the estimates of slots it skips, the
+production prior's transfers; and the plain rounds' deferred drafter ingest (the drafts
+after it equal an engine that ingests every round)."""
 
 import itertools
 import json

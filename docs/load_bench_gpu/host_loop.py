@@ -4,11 +4,10 @@ the step loop (top functions by own time). PROF=0: three unprofiled runs instead
 
     SPS=docs/load_bench_gpu/run_e24f41b/sps_profile.json python docs/load_bench_gpu/host_loop.py 8 fixed algorithm1
 
-SPS: a profile file holding the SPS and round profiles at that concurrency (a fresh one is
-profiled otherwise)."""
-import cProfile, io, json, os, pstats, sys, time
+SPS: a profile file with the SPS and round profiles at that concurrency (a missing SPS
+profile is measured and stored there; missing round profiles are measured, not stored)."""
+import cProfile, io, os, pstats, sys, time
 import jax
-import numpy as np
 import dspark_jax.engine as E
 from dspark_jax import load_bench, target, drafters, profile_sps, prompts as P
 from dspark_jax.serving import GenerateRequest, resolve_folders
@@ -32,8 +31,9 @@ for policy in pols:
     t0 = time.perf_counter()
     rounds = None
     if policy in ("algorithm1", "production"):
-        g = rec["rounds"][policy]
-        rounds = {"spec": {int(b): t for b, t in g["spec"].items()}, "plain": {int(b): t for b, t in g["plain"].items()}, "host": g["host"]}
+        engine = load_bench.make_engine(tcfg, tp, dr, dp, policy, c, s, sps, dt)
+        rounds = profile_sps.stored_rounds(rec, policy, engine.buckets, engine.plain_buckets)
+        rounds = rounds or engine.profile_rounds()
     gate = {}
     d = dr if policy != "none" else None
     load_bench.run_point(tcfg, tp, d, dp, policy, "closed", c, s, pr, sps=sps, draft_time=dt, rounds=rounds, gate=gate)
