@@ -146,8 +146,8 @@ class RoundCostModel:
         drafting dearer and a look worth less, so a verdict not to draft stands (its
         recomputation, every round in a crowded batch where some request nears its end,
         cost about 4% of a plain round on the CPU demo) until the plain streak reaches 2,
-        8, 32 or 128 rounds (the estimates of slots not drafted for relax towards the
-        running mean: `_gate_estimates`). After a round drafted because
+        8, 32 or 128 rounds (the estimates of slots not drafted for relax towards their
+        request's own mean: `_gate_estimates`). After a round drafted because
         it paid, the verdict `foresee` reached while it ran is taken up instead
         (`_take_foreseen`)."""
         self._chosen, self._paid_round = None, False
