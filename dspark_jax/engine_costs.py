@@ -157,14 +157,15 @@ class RoundCostModel:
             self._probed = True
             return True
         key = self._gate_key(occupied, self._plain_streak)
-        pays, look, chosen = self._verdict
-        if not self._take_foreseen(occupied, key) and (key != self._verdict_key or pays or look):
-            idx = np.asarray(occupied)  # (a standing no needs no arrays: every plain step)
-            limits = self._depth_limits(idx)
-            if key != self._verdict_key or not np.array_equal(limits, self._verdict_limits):
-                self._verdict_key, self._verdict_limits = key, limits
-                pays, look, chosen, raw = self._verdicts(idx, limits)
-                self._verdict, self._verdict_raw[idx] = (pays, look, chosen), raw
+        if not self._take_foreseen(occupied, key):
+            pays, look, _ = self._verdict
+            if key != self._verdict_key or pays or look:  # a standing no needs no arrays (every plain step)
+                idx = np.asarray(occupied)
+                limits = self._depth_limits(idx)
+                if key != self._verdict_key or not np.array_equal(limits, self._verdict_limits):
+                    self._verdict_key, self._verdict_limits = key, limits
+                    pays, look, chosen, raw = self._verdicts(idx, limits)
+                    self._verdict, self._verdict_raw[idx] = (pays, look, chosen), raw
         pays, look, chosen = self._verdict
         if self._probed:  # a probe ran last round: it found speculation paying again, or not
             self._probe_gap = self.probe_every if pays else min(2 * self._probe_gap, 8 * self.probe_every)
@@ -207,7 +208,7 @@ class RoundCostModel:
         seen_key, limits, (pays, look, chosen, raw) = foreseen
         if seen_key != key:
             seated = set(occupied)
-            chosen = chosen[[int(s) in seated for s in chosen]] if len(chosen) else chosen
+            chosen = chosen[[int(s) in seated for s in chosen]]
             if not (pays and seen_key[1:] == key[1:] and len(chosen)):
                 return False
         self._verdict_key, self._verdict_limits, self._verdict = key, limits, (pays, look, chosen)

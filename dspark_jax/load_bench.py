@@ -414,7 +414,8 @@ def read(paths: Sequence[str]) -> tuple[list[LoadRow], dict, dict]:
 
 
 def write(rows: Sequence[LoadRow], settings: LoadSettings | dict, out_dir: str, meta: dict | None = None) -> dict:
-    """results.json, results.md and the two plots under out_dir; returns their paths."""
+    """results.json, results.md and the two plots under out_dir; returns their paths and,
+    under "table", the markdown written to results.md."""
     os.makedirs(out_dir, exist_ok=True)
     title = "Load benchmark" + (f": {meta.get('title')}" if meta and meta.get("title") else "")
     md = markdown(rows, title)
@@ -425,4 +426,5 @@ def write(rows: Sequence[LoadRow], settings: LoadSettings | dict, out_dir: str, 
     with open(paths["markdown"], "w") as f:
         f.write(md + "\n")
     paths["plots"] = plot(rows, out_dir)
+    paths["table"] = md
     return paths

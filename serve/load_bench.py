@@ -69,9 +69,7 @@ def main(argv=None) -> None:
 
             rows, settings, meta = load_bench.read(args.merge)
             settings["concurrency"] = sorted({r.concurrency for r in rows})
-            paths = load_bench.write(rows, settings, args.out_dir, meta)
-            print(load_bench.markdown(rows, "Load benchmark" + (f": {meta['title']}" if meta.get("title") else "")))
-            print(f"\nwrote {paths['json']}, {paths['markdown']}, {', '.join(paths['plots'])}")
+            _report(load_bench.write(rows, settings, args.out_dir, meta))
             return
         import jax
         from tqdm import tqdm
@@ -114,9 +112,12 @@ def main(argv=None) -> None:
                 "device_kind": jax.devices()[0].device_kind,
                 "title": f"{getattr(drafter, 'kind', 'none')} gamma {getattr(drafter, 'gamma', 0)} on "
                          f"{jax.devices()[0].device_kind}"}
-        paths = load_bench.write(rows, settings, args.out_dir, meta)
-        print(load_bench.markdown(rows, "Load benchmark: " + meta["title"]))
-        print(f"\nwrote {paths['json']}, {paths['markdown']}, {', '.join(paths['plots'])}")
+        _report(load_bench.write(rows, settings, args.out_dir, meta))
+
+
+def _report(paths: dict) -> None:
+    print(paths["table"])
+    print(f"\nwrote {paths['json']}, {paths['markdown']}, {', '.join(paths['plots'])}")
 
 
 if __name__ == "__main__":
