@@ -17,7 +17,8 @@ requests join and leave only there.
 The budget bucket is one of two decisions taken on the host. It uses only what is known
 before the round (active slots, the room each has left, the survival of earlier
 rounds), so it can never depend on the current round's drafts; see slot_round.py for why
-each policy's depths then stay lossless.
+each policy's depths then stay lossless (engine_budget.py; the production variant's
+capacity search runs while the round before is on the device).
 
 The other is the drafting gate of the scheduled policies (algorithm1, production), on
 when the cost model charges drafting (a profiled `draft_time` > 0, or round times): each
@@ -73,8 +74,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dspark_jax import generation, profile_sps, scheduler, slot_round, speculate, target
+from dspark_jax import generation, profile_sps, slot_round, speculate, target
 from dspark_jax.calibration import OnlineCorrection
+from dspark_jax.engine_budget import BudgetChoice
 from dspark_jax.engine_costs import GATE_MARGIN, SCHEDULED, RoundCostModel
 from dspark_jax.engine_ingest import LazyIngest
 from dspark_jax.engine_records import EngineMetrics, PendingRequest, RequestResult, TokenCallback, as_int, is_int
@@ -91,7 +93,7 @@ def drafter_has_confidence(drafter) -> bool:
     return cfg is None or bool(getattr(cfg, "has_confidence", False))
 
 
-class Engine(SlotAdmission, RoundCostModel, LazyIngest, RoundProfiler):
+class Engine(SlotAdmission, RoundCostModel, BudgetChoice, LazyIngest, RoundProfiler):
     """Fixed slots, slot-based caches of `max_len` positions, one policy for every round.
 
     policy: "none" (plain decoding; the drafter is ignored), "fixed" (depth `depth`,
@@ -307,8 +309,9 @@ class Engine(SlotAdmission, RoundCostModel, LazyIngest, RoundProfiler):
         drafted = self._prepare_round(draft, occupied)
         budget = self.choose_budget(occupied) if draft else self._bucket(len(occupied))
         info = self._round(budget, draft, adm)
-        if draft:  # the next verdict, while the device runs this round
+        if draft:  # the next verdict and budget, while the device runs this round
             self.foresee(occupied)
+            self.foresee_budget(occupied)
         first, info = jax.device_get((first, info))
         self._lag = np.array(info.lag, np.int64)
         at, now = now, self.clock()
@@ -369,36 +372,6 @@ class Engine(SlotAdmission, RoundCostModel, LazyIngest, RoundProfiler):
         idx = np.asarray([s for s in occupied if info.active[s]], np.int64)
         self.correction.update(info.confidence[idx], info.accepted[idx], info.depth[idx], self._temp[idx] > 0)
         self._conf_scale_dev = jax.device_put(np.asarray(self.correction.scale, np.float32))
-
-    def choose_budget(self, occupied: Sequence[int]) -> int:
-        """The round's token bucket, from facts fixed before the round (never its drafts)."""
-        n = len(occupied)
-        if self.gamma == 0 or self.policy == "none":
-            return self._bucket(n)
-        idx = np.asarray(occupied)
-        limit = np.where(self._drafting[idx], self._depth_limits(idx), 0)
-        need = n + int(limit.sum())  # every active row at its depth limit
-        if self.policy == "production":
-            # the device computes K from the same stale survival (global_capacity_jnp) and caps
-            # it at the bucket, so a float32-vs-float64 tie broken differently only costs room
-            stale = self._stale_host[0][idx].astype(np.float64)
-            known = stale.max(axis=1, keepdims=True) > 0
-            self._sync_prior(known)
-            stale = np.where(known, stale, self._prior_or_zeros()[None, :])
-            stale *= np.arange(self.gamma)[None, :] < limit[:, None]
-            k = scheduler.global_capacity(stale, self.sps, draft_time=self.draft_time)
-            need = min(need, n + k)
-        elif self.policy in ("algorithm1", "threshold") and self.adaptive_budget and self._last_round:
-            prev_n, prev_b = self._last_round
-            if prev_n:
-                need = min(need, max(n + 1, 2 * (n + (prev_b - prev_n) * n // prev_n)))
-        return self._bucket(need)
-
-    def _bucket(self, need: int) -> int:
-        for b in self.buckets:
-            if b >= need:
-                return b
-        return self.buckets[-1]
 
     def warmup(self, prompt_lens: Sequence[int] = (1,), greedy: bool | None = None) -> None:
         """Compile every budget bucket's round (and the gate's plain rounds; each also with

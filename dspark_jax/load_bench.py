@@ -215,8 +215,10 @@ def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: 
     engine = make()
     if keep and "memory" in gate:
         engine.recall_gate(gate["memory"])
-    if mode != "closed":  # arrival timing may reach other buckets: compile them all
-        engine.warmup([settings.prompt_len], greedy=settings.temperature == 0)
+    if mode != "closed":  # arrival timing may reach other buckets and prefill widths: compile them all
+        total = clients * settings.requests_per_client
+        engine.warmup(sorted({len(prompts[i % len(prompts)]) for i in range(total)}),
+                      greedy=settings.temperature == 0)
     gc.collect()
     gc.disable()  # a collection pause inside a 1-s run reads as a slower policy
     try:
