@@ -28,12 +28,12 @@ slots not drafted for yet) and scaled by the slot's accepted over predicted draf
 by the gate's own record (accepted drafts over its estimates, on the rounds it drafted
 because they paid), and runs a plain decoding round instead unless a speculative one is
 predicted at least `gate_margin` (10%) faster (`scheduler.speculation_pays`;
-engine_costs.py has the details: probes, looks at new requests). A round that drafts
-drafts only for the slots worth it (the others verify nothing). On the CPU the drafter
-ingests lazily (engine_ingest.py), so a plain round costs about what plain decoding
-costs. After `probe_every` plain rounds in a row one speculative
-round refreshes the estimates (the wait doubles while probes keep finding speculation
-does not pay). A plain round is every depth at 0, chosen before the drafts
+engine_costs.py has the details, probes among them; engine_look.py: looks at new
+requests). A round that drafts drafts only for the slots worth it (the others verify
+nothing). On the CPU the drafter ingests lazily (engine_ingest.py), so a plain round
+costs about what plain decoding costs. After `probe_every` plain rounds in a row one
+speculative round refreshes the estimates (the wait doubles while probes keep finding
+speculation does not pay). A plain round is every depth at 0, chosen before the drafts
 exist: lossless. The fixed policy with depth d < gamma drafts only d tokens (the
 drafter's gamma is cut to d), so MTP-1 costs one drafted token, not a block.
 
@@ -79,6 +79,7 @@ from dspark_jax.calibration import OnlineCorrection
 from dspark_jax.engine_budget import BudgetChoice
 from dspark_jax.engine_costs import GATE_MARGIN, SCHEDULED, RoundCostModel
 from dspark_jax.engine_ingest import LazyIngest
+from dspark_jax.engine_look import LookAtNewRequests
 from dspark_jax.engine_records import EngineMetrics, PendingRequest, RequestResult, TokenCallback, as_int, is_int
 from dspark_jax.engine_profile import RoundProfiler
 from dspark_jax.engine_slots import SlotAdmission
@@ -93,7 +94,7 @@ def drafter_has_confidence(drafter) -> bool:
     return cfg is None or bool(getattr(cfg, "has_confidence", False))
 
 
-class Engine(SlotAdmission, RoundCostModel, BudgetChoice, LazyIngest, RoundProfiler):
+class Engine(SlotAdmission, RoundCostModel, LookAtNewRequests, BudgetChoice, LazyIngest, RoundProfiler):
     """Fixed slots, slot-based caches of `max_len` positions, one policy for every round.
 
     policy: "none" (plain decoding; the drafter is ignored), "fixed" (depth `depth`,

@@ -40,7 +40,6 @@ after their warm-up run).
 
 from __future__ import annotations
 
-import collections
 from typing import Sequence
 
 import jax
@@ -123,6 +122,7 @@ class RoundCostModel:
         self.plain_sps = profile_sps.at_buckets(plain, self.plain_buckets)[:self.slots + 1]
         self.gated = self.policy in SCHEDULED and self.gamma > 0 and (draft_time > 0 or rounds is not None)
         self._verdict_key = self._foreseen = None  # the gate decides afresh on the new costs
+        self._look_memo = {}
         self._upload_costs()
 
     def should_draft(self, occupied: Sequence[int]) -> bool:
@@ -175,12 +175,14 @@ class RoundCostModel:
         return pays or look
 
     def _gate_key(self, occupied: Sequence[int], streak: int) -> tuple:
-        """What a verdict is reached on, beyond the estimates: the slots, the cost factor,
-        and the plain streak's length in powers of 4 (`_gate_estimates` relaxes the
-        estimates of slots not drafted for, so a verdict not to draft is looked at again
-        after 2, 8, 32 and 128 plain rounds; at every doubling it cost 5% of the CPU demo's
-        time at one slot)."""
-        return tuple(occupied), round(self.spec_cost_factor, 2) if self.learn_step_costs else 1.0, \
+        """What a verdict is reached on, beyond the estimates: the slots and their
+        requests ((slot, request id) pairs: a request seated where another left is a new
+        batch, one still prefilling is not in it), the cost factor, and the plain streak's
+        length in powers of 4 (`_gate_estimates` relaxes the estimates of slots not
+        drafted for, so a verdict not to draft is looked at again after 2, 8, 32 and 128
+        plain rounds; at every doubling it cost 5% of the CPU demo's time at one slot)."""
+        batch = tuple((s, r.result.request_id if (r := self._slot_req[s]) is not None else -1) for s in occupied)
+        return batch, round(self.spec_cost_factor, 2) if self.learn_step_costs else 1.0, \
             int(streak).bit_length() // 2
 
     def foresee(self, occupied: Sequence[int]) -> None:
@@ -207,12 +209,12 @@ class RoundCostModel:
             return False
         seen_key, limits, (pays, look, chosen, raw) = foreseen
         if seen_key != key:
-            seated = set(occupied)
-            chosen = chosen[[int(s) in seated for s in chosen]]
+            seated, then = set(key[0]), dict(seen_key[0])  # (slot, request) pairs; slot -> request
+            chosen = chosen[[(int(s), then[int(s)]) in seated for s in chosen]]
             if not (pays and seen_key[1:] == key[1:] and len(chosen)):
                 return False
         self._verdict_key, self._verdict_limits, self._verdict = key, limits, (pays, look, chosen)
-        self._verdict_raw[list(seen_key[0])] = raw  # what the round's tally reads (`_learn_acceptance`)
+        self._verdict_raw[[s for s, _ in seen_key[0]]] = raw  # what the round's tally reads (`_learn_acceptance`)
         return True
 
     def _verdicts(self, idx: np.ndarray, limits: np.ndarray) -> tuple[bool, bool, np.ndarray, np.ndarray]:
@@ -229,8 +231,8 @@ class RoundCostModel:
         if 2 * fresh.sum() < len(idx) or not self._past_estimates:  # new requests: too few to matter
             return False, False, idx[:0], raw
         live = np.arange(self.gamma)[None, :] < limits[fresh][:, None]
-        look, est = self._look_pays(idx, est, fresh, live)
-        return False, look, idx[self._worth(est) | fresh] if look else idx[:0], raw
+        look, worth = self._look_pays(idx, est, fresh, live)
+        return False, look, idx[worth | fresh] if look else idx[:0], raw
 
     def _worth(self, est: np.ndarray) -> np.ndarray:
         return scheduler.rows_worth_drafting(est, self.sps, draft_time=self.draft_time)
@@ -246,42 +248,6 @@ class RoundCostModel:
         sps, extra = self._spec_costs(flush)
         return scheduler.speculation_pays(est, sps, draft_time=extra, plain_sps=self.plain_sps,
                                           margin=self.gate_margin)[0]
-
-    def _look_pays(self, idx: np.ndarray, est: np.ndarray, fresh: np.ndarray,
-                   live: np.ndarray) -> tuple[bool, np.ndarray]:
-        """Whether a look at the slots never drafted for (`fresh`) is worth what it costs
-        -> (verdict, the estimates with theirs at the past requests' mean).
-
-        What a look can find: the 8 quantiles of the requests that finished lately
-        (`_past_quantiles`, scaled by `gate_accuracy` as the gate's verdicts scale
-        estimates) are 8 equally likely kinds of request, and each new slot is one of
-        them on its own: in each of 8 draws every new slot takes a kind, from a fixed
-        permutation of its own (each slot takes every kind once; two new slots are not
-        assumed alike). Per draw, the seconds per token a speculative round saves over a
-        plain one (0 where the gate would not draft: within its margin), averaged over
-        the draws, times the tokens the batch makes while the new slots run (rows x
-        their mean tokens left). What it costs: the look's predicted time, its flush of
-        the new slots' backlog (their prompts) included, minus what plain rounds take to
-        make the tokens it is expected to make."""
-        r = len(idx)
-        plain = r * float(self.plain_sps[r])  # tokens/s of a plain round
-        if not plain > 0:
-            return False, est
-        sps, extra = self._spec_costs()
-        past = np.minimum(1.0, self._past_quantiles() * self.gate_accuracy)
-        kinds = self._look_kinds[:int(fresh.sum())]  # [F, 8]: each new slot's kind in each draw
-        draws = np.repeat(est[None], kinds.shape[1], axis=0)
-        draws[:, fresh] = past[kinds.T] * live[None]
-        theta, _ = scheduler.best_rounds(draws, sps, draft_time=extra)
-        drafts = theta > plain * (1.0 + self.gate_margin)
-        saved = np.sum(1.0 / plain - 1.0 / theta[drafts])
-        left = float(np.mean(self._max_new[idx[fresh]] - self._n_out[idx[fresh]]))
-        benefit = saved / kinds.shape[1] * r * max(left, 0.0)
-        est[fresh] = past.mean(axis=0)[None, :] * live
-        sps, extra = self._spec_costs(self._flush_seconds(idx[self._worth(est) | fresh]))
-        theta, tau = scheduler.best_round(est, sps, draft_time=extra)
-        cost = tau / theta - tau / plain if theta > 0 else np.inf
-        return bool(benefit > cost), est
 
     def _flush_seconds(self, slots: Sequence[int]) -> float:
         """The predicted seconds of the backlog flush a round drafting for `slots` runs
@@ -334,22 +300,6 @@ class RoundCostModel:
         est = np.minimum(1.0, est * self.slot_acceptance_ratio(idx)[:, None])
         limits = self._depth_limits(idx) if limits is None else limits
         return est * (np.arange(self.gamma)[None, :] < limits[:, None]), fresh
-
-    def _past_quantiles(self) -> np.ndarray:
-        """[8, G]: the survival of the requests that finished lately (their gate
-        estimates), at the 1/16, 3/16, ..., 15/16 quantiles per position: what a new
-        request may turn out to be."""
-        if self._quantiles is None:  # kept until the estimates change (`_remember`)
-            self._quantiles = np.quantile(np.asarray(self._past_estimates), (np.arange(8) + 0.5) / 8, axis=0)
-        return self._quantiles
-
-    def _remember(self, estimates, clear: bool = False) -> None:
-        """Finished requests' gate estimates join those `_past_quantiles` reads (the
-        oldest drop out past 32; `clear`: they replace them)."""
-        if clear:
-            self._past_estimates.clear()
-        self._past_estimates.extend(np.array(e, np.float64) for e in estimates)
-        self._quantiles = None
 
     def _learn_survival(self, occupied: Sequence[int], info) -> None:
         """Fold the round's survival into each drafted slot's smoothed survival (a slot's
@@ -483,10 +433,7 @@ class RoundCostModel:
         self._plain_streak, self._probe_gap, self._probed = 0, self.probe_every, False
         self._acc_expected = self._acc_seen = 0.0
         self._slot_acc = np.zeros((self.slots, 2))  # per slot: accepted drafts seen, predicted (decayed)
-        self._past_estimates: collections.deque = collections.deque(maxlen=32)  # finished requests' estimates
-        self._quantiles: np.ndarray | None = None  # their quantiles (`_past_quantiles`)
-        rng = np.random.default_rng(0)  # `_look_pays`: the kind (past quantile) of the i-th new slot in draw m
-        self._look_kinds = np.stack([np.arange(8)] + [rng.permutation(8) for _ in range(self.slots - 1)])
+        self._init_look()  # the past requests' estimates (engine_look.py)
         self._verdict_key, self._verdict = None, (True, False, None)  # the gate's last verdict and its inputs
         self._foreseen: tuple | None = None  # (key, limits, verdict) reached while a round ran (`foresee`)
         self._verdict_limits = np.zeros(0, np.int32)  # the depth limits it was reached at

@@ -62,7 +62,7 @@ class SlotAdmission:
         self._stops[s, :len(req.stop_ids)] = req.stop_ids
         self._stale_host[:, s] = 0.0
         self._recent[s] = self._own_survival[:, s] = 0.0
-        self._slot_acc[s], self._verdict_key = 0.0, None
+        self._slot_acc[s] = 0.0  # (the gate's verdicts are keyed by the seated requests)
         self._prefill_at[s] = 0
         req.result.admitted_at = now
 

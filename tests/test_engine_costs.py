@@ -4,7 +4,7 @@ measured round times (Engine.profile_rounds): they reach the gate and the object
 go to the profile file and come back from it, and the output stays greedy; the
 per-slot smoothed survival the gate reads, its probes' back-off, its check of the
 confidences against the acceptance seen (all slots and per slot) and of its own
-estimates where it drafted because they paid, its look at new requests, the verdict it
+estimates where it drafted because they paid, the verdict it
 reaches while a round runs, the relaxation of the estimates of slots it skips, the
 production prior's transfers; and the plain rounds' deferred drafter ingest (the drafts
 after it equal an engine that ingests every round)."""
@@ -466,39 +466,6 @@ def test_gate_scales_speculative_costs_by_what_steps_took(pair):
         engine._observe_step(True, ADAPTIVE[-1], 2, 3.9 * 2e-3)
         engine._observe_step(False, 2, 2, 0.8e-3)
     assert engine.spec_cost_factor == 4.0  # clipped
-
-
-def test_gate_looks_at_new_requests_that_could_pay(pair):
-    """When plain rounds win on what is known, a new request (never drafted for) gets a
-    drafted round when what it may find is worth the look: the seconds per token
-    speculation would save were it like the finished requests (their quantiles), times
-    the tokens made while it runs, against the look's cost. Plain rounds: 2 tokens in 1
-    ms (2000 tok/s); a speculative round: 2.5 ms. A new request as good as the good
-    past ones (all drafts survive) makes it 5.1 tokens: 2040 tok/s, a saving of ~1e-5 s
-    a token; a look at the past requests' mean costs ~0.5 ms more than plain rounds
-    making its tokens. So a request with 19 tokens left gets no look, one with 199 does;
-    and none when its prompt's flush is dear."""
-    tcfg, tparams, ref = pair
-    engine = _gate_engine(tcfg, tparams, ref, _rounds(2.5, 1.0), [0.1, 0.0, 0.0])
-
-    def verdict(**at_slot1):
-        for name, value in at_slot1.items():
-            getattr(engine, name)[1] = value
-        engine._verdict_key = None
-        return engine.should_draft([0, 1])
-
-    assert not verdict()  # nothing remembered: no look
-    engine._remember([np.array([0.1, 0.0, 0.0])] * 3 + [np.array([1.0, 1.0, 1.0])] * 5)
-    assert engine._past_quantiles().shape == (8, GAMMA)
-    assert not verdict(_max_new=200)  # both slots were drafted for: nothing to look at
-    assert not verdict(_recent=0.0, _max_new=20)  # slot 1 is new, with 19 tokens left: not worth it
-    assert verdict(_max_new=200) and engine._verdict[:2] == (False, True)  # 199 left: a look
-    assert 1 in engine._chosen  # the look drafts for the new request
-    engine._flush_cost = {(n, w): 0.05 for n in engine.flush_lines for w in engine.flush_widths}
-    assert not verdict(_lag=20)  # its prompt's flush is dear
-    engine._flush_cost = {}
-    engine._remember([np.array([0.1, 0.0, 0.0])] * 8, clear=True)  # the past requests were poor: nothing to find
-    assert not verdict()
 
 
 def test_gate_counts_the_flush_a_drafted_round_needs(pair):
