@@ -31,7 +31,8 @@ drafted round first flushes the backlog of the slots it drafts for.
 
 While a round drafted because it paid runs on the device, the host reaches the next
 round's verdict (`foresee`), one round behind on the estimates; on an accelerator its
-host work then costs nothing.
+host work then costs nothing. The look at new requests, which a verdict may weigh, is in
+engine_look.py.
 
 What the gate learns about the traffic (not about the seated requests) moves between
 engines: `gate_memory` / `recall_gate` (a restarted server; the load bench's timed runs
