@@ -48,8 +48,8 @@ def test_gate_looks_at_new_requests_that_could_pay(pair):
 def test_a_repeated_look_reuses_its_draws(pair, monkeypatch):
     """Where every verdict weighs a look at the same new requests (plain rounds winning,
     nothing drafted), the look's draws are reused: the same verdicts, with the draws
-    searched once; the tokens left still count, and new past estimates or another
-    batch are searched afresh."""
+    searched once; the tokens left still count, and new past estimates are searched
+    afresh."""
     tcfg, tparams, ref = pair
     engine = _gate_engine(tcfg, tparams, ref, _rounds(2.5, 1.0), [0.1, 0.0, 0.0])
     engine._remember([np.array([0.1, 0.0, 0.0])] * 3 + [np.array([1.0, 1.0, 1.0])] * 5)
