@@ -23,7 +23,7 @@ from dspark_jax import scheduler
 class BudgetChoice:
     """Mixin of `Engine`: `choose_budget`, `foresee_budget` and `_bucket`. Expects the
     engine's policy, gamma, buckets, sps, draft_time, slots, `_drafting`, `_stale_host`,
-    `_slot_req`, `_last_round` and the gate's `_foreseen` verdict."""
+    `_last_round` and the gate's `_foreseen` verdict and `_batch_key` (engine_costs.py)."""
 
     _foreseen_capacity: tuple | None = None  # (batch key, slots drafted for, K) from `foresee_budget`
 
@@ -83,9 +83,6 @@ class BudgetChoice:
         if key != self._batch_key(occupied) or not np.array_equal(seen_drafting, drafting):
             return None
         return k
-
-    def _batch_key(self, occupied: Sequence[int]) -> tuple:
-        return tuple((s, self._slot_req[s].result.request_id) for s in occupied)
 
     def _capacity(self, idx: np.ndarray, stale: np.ndarray, limit: np.ndarray) -> int:
         """The production variant's capacity K over rows `idx` from `stale` survival [S, G]

@@ -182,9 +182,13 @@ class RoundCostModel:
         length in powers of 4 (`_gate_estimates` relaxes the estimates of slots not
         drafted for, so a verdict not to draft is looked at again after 2, 8, 32 and 128
         plain rounds; at every doubling it cost 5% of the CPU demo's time at one slot)."""
-        batch = tuple((s, r.result.request_id if (r := self._slot_req[s]) is not None else -1) for s in occupied)
-        return batch, round(self.spec_cost_factor, 2) if self.learn_step_costs else 1.0, \
+        return self._batch_key(occupied), round(self.spec_cost_factor, 2) if self.learn_step_costs else 1.0, \
             int(streak).bit_length() // 2
+
+    def _batch_key(self, occupied: Sequence[int]) -> tuple:
+        """The batch as (slot, request id) pairs (-1: no request), which the gate's
+        verdicts and the production variant's foreseen capacity are keyed by."""
+        return tuple((s, r.result.request_id if (r := self._slot_req[s]) is not None else -1) for s in occupied)
 
     def foresee(self, occupied: Sequence[int]) -> None:
         """While the device runs a round drafted because it paid, reach the next round's
