@@ -78,6 +78,7 @@ from dspark_jax import generation, profile_sps, slot_round, speculate, target
 from dspark_jax.calibration import OnlineCorrection
 from dspark_jax.engine_budget import BudgetChoice
 from dspark_jax.engine_costs import GATE_MARGIN, SCHEDULED, RoundCostModel
+from dspark_jax.engine_foresight import Foresight
 from dspark_jax.engine_ingest import LazyIngest
 from dspark_jax.engine_look import LookAtNewRequests
 from dspark_jax.engine_records import EngineMetrics, PendingRequest, RequestResult, TokenCallback, as_int, is_int
@@ -94,7 +95,7 @@ def drafter_has_confidence(drafter) -> bool:
     return cfg is None or bool(getattr(cfg, "has_confidence", False))
 
 
-class Engine(SlotAdmission, RoundCostModel, LookAtNewRequests, BudgetChoice, LazyIngest, RoundProfiler):
+class Engine(SlotAdmission, RoundCostModel, Foresight, LookAtNewRequests, BudgetChoice, LazyIngest, RoundProfiler):
     """Fixed slots, slot-based caches of `max_len` positions, one policy for every round.
 
     policy: "none" (plain decoding; the drafter is ignored), "fixed" (depth `depth`,
@@ -310,8 +311,8 @@ class Engine(SlotAdmission, RoundCostModel, LookAtNewRequests, BudgetChoice, Laz
         drafted = self._prepare_round(draft, occupied)
         budget = self.choose_budget(occupied) if draft else self._bucket(len(occupied))
         info = self._round(budget, draft, adm)
-        if draft:  # the next verdict and budget, while the device runs this round
-            self.foresee(occupied)
+        self.foresee(occupied, draft, plan)  # the next verdict (and budget), while the device runs this round
+        if draft:
             self.foresee_budget(occupied)
         first, info = jax.device_get((first, info))
         self._lag = np.array(info.lag, np.int64)

@@ -29,10 +29,9 @@ top-K candidates of its estimates (scheduler.rows_worth_drafting); a probe draft
 all. With lazy ingest (engine_ingest.py, the scheduled policies' default on the CPU) a
 drafted round first flushes the backlog of the slots it drafts for.
 
-While a round drafted because it paid runs on the device, the host reaches the next
-round's verdict (`foresee`), one round behind on the estimates; on an accelerator its
-host work then costs nothing. The look at new requests, which a verdict may weigh, is in
-engine_look.py.
+While a round drafted because it paid, or a plain round that changes the batch, runs on
+the device, the host reaches the next round's verdict (engine_foresight.py). The look at
+new requests, which a verdict may weigh, is in engine_look.py.
 
 What the gate learns about the traffic (not about the seated requests) moves between
 engines: `gate_memory` / `recall_gate` (a restarted server; the load bench's timed runs
@@ -148,9 +147,10 @@ class RoundCostModel:
         recomputation, every round in a crowded batch where some request nears its end,
         cost about 4% of a plain round on the CPU demo) until the plain streak reaches 2,
         8, 32 or 128 rounds (the estimates of slots not drafted for relax towards their
-        request's own mean: `_gate_estimates`). After a round drafted because
-        it paid, the verdict `foresee` reached while it ran is taken up instead
-        (`_take_foreseen`)."""
+        request's own mean: `_gate_estimates`). A verdict `foresee` reached while the
+        round before ran (one drafted because it paid, or a plain round after which
+        the batch changes) is taken up instead when it is for this batch
+        (`_take_foreseen`, engine_foresight.py)."""
         self._chosen, self._paid_round = None, False
         if not self.gated or self._prior is None:
             return True
@@ -190,45 +190,15 @@ class RoundCostModel:
         verdicts and the production variant's foreseen capacity are keyed by."""
         return tuple((s, r.result.request_id if (r := self._slot_req[s]) is not None else -1) for s in occupied)
 
-    def foresee(self, occupied: Sequence[int]) -> None:
-        """While the device runs a round drafted because it paid, reach the next round's
-        verdict, so that the host's work on it overlaps the device's (on the H200 demo a
-        verdict took a third of a 2 ms round). It reads the estimates of the rounds
-        before this one, and the room left after this one commits a token per slot.
-        Probes and looks are not foreseen: the verdict after them reads what they found."""
-        self._foreseen = None
-        if self.gated and self._paid_round:
-            idx = np.asarray(occupied)
-            limits = self._depth_limits(idx, ahead=1)
-            self._foreseen = (self._gate_key(occupied, 0), limits, self._verdicts(idx, limits))
-
-    def _take_foreseen(self, occupied: Sequence[int], key: tuple) -> bool:
-        """Make the foreseen verdict the standing one if it is for these slots, or if it
-        is a verdict to draft and some slot it chose is still seated: it then stands for
-        one round across departures, seats and rooms that shrank faster than foreseen
-        (the slots that joined wait for that round's own foresight, which is on the batch
-        as it is). At 8 slots a request leaves or joins nearly every other round, and
-        recomputing there cost the H200 demo about 1 ms a round. Returns whether it did."""
-        foreseen, self._foreseen = self._foreseen, None
-        if foreseen is None:
-            return False
-        seen_key, limits, (pays, look, chosen, raw) = foreseen
-        if seen_key != key:
-            seated, then = set(key[0]), dict(seen_key[0])  # (slot, request) pairs; slot -> request
-            chosen = chosen[[(int(s), then[int(s)]) in seated for s in chosen]]
-            if not (pays and seen_key[1:] == key[1:] and len(chosen)):
-                return False
-        self._verdict_key, self._verdict_limits, self._verdict = key, limits, (pays, look, chosen)
-        self._verdict_raw[[s for s, _ in seen_key[0]]] = raw  # what the round's tally reads (`_learn_acceptance`)
-        return True
-
-    def _verdicts(self, idx: np.ndarray, limits: np.ndarray) -> tuple[bool, bool, np.ndarray, np.ndarray]:
+    def _verdicts(self, idx: np.ndarray, limits: np.ndarray,
+                  ahead: int = 0) -> tuple[bool, bool, np.ndarray, np.ndarray]:
         """(whether speculation pays on the slots' estimates (the flush it needs
         included), whether a look at the slots never drafted for is worth it (when they
         are at least half of the batch: `_look_pays`), the slots worth drafting for on
         those estimates (a look: with the new ones), the estimates read (before
-        gate_accuracy)). limits: the slots' depth limits."""
-        raw, fresh = self._gate_estimates(idx, limits)
+        gate_accuracy)). limits: the slots' depth limits; ahead: for the round that many
+        rounds on (`_gate_estimates`)."""
+        raw, fresh = self._gate_estimates(idx, limits, ahead)
         est = np.minimum(1.0, raw * self.gate_accuracy)
         chosen = idx[self._worth(est)]
         if self._pays(est, self._flush_seconds(chosen)):
@@ -288,17 +258,19 @@ class RoundCostModel:
             return
         self._step_cost[:, k] = 0.9 * self._step_cost[:, k] + (seconds, predicted)
 
-    def _gate_estimates(self, idx: np.ndarray, limits: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _gate_estimates(self, idx: np.ndarray, limits: np.ndarray | None = None,
+                        ahead: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(survival the gate expects of slots idx next round [n, G], which of them were
         never drafted for): the smoothed survival (the running mean for those never drafted
         for), moved towards the request's own mean survival (shrunk towards the running
         mean by OWN_MEAN_PRIOR rounds' worth of it) by STALE_KEEP per round since the slot
         was last drafted for, x the slot's acceptance ratio, clipped to 1 and masked to its
-        live positions (limits: the slots' depth limits, None: computed here)."""
+        live positions (limits: the slots' depth limits, None: computed here; ahead: the
+        estimates `ahead` rounds on, when no round between drafts)."""
         est = self._recent[idx].astype(np.float64)
         fresh = est.max(axis=1) <= 0
         est[fresh] = self._prior
-        idle = np.maximum(self.metrics.rounds - self._last_drafted[idx] - 1, 0)
+        idle = np.maximum(self.metrics.rounds + ahead - self._last_drafted[idx] - 1, 0)
         total, count = self._own_survival[:, idx]
         mean = (total + OWN_MEAN_PRIOR * self._prior) / (count + OWN_MEAN_PRIOR)
         est = mean + (est - mean) * (STALE_KEEP ** idle)[:, None]

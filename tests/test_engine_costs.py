@@ -4,8 +4,8 @@ measured round times (Engine.profile_rounds): they reach the gate and the object
 go to the profile file and come back from it, and the output stays greedy; the
 per-slot smoothed survival the gate reads, its probes' back-off, its check of the
 confidences against the acceptance seen (all slots and per slot) and of its own
-estimates where it drafted because they paid, the verdict it
-reaches while a round runs, the relaxation of the estimates of slots it skips, the
+estimates where it drafted because they paid (the verdict it reaches while a round
+runs: test_engine_foresight.py), the relaxation of the estimates of slots it skips, the
 production prior's transfers; and the plain rounds' deferred drafter ingest (the drafts
 after it equal an engine that ingests every round)."""
 
@@ -192,45 +192,6 @@ def test_gate_recomputes_only_a_verdict_the_shrinking_room_could_change(pair):
         accepted=np.zeros(SLOTS)))
     engine.should_draft([0])
     assert len(calls) == 3  # a drafted round: recomputed
-
-
-def test_gate_foresees_the_next_verdict_while_a_paid_round_runs(pair):
-    """While a round drafted because it paid runs, the host reaches the next verdict
-    (`foresee`, on the estimates before that round, with the room one token shorter);
-    the next step takes it up without recomputing when the slots stay the same, with
-    the estimates it read. A verdict to draft also stands across a departure (for the
-    slots still seated); one not to draft is recomputed. Probes are not foreseen."""
-    tcfg, tparams, ref = pair
-    rounds = {"spec": {2: 1e-3, ADAPTIVE[-1]: 2e-3}, "plain": {2: 1e-3}}
-    engine = _gate_engine(tcfg, tparams, ref, rounds, [0.9, 0.8, 0.7])
-    calls = []
-    verdicts = engine._verdicts
-    engine._verdicts = lambda *a: calls.append(a[1].copy()) or verdicts(*a)
-    assert engine.should_draft([0, 1]) and engine._paid_round and len(calls) == 1
-    raw = engine._verdict_raw.copy()
-    engine._verdict_raw[:] = 0.0  # the verdict's estimates, which the round in flight's tally reads
-    engine.foresee([0, 1])
-    assert len(calls) == 2 and calls[1].tolist() == [GAMMA, GAMMA]
-    assert not engine._verdict_raw.any()  # untouched until taken up
-    engine._recent[:] = [0.5, 0.4, 0.3]  # what the round in flight teaches: after the foreseen verdict
-    engine._n_out[:] = engine._max_new - GAMMA - 2  # one token committed: the room foreseen
-    engine._learn_acceptance([0, 1], types.SimpleNamespace(
-        active=np.ones(SLOTS, bool), depth=np.full(SLOTS, GAMMA), survival=np.full((SLOTS, GAMMA), 0.9),
-        accepted=np.full(SLOTS, GAMMA)))
-    assert engine.should_draft([0, 1]) and len(calls) == 2  # taken up
-    np.testing.assert_allclose(engine._verdict_raw, raw)  # the same estimates (the room still fits gamma)
-    engine.foresee([0, 1])
-    assert len(calls) == 3
-    assert engine.should_draft([1]) and len(calls) == 3  # a departure: the verdict to draft stands
-    assert engine._chosen.tolist() == [1]
-    engine._recent[:], engine.gate_margin = 0.01, 0.5  # a batch where drafting does not pay
-    engine.foresee([1])
-    assert engine._foreseen[2][0] is False and len(calls) == 4
-    assert not engine.should_draft([0, 1]) and len(calls) == 5  # a seat: the verdict not to draft is recomputed
-    engine._plain_streak = engine._probe_gap
-    assert engine.should_draft([0, 1]) and not engine._paid_round  # a probe
-    engine.foresee([0, 1])
-    assert engine._foreseen is None and len(calls) == 5
 
 
 def test_gate_relaxes_the_estimates_of_slots_it_skips(pair):
