@@ -65,6 +65,10 @@ OWN_MEAN_PRIOR = 2.0
 # that regress) that still pay a drafted round's flush; on the CPU demo at 4 slots, rounds
 # drafted without a margin made 0.8-0.9x a plain round's tokens/s
 GATE_MARGIN = 0.1
+# the most of the predicted time that probes finding nothing may cost (`probe_cap`): on the
+# CPU demo a probe over 4 slots (a full-budget round and the backlogs' flush) costs 3.7
+# plain rounds, and at the old fixed wait of 128 rounds probes were 2% of the time
+PROBE_SHARE = 0.01
 
 
 class RoundCostModel:
@@ -135,7 +139,7 @@ class RoundCostModel:
         (`gate_accuracy`: it drafts when its estimates are high, and they regress). A streak
         of plain rounds is broken by a probe (a speculative round) after `probe_every`
         rounds; when the probe does not change the verdict the next one waits twice as
-        long (up to 8 x probe_every), and a probe that finds speculation paying resets
+        long (up to `probe_cap`), and a probe that finds speculation paying resets
         the wait. A drafted round's predicted time includes the flush of the backlogs it
         needs (`_flush_seconds`). Slots never drafted for get a look (a drafted round
         for them) when what it may find is worth what it costs (`_look_pays`). A verdict
@@ -169,11 +173,27 @@ class RoundCostModel:
                     self._verdict, self._verdict_raw[idx] = (pays, look, chosen), raw
         pays, look, chosen = self._verdict
         if self._probed:  # a probe ran last round: it found speculation paying again, or not
-            self._probe_gap = self.probe_every if pays else min(2 * self._probe_gap, 8 * self.probe_every)
+            self._probe_gap = self.probe_every if pays else min(2 * self._probe_gap, self.probe_cap)
         self._probed = False
         if pays or look:
             self._chosen, self._paid_round = chosen, pays
         return pays or look
+
+    @property
+    def probe_cap(self) -> int:
+        """The longest wait between probes, in plain rounds: 8 x probe_every, or longer
+        where a probe is dear next to a plain round, so that probes finding nothing cost
+        at most PROBE_SHARE of the predicted time. A probe's cost is its predicted round
+        at the full budget (with the widest backlog flush profiled and a drafted step's
+        host work) less a plain round over every slot. The GPU demo's probes cost 0.3
+        plain rounds (the wait stays 8 x probe_every), the CPU demo's 2-4 (200-400)."""
+        plain_rate = self.plain_sps[self.slots]
+        sps, extra = self._spec_costs(max(self._flush_cost.values(), default=0.0))
+        if not (plain_rate > 0 and sps[self.full_budget] > 0):
+            return 8 * self.probe_every
+        plain = 1.0 / plain_rate
+        dearer = 1.0 / sps[self.full_budget] + extra - plain
+        return max(8 * self.probe_every, int(np.ceil(dearer / (PROBE_SHARE * plain))))
 
     def _gate_key(self, occupied: Sequence[int], streak: int) -> tuple:
         """What a verdict is reached on, beyond the estimates: the slots and their

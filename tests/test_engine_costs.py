@@ -318,20 +318,32 @@ def test_gate_memory_carries_to_a_new_engine(pair):
         fresh.recall_gate(dict(memory, gamma=GAMMA + 1))
 
 
-def test_gate_backs_off_its_probes(pair):
-    """While probes find speculation does not pay, the plain streak between them doubles
-    up to 8 x probe_every; a probe that finds it paying resets it."""
-    tcfg, tparams, ref = pair
-    engine = _gate_engine(tcfg, tparams, ref, _rounds(20.0, 1.0), [0.8, 0.6, 0.4])
+def _probe_streaks(engine, rounds: int) -> list[int]:
+    """The plain streaks between the gate's drafted rounds over `rounds` rounds."""
     streaks, streak = [], 0
-    for _ in range(120):
+    for _ in range(rounds):
         if engine.should_draft([0, 1]):
             streaks.append(streak)
             streak = 0
         else:
             streak += 1
         engine._plain_streak = streak
-    assert streaks[:6] == [3, 6, 12, 24, 24, 24]
+    return streaks
+
+
+def test_gate_backs_off_its_probes(pair):
+    """While probes find speculation does not pay, the plain streak between them doubles
+    up to 8 x probe_every where a probe costs little next to a plain round (1.2 ms
+    against 1 ms), and further where it is dear (20 ms: up to the wait at which probes
+    cost 1% of the time, 1900 rounds); a probe that finds it paying resets it."""
+    tcfg, tparams, ref = pair
+    engine = _gate_engine(tcfg, tparams, ref, _rounds(1.2, 1.0), [0.1, 0.0, 0.0])
+    assert engine.probe_cap == 24
+    assert _probe_streaks(engine, 120)[:6] == [3, 6, 12, 24, 24, 24]
+    engine = _gate_engine(tcfg, tparams, ref, _rounds(20.0, 1.0), [0.8, 0.6, 0.4])
+    assert engine.probe_cap == 1900
+    assert _probe_streaks(engine, 200)[:6] == [3, 6, 12, 24, 48, 96]
+    engine._probe_gap, engine._plain_streak = 24, 0
     engine._apply_costs(_rounds(1.0, 1.0))  # speculation pays now
     assert engine.should_draft([0, 1]) and engine._probe_gap == 24  # not found by a probe: the wait stays
     engine._apply_costs(_rounds(20.0, 1.0))
