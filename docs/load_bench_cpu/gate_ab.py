@@ -1,0 +1,128 @@
+"""Interleaved A/B of the drafting gate's variants in the closed-loop load bench, one concurrency.
+
+    python docs/load_bench_cpu/gate_ab.py --concurrency 2 --repeats 8 \
+        none algorithm1 algorithm1+never algorithm1+nolook
+
+A variant is a policy with optional changes to the gate, switched on for its runs only:
+  +never      the gate never drafts once it knows the traffic (its warm-up memory): the
+              scheduled engine's plain path alone, lazy ingest and gate key included;
+  +nolook     no looks at new requests;
+  +fixedcap   the probe wait capped at 8 x probe_every (as before `Engine.probe_cap`);
+  +noforesee  no verdict foreseen during plain rounds (only after paid rounds, as before
+              engine_foresight.py took plain rounds).
+Every variant's runs start from the gate memory of its own warm-up run, as the load bench's
+do, and run with garbage collection off; the runs interleave (alternate repeats reversed).
+Printed: each variant's median tok/s and its per-repeat ratio to the first variant
+(median and range; repeat i of both ran back to back). The scheduled policies' round
+profile is measured once, in this process, and shared by their variants."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+import numpy as np
+
+from dspark_jax import drafters, load_bench, profile_sps, target
+from dspark_jax import prompts as prompt_files
+from dspark_jax.engine import Engine
+from dspark_jax.serving import GenerateRequest, resolve_folders
+from dspark_jax.tokenizer import Tokenizer
+
+ORIGINAL = {name: getattr(Engine, name) for name in ("should_draft", "_look_pays", "probe_cap", "foresee")}
+
+
+def _never(self, occupied):
+    self._chosen, self._paid_round = None, False
+    return self._prior is None  # a first round drafts only when nothing is known
+
+
+def _no_look(self, idx, est, fresh, live):
+    return False, np.zeros(len(idx), bool)
+
+
+def _paid_only_foresee(self, occupied, drafted, plan=()):
+    if drafted:
+        ORIGINAL["foresee"](self, occupied, drafted, plan)
+    else:
+        self._foreseen = None
+
+
+CHANGES = {"never": ("should_draft", _never), "nolook": ("_look_pays", _no_look),
+           "fixedcap": ("probe_cap", property(lambda self: 8 * self.probe_every)),
+           "noforesee": ("foresee", _paid_only_foresee)}
+
+
+def switch(variant: str) -> str:
+    """Put the engine's methods as `variant` wants them; returns its policy."""
+    policy, *changes = variant.split("+")
+    for name, method in ORIGINAL.items():
+        setattr(Engine, name, method)
+    for change in changes:
+        if change not in CHANGES:
+            raise SystemExit(f"gate_ab: unknown change '+{change}' (choose from {', '.join(CHANGES)})")
+        name, method = CHANGES[change]
+        setattr(Engine, name, method)
+    return policy
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("variants", nargs="+")
+    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=8)
+    p.add_argument("--requests-per-client", type=int, default=12)
+    p.add_argument("--prompt-file", default="docs/load_bench_cpu/prompts.jsonl")
+    p.add_argument("--sps-file", default="work/gate_ab/sps_profile.json")
+    a = p.parse_args()
+    c = a.concurrency
+    tf, df, kind = resolve_folders(GenerateRequest())
+    tcfg, tparams = target.load(tf)
+    drafter, dparams = drafters.load(df, tcfg, kind=kind)
+    prompts = prompt_files.encode_prompts(prompt_files.read_prompt_file(a.prompt_file), Tokenizer(tf), False)
+    s = load_bench.LoadSettings(concurrency=(c,), requests_per_client=a.requests_per_client,
+                                prompt_len=max(map(len, prompts)), max_new_tokens=32, length_spread=0.5,
+                                buckets="pow2", sps_file=a.sps_file)
+    sps, rec = profile_sps.load_or_profile(tcfg, tparams, slots=c, gamma=drafter.gamma, max_len=s.cache_len,
+                                           buckets=s.bucket_set(c, drafter.gamma), tap_layers=drafter.tap_layers,
+                                           path=s.sps_file, drafter=drafter, dparams=dparams)
+    draft_time = float(rec.get("draft_seconds", 0.0))
+    rounds, gates = {}, {}
+    for v in a.variants:
+        policy = switch(v)
+        d = drafter if policy != "none" else None
+        if policy in load_bench.SCHEDULED_POLICIES and policy not in rounds:
+            engine = load_bench.make_engine(tcfg, tparams, d, dparams, policy, c, s, sps, draft_time)
+            rounds[policy] = engine.profile_rounds(save=False)
+        gates[v] = {}
+        load_bench.run_point(tcfg, tparams, d, dparams, policy, "closed", c, s, prompts, sps=sps,
+                             draft_time=draft_time, rounds=rounds.get(policy), gate=gates[v])
+    speeds: dict[str, list[float]] = {v: [] for v in a.variants}
+    for rep in range(a.repeats):
+        for v in a.variants if rep % 2 == 0 else a.variants[::-1]:
+            policy = switch(v)
+            d = drafter if policy != "none" else None
+            engine = load_bench.make_engine(tcfg, tparams, d, dparams, policy, c, s, sps, draft_time, rounds.get(policy))
+            if "memory" in gates[v]:
+                engine.recall_gate(gates[v]["memory"])
+            gc.collect()
+            gc.disable()
+            try:
+                t0 = time.perf_counter()
+                results = load_bench._drive(engine, prompts, s, "closed", c, time.perf_counter, time.sleep)
+                speeds[v].append(sum(len(r.token_ids) for r in results) / (time.perf_counter() - t0))
+            finally:
+                gc.enable()
+    switch(a.variants[0])
+    base = speeds[a.variants[0]]
+    print(f"c={c}, {a.repeats} interleaved runs each")
+    for v in a.variants:
+        ratios = [x / b for x, b in zip(speeds[v], base)]
+        print(f"{v:24s} {statistics.median(speeds[v]):7.1f} tok/s   / {a.variants[0]}: "
+              f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
