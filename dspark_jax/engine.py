@@ -29,13 +29,15 @@ by the gate's own record (accepted drafts over its estimates, on the rounds it d
 because they paid), and runs a plain decoding round instead unless a speculative one is
 predicted at least `gate_margin` (10%) faster (`scheduler.speculation_pays`;
 engine_costs.py has the details, probes among them; engine_look.py: looks at new
-requests; engine_foresight.py: verdicts reached while the round before runs). A round that drafts drafts only for the slots worth it (the others verify
-nothing). On the CPU the drafter ingests lazily (engine_ingest.py), so a plain round
-costs about what plain decoding costs. After `probe_every` plain rounds in a row one
-speculative round refreshes the estimates (the wait doubles while probes keep finding
-speculation does not pay, up to `probe_cap`: longer where probes are dear). A plain round is every depth at 0, chosen before the drafts
-exist: lossless. The fixed policy with depth d < gamma drafts only d tokens (the
-drafter's gamma is cut to d), so MTP-1 costs one drafted token, not a block.
+requests; engine_foresight.py: verdicts reached while the round before runs). A round
+that drafts drafts only for the slots worth it (the others verify nothing). On the CPU
+the drafter ingests lazily (engine_ingest.py), so a plain round costs about what plain
+decoding costs. After `probe_every` plain rounds in a row one speculative round
+refreshes the estimates (the wait doubles while probes keep finding speculation does not
+pay, up to `probe_cap`: longer where probes are dear). A plain round is every depth at
+0, chosen before the drafts exist: lossless. The fixed policy with depth d < gamma
+drafts only d tokens (the drafter's gamma is cut to d), so MTP-1 costs one drafted
+token, not a block.
 
 What a round costs (engine_costs.py): by default the target pass's SPS(B) plus a
 drafting pass; after `engine.profile_rounds()` (or when the profile file holds them) the
