@@ -9,7 +9,9 @@ A variant is a policy with optional changes to the gate, switched on for its run
   +nolook     no looks at new requests;
   +fixedcap   the probe wait capped at 8 x probe_every (as before `Engine.probe_cap`);
   +noforesee  no verdict foreseen during plain rounds (only after paid rounds, as before
-              engine_foresight.py took plain rounds).
+              engine_foresight.py took plain rounds);
+  +learncost  the engine's opt-in `learn_step_costs` (the warm-up's step costs carry
+              into the timed runs with its gate memory).
 Every variant's runs start from the gate memory of its own warm-up run, as the load bench's
 do, and run with garbage collection off; the runs interleave (alternate repeats reversed).
 Printed: each variant's median tok/s and its per-repeat ratio to the first variant
@@ -31,7 +33,7 @@ from dspark_jax.engine import Engine
 from dspark_jax.serving import GenerateRequest, resolve_folders
 from dspark_jax.tokenizer import Tokenizer
 
-ORIGINAL = {name: getattr(Engine, name) for name in ("should_draft", "_look_pays", "probe_cap", "foresee")}
+ORIGINAL = {name: getattr(Engine, name) for name in ("__init__", "should_draft", "_look_pays", "probe_cap", "foresee")}
 
 
 def _never(self, occupied):
@@ -50,9 +52,13 @@ def _paid_only_foresee(self, occupied, drafted, plan=()):
         self._foreseen = None
 
 
+def _learning_init(self, *args, **kwargs):
+    ORIGINAL["__init__"](self, *args, **{**kwargs, "learn_step_costs": True})
+
+
 CHANGES = {"never": ("should_draft", _never), "nolook": ("_look_pays", _no_look),
            "fixedcap": ("probe_cap", property(lambda self: 8 * self.probe_every)),
-           "noforesee": ("foresee", _paid_only_foresee)}
+           "noforesee": ("foresee", _paid_only_foresee), "learncost": ("__init__", _learning_init)}
 
 
 def switch(variant: str) -> str:
@@ -61,8 +67,6 @@ def switch(variant: str) -> str:
     for name, method in ORIGINAL.items():
         setattr(Engine, name, method)
     for change in changes:
-        if change not in CHANGES:
-            raise SystemExit(f"gate_ab: unknown change '+{change}' (choose from {', '.join(CHANGES)})")
         name, method = CHANGES[change]
         setattr(Engine, name, method)
     return policy
@@ -77,6 +81,12 @@ def main() -> None:
     p.add_argument("--prompt-file", default="docs/load_bench_cpu/prompts.jsonl")
     p.add_argument("--sps-file", default="work/gate_ab/sps_profile.json")
     a = p.parse_args()
+    for v in a.variants:
+        policy, *changes = v.split("+")
+        if policy not in load_bench.POLICIES:
+            p.error(f"unknown policy '{policy}' in '{v}' (choose from {', '.join(load_bench.POLICIES)})")
+        if any(change not in CHANGES for change in changes):
+            p.error(f"unknown change in '{v}' (choose from +{', +'.join(CHANGES)})")
     c = a.concurrency
     tf, df, kind = resolve_folders(GenerateRequest())
     tcfg, tparams = target.load(tf)
