@@ -21,8 +21,9 @@ the device, where its work overlaps the device's, and `should_draft` takes it up
   plain rounds win (the CPU demo's closed loop at 4 slots), a request leaves or joins
   every fourth round; the verdicts before the round fell from 0.15 to 0.02 ms a step
   (0.2 ms a step moved into the round), a change below that machine's noise in
-  throughput (0.937 -> 0.941 of plain decoding's, 8 interleaved runs each). On a GPU
-  the round runs while the host works.
+  throughput (at 2 slots 0.938 of plain decoding's, 0.934 without it: 8 interleaved
+  runs each, docs/load_bench_cpu/gate_ab.py). On a GPU the round runs while the host
+  works.
 
 The looks of the foreseen verdicts read the past requests' estimates as they are before
 the round: a request that finishes in it joins them (`_remember_request`) for later
