@@ -81,6 +81,8 @@ def main() -> None:
     p.add_argument("--prompt-file", default="docs/load_bench_cpu/prompts.jsonl")
     p.add_argument("--sps-file", default="work/gate_ab/sps_profile.json")
     a = p.parse_args()
+    if min(a.concurrency, a.repeats, a.requests_per_client) < 1:
+        p.error("--concurrency, --repeats and --requests-per-client must be >= 1")
     for v in a.variants:
         policy, *changes = v.split("+")
         if policy not in load_bench.POLICIES:
