@@ -16,7 +16,10 @@ Every variant's runs start from the gate memory of its own warm-up run, as the l
 do, and run with garbage collection off; the runs interleave (alternate repeats reversed).
 Printed: each variant's median tok/s and its per-repeat ratio to the first variant
 (median and range; repeat i of both ran back to back). The scheduled policies' round
-profile is measured once, in this process, and shared by their variants."""
+profile is read from `--sps-file` when it holds one for these buckets, else measured
+once and stored there: every process that reads the same file decides on the same
+costs (measured afresh, the profile moves 10-20% between processes on the 2-core CPU,
+and the gate's drafting moves with it). `--fresh-rounds` measures it anew."""
 
 from __future__ import annotations
 
@@ -80,6 +83,7 @@ def main() -> None:
     p.add_argument("--requests-per-client", type=int, default=12)
     p.add_argument("--prompt-file", default="docs/load_bench_cpu/prompts.jsonl")
     p.add_argument("--sps-file", default="work/gate_ab/sps_profile.json")
+    p.add_argument("--fresh-rounds", action="store_true", help="measure the round profile anew (and store it)")
     a = p.parse_args()
     if min(a.concurrency, a.repeats, a.requests_per_client) < 1:
         p.error("--concurrency, --repeats and --requests-per-client must be >= 1")
@@ -107,7 +111,12 @@ def main() -> None:
         d = drafter if policy != "none" else None
         if policy in load_bench.SCHEDULED_POLICIES and policy not in rounds:
             engine = load_bench.make_engine(tcfg, tparams, d, dparams, policy, c, s, sps, draft_time)
-            rounds[policy] = engine.profile_rounds(save=False)
+            stored = None if a.fresh_rounds else profile_sps.stored_rounds(rec, policy, engine.buckets,
+                                                                          engine.plain_buckets)
+            if stored is None:
+                stored = engine.profile_rounds(save=False)
+                profile_sps.save_rounds(s.sps_file, rec["key"], policy, stored)
+            rounds[policy] = stored
         gates[v] = {}
         load_bench.run_point(tcfg, tparams, d, dparams, policy, "closed", c, s, prompts, sps=sps,
                              draft_time=draft_time, rounds=rounds.get(policy), gate=gates[v])
