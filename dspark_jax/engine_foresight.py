@@ -42,8 +42,6 @@ class Foresight:
     `_gate_key`, `_verdict_key`, `_plain_streak`, `_probe_gap` and the engine's host
     mirrors (`_slot_req`, `_n_out`, `_max_new`)."""
 
-    _foreseen: tuple | None = None  # (key, limits, verdict) reached while a round ran
-
     def foresee(self, occupied: Sequence[int], drafted: bool, plan: Sequence[tuple] = ()) -> None:
         """While the device runs the round just dispatched over `occupied` (drafted: it
         drafts; plan: its prompt chunks, (slot, start, n)), reach the next round's verdict
@@ -51,25 +49,24 @@ class Foresight:
         self._foreseen = None
         if not self.gated:
             return
-        if drafted:
-            if self._paid_round:
-                idx = np.asarray(occupied)
-                limits = self._depth_limits(idx, ahead=1)
-                self._foreseen = (self._gate_key(occupied, 0), limits, self._verdicts(idx, limits))
-            return
-        streak = self._plain_streak + 1
-        if streak >= self._probe_gap:
-            return  # the next round is a probe: it reaches no verdict
-        staying = [s for s in occupied if self._n_out[s] + 1 < self._max_new[s]]
-        started = [s for s, at, n in plan if at + n == len(self._slot_req[s].prompt)]
-        nxt = sorted(staying + started)
-        key = self._gate_key(nxt, streak)
-        if not nxt or key == self._verdict_key:
-            return  # nothing decodes, or the standing verdict (not to draft) stands
+        if drafted:  # the same batch, on the estimates before this round
+            if not self._paid_round:
+                return
+            nxt, key, committed, rounds_on = list(occupied), self._gate_key(occupied, 0), 1, 0
+        else:  # the batch after this round, on the estimates a round on
+            streak = self._plain_streak + 1
+            if streak >= self._probe_gap:
+                return  # the next round is a probe: it reaches no verdict
+            staying = [s for s in occupied if self._n_out[s] + 1 < self._max_new[s]]
+            started = [s for s, at, n in plan if at + n == len(self._slot_req[s].prompt)]
+            nxt = sorted(staying + started)
+            key = self._gate_key(nxt, streak)
+            if not nxt or key == self._verdict_key:
+                return  # nothing decodes, or the standing verdict (not to draft) stands
+            committed, rounds_on = np.isin(nxt, staying).astype(np.int64), 1  # a joining slot commits nothing
         idx = np.asarray(nxt)
-        ahead = np.isin(idx, staying).astype(np.int64)  # a joining slot has committed nothing yet
-        limits = self._depth_limits(idx, ahead=ahead)
-        self._foreseen = (key, limits, self._verdicts(idx, limits, ahead=1))
+        limits = self._depth_limits(idx, ahead=committed)
+        self._foreseen = (key, limits, self._verdicts(idx, limits, rounds_on))  # rounds_on: `ahead`
 
     def _take_foreseen(self, occupied: Sequence[int], key: tuple) -> bool:
         """Make the foreseen verdict the standing one if it is for these slots, or if it
