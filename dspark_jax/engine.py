@@ -86,6 +86,7 @@ from dspark_jax.engine_look import LookAtNewRequests
 from dspark_jax.engine_records import EngineMetrics, PendingRequest, RequestResult, TokenCallback, as_int, is_int
 from dspark_jax.engine_profile import RoundProfiler
 from dspark_jax.engine_slots import SlotAdmission
+from dspark_jax.engine_step_costs import StepCosts
 from dspark_jax.errors import DSparkError
 from dspark_jax.paged_cache import PageAllocator, pages_needed
 from dspark_jax.sampling import SamplingParams, validate
@@ -97,7 +98,7 @@ def drafter_has_confidence(drafter) -> bool:
     return cfg is None or bool(getattr(cfg, "has_confidence", False))
 
 
-class Engine(SlotAdmission, RoundCostModel, Foresight, LookAtNewRequests, BudgetChoice, LazyIngest, RoundProfiler):
+class Engine(SlotAdmission, RoundCostModel, StepCosts, Foresight, LookAtNewRequests, BudgetChoice, LazyIngest, RoundProfiler):
     """Fixed slots, slot-based caches of `max_len` positions, one policy for every round.
 
     policy: "none" (plain decoding; the drafter is ignored), "fixed" (depth `depth`,
@@ -119,7 +120,9 @@ class Engine(SlotAdmission, RoundCostModel, Foresight, LookAtNewRequests, Budget
     scheduled policies on the CPU, whose gate may not draft; on a GPU / TPU a small
     model's round costs its launches, and a flush is one more; False: every round ingests).
     learn_step_costs: the gate scales speculative rounds' predicted times by how much
-    dearer than predicted, relative to plain ones, its steps have run (`spec_cost_factor`).
+    dearer than predicted, relative to plain ones, its steps have run so far, updated every
+    step (`spec_cost_factor`; default: the factor is calibrated once, by
+    `calibrate_step_costs` or `recall_gate`, engine_step_costs.py).
     gate_margin: how much faster than a plain round a speculative one must be predicted."""
 
     def __init__(self, tcfg, tparams, drafter=None, dparams=None, *, slots: int = 4, max_len: int = 256,
@@ -297,7 +300,7 @@ class Engine(SlotAdmission, RoundCostModel, Foresight, LookAtNewRequests, Budget
     def step(self) -> bool:
         """Admit waiting requests, then one round over the active slots. Returns whether
         anything ran."""
-        now = self.clock()
+        now = start = self.clock()
         if self.metrics.started_at is None and not self.idle:
             self.metrics.started_at = now
         admitted, first = self._admit(now)
@@ -318,9 +321,7 @@ class Engine(SlotAdmission, RoundCostModel, Foresight, LookAtNewRequests, Budget
             self.foresee_budget(occupied)
         first, info = jax.device_get((first, info))
         self._lag = np.array(info.lag, np.int64)
-        at, now = now, self.clock()
-        if not admitted and not plan:  # a step without prompt work: what its round cost
-            self._observe_step(draft, budget, len(occupied), now - at)
+        now = self.clock()
         for s in admitted:
             self._emit(s, [int(first[s])], now)
         started = self._advance_chunks(plan)
@@ -353,6 +354,8 @@ class Engine(SlotAdmission, RoundCostModel, Foresight, LookAtNewRequests, Budget
             if info.done[s]:
                 self._finish(s, now)
         m.last_at = now
+        if not admitted and not plan:  # a step without prompt work: what it took against its prediction
+            self._observe_step(draft, budget, len(occupied), self.clock() - start)
         return True
 
     def run_until_done(self, max_steps: int | None = None) -> list[RequestResult]:

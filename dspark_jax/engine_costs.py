@@ -250,34 +250,6 @@ class RoundCostModel:
         plan = self._flush_plan(slots)
         return 0.0 if plan is None else self._flush_cost.get((len(plan[1]), plan[2]), 0.0)
 
-    @property
-    def spec_cost_factor(self) -> float:
-        """How much dearer speculative steps have run than the cost model predicts,
-        relative to plain steps (1 until both were seen; clipped to [0.5, 4]): steps in a
-        run pay for what a profile over idle slots misses (the flushes of lazy ingest,
-        host work, the caches of a busy machine). The gate scales speculative rounds'
-        predicted times by it. Only with `learn_step_costs`: the gate's verdicts then
-        depend on timing, so a run may reach shapes a first run did not compile."""
-        seen, pred = self._step_cost
-        if not (pred > 0).all():
-            return 1.0
-        return float(np.clip((seen[1] / pred[1]) / (seen[0] / pred[0]), 0.5, 4.0))
-
-    def _observe_step(self, draft: bool, budget: int, rows: int, seconds: float) -> None:
-        """A step's wall time (one without prompt work) against the time its round was
-        predicted to take; sums decayed by 0.9 a step of each kind. A step over 4x its
-        prediction is a hiccup (a compile, a collection, the machine's) and is left out."""
-        if not (self.gated and self.learn_step_costs) or not seconds > 0:
-            return
-        rate = self.sps[budget] if draft else self.plain_sps[rows]
-        if not rate > 0:
-            return
-        k = int(draft)
-        predicted = 1.0 / rate + (self.draft_time if draft else 0.0)
-        if seconds > 4 * predicted:
-            return
-        self._step_cost[:, k] = 0.9 * self._step_cost[:, k] + (seconds, predicted)
-
     def _gate_estimates(self, idx: np.ndarray, limits: np.ndarray | None = None,
                         ahead: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(survival the gate expects of slots idx next round [n, G], which of them were
@@ -381,19 +353,21 @@ class RoundCostModel:
         """What the gate has learnt about the traffic rather than about the requests
         seated now: the running mean survival per position, the finished requests'
         estimates (what a look expects of a new request), the acceptance ratios, its own
-        record on the rounds it drafted because they paid, the probe wait and the step
-        costs. Another engine of the same drafter takes it up with `recall_gate`: a
+        record on the rounds it drafted because they paid, the probe wait and what its
+        steps took against their predictions (engine_step_costs.py). Another engine of the same drafter takes it up with `recall_gate`: a
         restarted server, or a benchmark's timed run after its warm-up run, starts where
         the traffic left it instead of drafting blind (a first round always drafts when
         nothing is known, and looks at new requests need finished ones). Copies."""
         return {"gamma": self.gamma, "prior": None if self._prior is None else self._prior.copy(),
                 "past_estimates": [e.copy() for e in self._past_estimates],
                 "acceptance": (self._acc_seen, self._acc_expected), "paid": self._paid_acc.copy(),
-                "probe_gap": self._probe_gap, "step_cost": self._step_cost.copy()}
+                "probe_gap": self._probe_gap, "step_cost": list(self._step_cost),
+                "plain_ratio": [list(d) for d in self._plain_ratio]}
 
     def recall_gate(self, memory: dict) -> None:
         """Take up another engine's `gate_memory` (same drafter gamma); the seated
-        requests' own estimates are not part of it."""
+        requests' own estimates are not part of it. The gate's step-cost factor is
+        calibrated on that engine's steps (`calibrate_step_costs`)."""
         if memory.get("gamma") != self.gamma:
             raise DSparkError(f"gate memory of a gamma {memory.get('gamma')} drafter; this engine's gamma is "
                               f"{self.gamma}")
@@ -405,8 +379,12 @@ class RoundCostModel:
         self._acc_seen, self._acc_expected = (float(x) for x in memory["acceptance"])
         self._paid_acc = np.array(memory["paid"], np.float64)
         self._probe_gap = int(memory["probe_gap"])
-        self._step_cost = np.array(memory["step_cost"], np.float64)
-        self._verdict_key = self._foreseen = None
+        self._step_cost.clear()
+        self._step_cost.extend(memory["step_cost"])
+        for mine, theirs in zip(self._plain_ratio, memory["plain_ratio"]):
+            mine.clear()
+            mine.extend(theirs)
+        self.calibrate_step_costs()  # the steps that engine saw (engine_step_costs.py)
 
     def _set_prior(self, prior: np.ndarray) -> None:
         """The running mean survival per position. Its device copy (only the production
@@ -441,5 +419,5 @@ class RoundCostModel:
         self._paid_acc = np.zeros(2)  # accepted drafts seen, predicted by the gate, over such rounds (decayed)
         self._chosen: np.ndarray | None = None  # the slots the gate chose to draft for (None: all)
         self._drafting = np.ones(self.slots, bool)  # the slots the round about to run drafts for
-        self._step_cost = np.zeros((2, 2))  # [seen, predicted] seconds of [plain, speculative] steps (decayed)
+        self._init_step_costs()  # the steps' realized costs (engine_step_costs.py)
         self._init_ingest(lazy_ingest)

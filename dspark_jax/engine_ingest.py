@@ -71,6 +71,7 @@ class LazyIngest:
     def _flush(self, slots: Sequence[int]) -> None:
         """The drafter ingests the backlog of `slots` in one call (lazy ingest)."""
         plan = self._flush_plan(slots)
+        self._flushed = None if plan is None else (len(plan[1]), plan[2])  # what the step's cost model reads
         if plan is not None:
             lagging, rows, width = plan
             self._run_flush(rows, width)

@@ -413,34 +413,6 @@ def test_gate_drafts_only_for_the_slots_worth_it(pair):
     assert engine.should_draft([0, 1]) and engine._chosen is None
 
 
-def test_gate_scales_speculative_costs_by_what_steps_took(pair):
-    """With learn_step_costs, speculative steps seen 3x dearer than predicted while plain
-    steps ran as predicted: the gate's factor is 3 (clipped to [0.5, 4]), and a round that paid on
-    the profile no longer does. Steps of one kind only leave it at 1; a step over 4x its
-    prediction is left out."""
-    tcfg, tparams, ref = pair
-    rounds = {"spec": {2: 1e-3, ADAPTIVE[-1]: 2e-3}, "plain": {2: 1e-3}}
-    engine = _gate_engine(tcfg, tparams, ref, rounds, [0.9, 0.8, 0.7])
-    assert engine.should_draft([0, 1])
-    engine._observe_step(True, ADAPTIVE[-1], 2, 3 * 2e-3)
-    engine._observe_step(False, 2, 2, 1e-3)
-    assert engine.spec_cost_factor == 1.0  # off by default
-    engine.learn_step_costs = True
-    for _ in range(5):
-        engine._observe_step(True, ADAPTIVE[-1], 2, 3 * 2e-3)
-    assert engine.spec_cost_factor == 1.0  # no plain step seen yet
-    for _ in range(5):
-        engine._observe_step(False, 2, 2, 1e-3)
-    assert engine.spec_cost_factor == pytest.approx(3.0)
-    assert not engine.should_draft([0, 1])  # the cached verdict was recomputed
-    engine._observe_step(True, ADAPTIVE[-1], 2, 100 * 2e-3)  # a hiccup (a compile): left out
-    assert engine.spec_cost_factor == pytest.approx(3.0)
-    for _ in range(40):
-        engine._observe_step(True, ADAPTIVE[-1], 2, 3.9 * 2e-3)
-        engine._observe_step(False, 2, 2, 0.8e-3)
-    assert engine.spec_cost_factor == 4.0  # clipped
-
-
 def test_gate_counts_the_flush_a_drafted_round_needs(pair):
     """A drafted round first flushes the backlogs of the slots it drafts for: the gate
     adds that flush's measured time to the round's, so a round that pays when the

@@ -11,7 +11,9 @@ A variant is a policy with optional changes to the gate, switched on for its run
   +noforesee  no verdict foreseen during plain rounds (only after paid rounds, as before
               engine_foresight.py took plain rounds);
   +learncost  the engine's opt-in `learn_step_costs` (the warm-up's step costs carry
-              into the timed runs with its gate memory).
+              into the timed runs with its gate memory);
+  +nocalib    the gate's step-cost factor left at 1 (no calibration on the warm-up's
+              steps, engine_step_costs.py).
 Every variant's runs start from the gate memory of its own warm-up run, as the load bench's
 do, and run with garbage collection off; the runs interleave (alternate repeats reversed).
 Printed: each variant's median tok/s and its per-repeat ratio to the first variant
@@ -36,7 +38,8 @@ from dspark_jax.engine import Engine
 from dspark_jax.serving import GenerateRequest, resolve_folders
 from dspark_jax.tokenizer import Tokenizer
 
-ORIGINAL = {name: getattr(Engine, name) for name in ("__init__", "should_draft", "_look_pays", "probe_cap", "foresee")}
+ORIGINAL = {name: getattr(Engine, name) for name in ("__init__", "should_draft", "_look_pays", "probe_cap", "foresee",
+                                                     "calibrate_step_costs")}
 
 
 def _never(self, occupied):
@@ -55,13 +58,19 @@ def _paid_only_foresee(self, occupied, drafted, plan=()):
         self._foreseen = None
 
 
+def _uncalibrated(self, step_cost=None):
+    self._cost_factor = 1.0
+    return 1.0
+
+
 def _learning_init(self, *args, **kwargs):
     ORIGINAL["__init__"](self, *args, **{**kwargs, "learn_step_costs": True})
 
 
 CHANGES = {"never": ("should_draft", _never), "nolook": ("_look_pays", _no_look),
            "fixedcap": ("probe_cap", property(lambda self: 8 * self.probe_every)),
-           "noforesee": ("foresee", _paid_only_foresee), "learncost": ("__init__", _learning_init)}
+           "noforesee": ("foresee", _paid_only_foresee), "learncost": ("__init__", _learning_init),
+           "nocalib": ("calibrate_step_costs", _uncalibrated)}
 
 
 def switch(variant: str) -> str:
