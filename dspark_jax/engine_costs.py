@@ -354,14 +354,15 @@ class RoundCostModel:
         seated now: the running mean survival per position, the finished requests'
         estimates (what a look expects of a new request), the acceptance ratios, its own
         record on the rounds it drafted because they paid, the probe wait and what its
-        steps took against their predictions (engine_step_costs.py). Another engine of the same drafter takes it up with `recall_gate`: a
-        restarted server, or a benchmark's timed run after its warm-up run, starts where
-        the traffic left it instead of drafting blind (a first round always drafts when
-        nothing is known, and looks at new requests need finished ones). Copies."""
+        steps took against their predictions (engine_step_costs.py). Another engine of
+        the same drafter takes it up with `recall_gate`: a restarted server, or a
+        benchmark's timed run after its warm-up run, starts where the traffic left it
+        instead of drafting blind (a first round always drafts when nothing is known, and
+        looks at new requests need finished ones). Copies."""
         return {"gamma": self.gamma, "prior": None if self._prior is None else self._prior.copy(),
                 "past_estimates": [e.copy() for e in self._past_estimates],
                 "acceptance": (self._acc_seen, self._acc_expected), "paid": self._paid_acc.copy(),
-                "probe_gap": self._probe_gap, "step_cost": list(self._step_cost),
+                "probe_gap": self._probe_gap, "drafted_ratio": list(self._drafted_ratio),
                 "plain_ratio": [list(d) for d in self._plain_ratio]}
 
     def recall_gate(self, memory: dict) -> None:
@@ -379,8 +380,8 @@ class RoundCostModel:
         self._acc_seen, self._acc_expected = (float(x) for x in memory["acceptance"])
         self._paid_acc = np.array(memory["paid"], np.float64)
         self._probe_gap = int(memory["probe_gap"])
-        self._step_cost.clear()
-        self._step_cost.extend(memory["step_cost"])
+        self._drafted_ratio.clear()
+        self._drafted_ratio.extend(memory["drafted_ratio"])
         for mine, theirs in zip(self._plain_ratio, memory["plain_ratio"]):
             mine.clear()
             mine.extend(theirs)

@@ -42,7 +42,7 @@ class StepCosts:
     def _init_step_costs(self) -> None:
         # the latest drafted steps' seconds / predicted seconds, over the same ratio of the
         # latest plain steps' at their row count (per row count: `_plain_ratio`)
-        self._step_cost: collections.deque = collections.deque(maxlen=STEP_WINDOW)
+        self._drafted_ratio: collections.deque = collections.deque(maxlen=STEP_WINDOW)
         self._plain_ratio = [collections.deque(maxlen=PLAIN_WINDOW) for _ in range(self.slots + 1)]
         self._cost_factor = 1.0  # the calibrated factor (`calibrate_step_costs`)
         self._flushed: tuple | None = None  # the (lines, width) the round's flush ran at (`_flush`)
@@ -54,23 +54,22 @@ class StepCosts:
         factor of the steps seen so far."""
         return self.realized_cost_factor() if self.learn_step_costs else self._cost_factor
 
-    def realized_cost_factor(self, step_cost=None) -> float:
+    def realized_cost_factor(self, drafted_ratio=None) -> float:
         """The median over the latest drafted steps of their seconds / predicted seconds,
         each over the median of that ratio over the latest plain steps at its row count
         (a run's drain, one row, runs at another ratio than a full batch; medians, as a
-        step's time has a long tail), shrunk towards 1 by
-        CALIBRATION_PRIOR drafted steps' worth of it and clipped to FACTOR_RANGE; 1
-        before any. step_cost: another engine's (its `gate_memory`), else this engine's."""
-        ratios = self._step_cost if step_cost is None else step_cost
+        step's time has a long tail), shrunk towards 1 by CALIBRATION_PRIOR drafted
+        steps' worth of it and clipped to FACTOR_RANGE; 1 before any. drafted_ratio: another engine's (its `gate_memory`), else this engine's."""
+        ratios = self._drafted_ratio if drafted_ratio is None else drafted_ratio
         if not len(ratios):
             return 1.0
         w = len(ratios) / (len(ratios) + CALIBRATION_PRIOR)
         return float(np.clip(1.0 + w * (float(np.median(ratios)) - 1.0), *FACTOR_RANGE))
 
-    def calibrate_step_costs(self, step_cost=None) -> float:
-        """Fix the factor the gate reads at the realized one (`realized_cost_factor`) and
-        return it; the gate decides afresh on it."""
-        self._cost_factor = self.realized_cost_factor(step_cost)
+    def calibrate_step_costs(self, drafted_ratio=None) -> float:
+        """Fix the factor the gate reads at the realized one (`realized_cost_factor`, of
+        `drafted_ratio` when given) and return it; the gate decides afresh on it."""
+        self._cost_factor = self.realized_cost_factor(drafted_ratio)
         self._verdict_key = self._foreseen = None
         self._look_memo = {}
         return self._cost_factor
@@ -100,4 +99,4 @@ class StepCosts:
         if not draft:
             plain.append(ratio)
         elif plain:
-            self._step_cost.append(ratio / float(np.median(plain)))
+            self._drafted_ratio.append(ratio / float(np.median(plain)))

@@ -99,9 +99,9 @@ def test_steps_of_a_run_calibrate_the_next_engine(pair):
     assert drafted and len(observed) < engine.metrics.rounds  # rounds with prompt work are not observed
     plain = [x for d in engine._plain_ratio for x in d]
     assert plain and np.allclose(plain, 1.5)
-    assert 0 < len(engine._step_cost) <= len(drafted) and np.allclose(engine._step_cost, 2.0)
+    assert 0 < len(engine._drafted_ratio) <= len(drafted) and np.allclose(engine._drafted_ratio, 2.0)
     assert engine.spec_cost_factor == 1.0
-    factor = _shrunk(2.0, len(engine._step_cost))
+    factor = _shrunk(2.0, len(engine._drafted_ratio))
     assert engine.realized_cost_factor() == pytest.approx(factor)
     memory = engine.gate_memory()
     nxt = make()
@@ -111,5 +111,5 @@ def test_steps_of_a_run_calibrate_the_next_engine(pair):
     live.recall_gate(memory)
     live._observe_step(False, 2, 2, 1.0 / live.plain_sps[2])
     live._observe_step(True, ADAPTIVE[-1], 2, 1.0 / live.sps[ADAPTIVE[-1]])  # 1x against the plain steps' median 1.5
-    assert live.spec_cost_factor == pytest.approx(_shrunk(float(np.median(list(memory["step_cost"]) + [2 / 3])),
-                                                          len(memory["step_cost"]) + 1))
+    assert live.spec_cost_factor == pytest.approx(_shrunk(float(np.median(list(memory["drafted_ratio"]) + [2 / 3])),
+                                                          len(memory["drafted_ratio"]) + 1))

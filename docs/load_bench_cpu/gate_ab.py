@@ -58,7 +58,7 @@ def _paid_only_foresee(self, occupied, drafted, plan=()):
         self._foreseen = None
 
 
-def _uncalibrated(self, step_cost=None):
+def _uncalibrated(self, drafted_ratio=None):
     self._cost_factor = 1.0
     return 1.0
 
