@@ -33,6 +33,9 @@ While a round drafted because it paid, or a plain round that changes the batch, 
 the device, the host reaches the next round's verdict (engine_foresight.py). The look at
 new requests, which a verdict may weigh, is in engine_look.py.
 
+The gate scales the predicted speculative costs by a factor calibrated on what the
+engine's drafted steps took against plain ones (engine_step_costs.py).
+
 What the gate learns about the traffic (not about the seated requests) moves between
 engines: `gate_memory` / `recall_gate` (a restarted server; the load bench's timed runs
 after their warm-up run).
