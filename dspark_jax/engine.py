@@ -98,7 +98,8 @@ def drafter_has_confidence(drafter) -> bool:
     return cfg is None or bool(getattr(cfg, "has_confidence", False))
 
 
-class Engine(SlotAdmission, RoundCostModel, StepCosts, Foresight, LookAtNewRequests, BudgetChoice, LazyIngest, RoundProfiler):
+class Engine(SlotAdmission, RoundCostModel, StepCosts, Foresight, LookAtNewRequests, BudgetChoice, LazyIngest,
+             RoundProfiler):
     """Fixed slots, slot-based caches of `max_len` positions, one policy for every round.
 
     policy: "none" (plain decoding; the drafter is ignored), "fixed" (depth `depth`,

@@ -59,7 +59,8 @@ class StepCosts:
         each over the median of that ratio over the latest plain steps at its row count
         (a run's drain, one row, runs at another ratio than a full batch; medians, as a
         step's time has a long tail), shrunk towards 1 by CALIBRATION_PRIOR drafted
-        steps' worth of it and clipped to FACTOR_RANGE; 1 before any. drafted_ratio: another engine's (its `gate_memory`), else this engine's."""
+        steps' worth of it and clipped to FACTOR_RANGE; 1 before any. drafted_ratio:
+        another engine's ratios (from its `gate_memory`), else this engine's."""
         ratios = self._drafted_ratio if drafted_ratio is None else drafted_ratio
         if not len(ratios):
             return 1.0
