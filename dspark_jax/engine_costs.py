@@ -365,8 +365,7 @@ class RoundCostModel:
         return {"gamma": self.gamma, "prior": None if self._prior is None else self._prior.copy(),
                 "past_estimates": [e.copy() for e in self._past_estimates],
                 "acceptance": (self._acc_seen, self._acc_expected), "paid": self._paid_acc.copy(),
-                "probe_gap": self._probe_gap, "drafted_ratio": list(self._drafted_ratio),
-                "plain_ratio": [list(d) for d in self._plain_ratio]}
+                "probe_gap": self._probe_gap, **self._step_cost_memory()}
 
     def recall_gate(self, memory: dict) -> None:
         """Take up another engine's `gate_memory` (same drafter gamma); the seated
@@ -383,12 +382,7 @@ class RoundCostModel:
         self._acc_seen, self._acc_expected = (float(x) for x in memory["acceptance"])
         self._paid_acc = np.array(memory["paid"], np.float64)
         self._probe_gap = int(memory["probe_gap"])
-        self._drafted_ratio.clear()
-        self._drafted_ratio.extend(memory["drafted_ratio"])
-        for mine, theirs in zip(self._plain_ratio, memory["plain_ratio"]):
-            mine.clear()
-            mine.extend(theirs)
-        self.calibrate_step_costs()  # the steps that engine saw (engine_step_costs.py)
+        self._recall_step_costs(memory)  # and calibrate on them (engine_step_costs.py)
 
     def _set_prior(self, prior: np.ndarray) -> None:
         """The running mean survival per position. Its device copy (only the production

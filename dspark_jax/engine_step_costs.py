@@ -75,6 +75,18 @@ class StepCosts:
         self._look_memo = {}
         return self._cost_factor
 
+    def _step_cost_memory(self) -> dict:
+        """The ratios, for `gate_memory` (copies)."""
+        return {"drafted_ratio": list(self._drafted_ratio), "plain_ratio": [list(d) for d in self._plain_ratio]}
+
+    def _recall_step_costs(self, memory: dict) -> None:
+        """Take up another engine's ratios (its `gate_memory`) and calibrate on them."""
+        self._drafted_ratio = collections.deque(memory["drafted_ratio"], maxlen=STEP_WINDOW)
+        theirs = list(memory["plain_ratio"])[:self.slots + 1]  # per row count, up to this engine's slots
+        self._plain_ratio = [collections.deque(d, maxlen=PLAIN_WINDOW)
+                             for d in theirs + [()] * (self.slots + 1 - len(theirs))]
+        self.calibrate_step_costs()
+
     def _predicted_step(self, draft: bool, budget: int, rows: int) -> float:
         """The seconds the gate predicts for a step (before its factor): a plain round
         over `rows` slots, or a speculative round at `budget` with the drafting pass, the
