@@ -419,10 +419,14 @@ class Engine(SlotAdmission, RoundCostModel, StepCosts, Foresight, LookAtNewReque
         sampling = self._state.sampling.promise_greedy(self._promise(greedy))
         if sampling is not self._state.sampling:
             self._state = self._state.replace(sampling=sampling)
-        dparams = self.dparams if draft or self._state.log is None else None  # unread: spare their dispatch
-        self._state, self._stale, info = slot_round.engine_round(
+        # a plain round with a feature log (lazy ingest) never reads the drafter's weights or
+        # cache: they stay out of the call (each donated buffer costs its dispatch)
+        bare = not draft and self._state.log is not None
+        dparams, state = (None, self._state.replace(draft_cache=None)) if bare else (self.dparams, self._state)
+        state, self._stale, info = slot_round.engine_round(
             self.tcfg, self.drafter, self.gamma, budget, self.policy, self.tparams, dparams,
-            self._state, self._stale, self._schedule(), draft=draft, admission=admission)
+            state, self._stale, self._schedule(), draft=draft, admission=admission)
+        self._state = state.replace(draft_cache=self._state.draft_cache) if bare else state
         return info
 
     def _schedule(self) -> slot_round.Schedule:
