@@ -4,8 +4,11 @@
         none algorithm1 algorithm1+never algorithm1+nolook
 
 A variant is a policy with optional changes to the gate, switched on for its runs only:
-  +never      the gate never drafts once it knows the traffic (its warm-up memory): the
-              scheduled engine's plain path alone, lazy ingest and gate key included;
+  +never      the gate never drafts once it knows the traffic (its warm-up memory), and
+              reaches no verdicts ahead (`foresee`): the scheduled engine's plain path
+              alone, lazy ingest and gate key included (it used to leave the foresight
+              on, which then reached a verdict after every plain round, as a gate
+              standing on a verdict not to draft does not: `+never` read low);
   +nolook     no looks at new requests;
   +fixedcap   the probe wait capped at 8 x probe_every (as before `Engine.probe_cap`);
   +noforesee  no verdict foreseen during plain rounds (only after paid rounds, as before
@@ -67,10 +70,14 @@ def _learning_init(self, *args, **kwargs):
     ORIGINAL["__init__"](self, *args, **{**kwargs, "learn_step_costs": True})
 
 
-CHANGES = {"never": ("should_draft", _never), "nolook": ("_look_pays", _no_look),
-           "fixedcap": ("probe_cap", property(lambda self: 8 * self.probe_every)),
-           "noforesee": ("foresee", _paid_only_foresee), "learncost": ("__init__", _learning_init),
-           "nocalib": ("calibrate_step_costs", _uncalibrated)}
+def _no_foresight(self, occupied, drafted, plan=()):
+    self._foreseen = None
+
+
+CHANGES = {"never": (("should_draft", _never), ("foresee", _no_foresight)), "nolook": (("_look_pays", _no_look),),
+           "fixedcap": (("probe_cap", property(lambda self: 8 * self.probe_every)),),
+           "noforesee": (("foresee", _paid_only_foresee),), "learncost": (("__init__", _learning_init),),
+           "nocalib": (("calibrate_step_costs", _uncalibrated),)}
 
 
 def switch(variant: str) -> str:
@@ -79,8 +86,8 @@ def switch(variant: str) -> str:
     for name, method in ORIGINAL.items():
         setattr(Engine, name, method)
     for change in changes:
-        name, method = CHANGES[change]
-        setattr(Engine, name, method)
+        for name, method in CHANGES[change]:
+            setattr(Engine, name, method)
     return policy
 
 
