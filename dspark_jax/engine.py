@@ -32,10 +32,11 @@ engine_costs.py has the details, probes among them; engine_look.py: looks at new
 requests; engine_foresight.py: verdicts reached while the round before runs). A round
 that drafts drafts only for the slots worth it (the others verify nothing). On the CPU
 the drafter ingests lazily (engine_ingest.py), so a plain round costs about what plain
-decoding costs. After `probe_every` plain rounds in a row one speculative round
-refreshes the estimates (the wait doubles while probes keep finding speculation does not
-pay, up to `probe_cap`: longer where probes are dear). A plain round is every depth at
-0, chosen before the drafts exist: lossless. The fixed policy with depth d < gamma
+decoding costs (on the CPU demo 2% more: it writes the feature log). After
+`probe_every` plain rounds in a row one speculative round refreshes the estimates (the
+wait doubles while probes keep finding speculation does not pay, up to `probe_cap`:
+longer where probes are dear). A plain round is every depth at 0, chosen before the
+drafts exist: lossless. The fixed policy with depth d < gamma
 drafts only d tokens (the drafter's gamma is cut to d), so MTP-1 costs one drafted
 token, not a block.
 
@@ -420,7 +421,7 @@ class Engine(SlotAdmission, RoundCostModel, StepCosts, Foresight, LookAtNewReque
         if sampling is not self._state.sampling:
             self._state = self._state.replace(sampling=sampling)
         # a plain round with a feature log (lazy ingest) never reads the drafter's weights or
-        # cache: they stay out of the call (each donated buffer costs its dispatch)
+        # cache: they stay out of the call
         bare = not draft and self._state.log is not None
         dparams, state = (None, self._state.replace(draft_cache=None)) if bare else (self.dparams, self._state)
         state, self._stale, info = slot_round.engine_round(
