@@ -64,10 +64,10 @@ def main() -> None:
                                            buckets=s.bucket_set(c, drafter.gamma), tap_layers=drafter.tap_layers,
                                            path=s.sps_file, drafter=drafter, dparams=dparams)
     draft_time = float(rec.get("draft_seconds", 0.0))
-    probe = load_bench.make_engine(tcfg, tparams, drafter, dparams, a.policy, c, s, sps, draft_time)
-    rounds = profile_sps.stored_rounds(rec, a.policy, probe.buckets, probe.plain_buckets)
+    profiled = load_bench.make_engine(tcfg, tparams, drafter, dparams, a.policy, c, s, sps, draft_time)
+    rounds = profile_sps.stored_rounds(rec, a.policy, profiled.buckets, profiled.plain_buckets)
     if rounds is None:
-        rounds = probe.profile_rounds(save=False)
+        rounds = profiled.profile_rounds(save=False)
     gate: dict = {}
     load_bench.run_point(tcfg, tparams, drafter, dparams, a.policy, "closed", c, s, prompts, sps=sps,
                          draft_time=draft_time, rounds=rounds, gate=gate)
