@@ -36,9 +36,8 @@ decoding costs (on the CPU demo 2% more: it writes the feature log). After
 `probe_every` plain rounds in a row one speculative round refreshes the estimates (the
 wait doubles while probes keep finding speculation does not pay, up to `probe_cap`:
 longer where probes are dear). A plain round is every depth at 0, chosen before the
-drafts exist: lossless. The fixed policy with depth d < gamma
-drafts only d tokens (the drafter's gamma is cut to d), so MTP-1 costs one drafted
-token, not a block.
+drafts exist: lossless. The fixed policy with depth d < gamma drafts only d tokens (the
+drafter's gamma is cut to d), so MTP-1 costs one drafted token, not a block.
 
 What a round costs (engine_costs.py): by default the target pass's SPS(B) plus a
 drafting pass; after `engine.profile_rounds()` (or when the profile file holds them) the

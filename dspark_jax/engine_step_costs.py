@@ -45,6 +45,7 @@ class StepCosts:
         self._drafted_ratio: collections.deque = collections.deque(maxlen=STEP_WINDOW)
         self._plain_ratio = [collections.deque(maxlen=PLAIN_WINDOW) for _ in range(self.slots + 1)]
         self._cost_factor = 1.0  # the calibrated factor (`calibrate_step_costs`)
+        self._live_factor: float | None = None  # the realized factor of the ratios now (None: not yet computed)
         self._flushed: tuple | None = None  # the (lines, width) the round's flush ran at (`_flush`)
 
     @property
@@ -52,7 +53,11 @@ class StepCosts:
         """How much dearer drafted steps run than the gate predicts, relative to plain
         steps: the calibrated factor (1 until calibrated), or with `learn_step_costs` the
         factor of the steps seen so far."""
-        return self.realized_cost_factor() if self.learn_step_costs else self._cost_factor
+        if not self.learn_step_costs:
+            return self._cost_factor
+        if self._live_factor is None:  # read by every verdict's key: computed once per drafted step
+            self._live_factor = self.realized_cost_factor()
+        return self._live_factor
 
     def realized_cost_factor(self, drafted_ratio=None) -> float:
         """The median over the latest drafted steps of their seconds / predicted seconds,
@@ -82,6 +87,7 @@ class StepCosts:
     def _recall_step_costs(self, memory: dict) -> None:
         """Take up another engine's ratios (its `gate_memory`) and calibrate on them."""
         self._drafted_ratio = collections.deque(memory["drafted_ratio"], maxlen=STEP_WINDOW)
+        self._live_factor = None
         theirs = list(memory["plain_ratio"])[:self.slots + 1]  # per row count, up to this engine's slots
         self._plain_ratio = [collections.deque(d, maxlen=PLAIN_WINDOW)
                              for d in theirs + [()] * (self.slots + 1 - len(theirs))]
@@ -113,3 +119,4 @@ class StepCosts:
             plain.append(ratio)
         elif plain:
             self._drafted_ratio.append(ratio / float(np.median(plain)))
+            self._live_factor = None

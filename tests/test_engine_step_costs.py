@@ -109,6 +109,7 @@ def test_steps_of_a_run_calibrate_the_next_engine(pair):
     assert nxt.spec_cost_factor == pytest.approx(factor)
     live = make(learn_step_costs=True)
     live.recall_gate(memory)
+    assert live.spec_cost_factor == pytest.approx(factor)  # read before its next steps: they must move it
     live._observe_step(False, 2, 2, 1.0 / live.plain_sps[2])
     live._observe_step(True, ADAPTIVE[-1], 2, 1.0 / live.sps[ADAPTIVE[-1]])  # 1x against the plain steps' median 1.5
     assert live.spec_cost_factor == pytest.approx(_shrunk(float(np.median(list(memory["drafted_ratio"]) + [2 / 3])),
