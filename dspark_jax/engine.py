@@ -37,7 +37,10 @@ decoding costs (on the CPU demo 2% more: it writes the feature log). After
 wait doubles while probes keep finding speculation does not pay, up to `probe_cap`:
 longer where probes are dear). A plain round is every depth at 0, chosen before the
 drafts exist: lossless. The fixed policy with depth d < gamma drafts only d tokens (the
-drafter's gamma is cut to d), so MTP-1 costs one drafted token, not a block.
+drafter's gamma is cut to d), so MTP-1 costs one drafted token, not a block. Where its
+drafting has not saved what carrying the drafter costs the plain rounds, measured over a
+window of steps, a gated engine goes dormant for a span (engine_dormancy.py): plain
+decoding's own programs, the drafter's cache and the log held out of the state.
 
 What a round costs (engine_costs.py): by default the target pass's SPS(B) plus a
 drafting pass; after `engine.profile_rounds()` (or when the profile file holds them) the
@@ -80,6 +83,7 @@ from dspark_jax import generation, profile_sps, slot_round, speculate, target
 from dspark_jax.calibration import OnlineCorrection
 from dspark_jax.engine_budget import BudgetChoice
 from dspark_jax.engine_costs import GATE_MARGIN, SCHEDULED, RoundCostModel
+from dspark_jax.engine_dormancy import DORMANCY_WINDOW, Dormancy
 from dspark_jax.engine_foresight import Foresight
 from dspark_jax.engine_ingest import LazyIngest
 from dspark_jax.engine_look import LookAtNewRequests
@@ -99,7 +103,7 @@ def drafter_has_confidence(drafter) -> bool:
 
 
 class Engine(SlotAdmission, RoundCostModel, StepCosts, Foresight, LookAtNewRequests, BudgetChoice, LazyIngest,
-             RoundProfiler):
+             RoundProfiler, Dormancy):
     """Fixed slots, slot-based caches of `max_len` positions, one policy for every round.
 
     policy: "none" (plain decoding; the drafter is ignored), "fixed" (depth `depth`,
@@ -124,7 +128,9 @@ class Engine(SlotAdmission, RoundCostModel, StepCosts, Foresight, LookAtNewReque
     dearer than predicted, relative to plain ones, its steps have run so far, updated every
     step (`spec_cost_factor`; default: the factor is calibrated once, by
     `calibrate_step_costs` or `recall_gate`, engine_step_costs.py).
-    gate_margin: how much faster than a plain round a speculative one must be predicted."""
+    gate_margin: how much faster than a plain round a speculative one must be predicted.
+    dormancy: whether the engine may go dormant (None: when the gate is on);
+    dormancy_window: steps without prompt work per dormancy verdict."""
 
     def __init__(self, tcfg, tparams, drafter=None, dparams=None, *, slots: int = 4, max_len: int = 256,
                  policy: str | None = None, depth: int | None = None, threshold: float = 0.5, sps=None,
@@ -134,7 +140,8 @@ class Engine(SlotAdmission, RoundCostModel, StepCosts, Foresight, LookAtNewReque
                  recalibrate: bool = False, rounds: dict | None = None,
                  paged: bool = False, page_size: int = 16, num_pages: int | None = None,
                  attention_impl: str = "auto", attention_interpret: bool = False, lazy_ingest: bool | None = None,
-                 learn_step_costs: bool = False, gate_margin: float = GATE_MARGIN):
+                 learn_step_costs: bool = False, gate_margin: float = GATE_MARGIN, dormancy: bool | None = None,
+                 dormancy_window: int = DORMANCY_WINDOW):
         policy = policy or ("none" if drafter is None else
                             "production" if drafter_has_confidence(drafter) else "fixed")
         if policy not in slot_round.POLICIES:
@@ -156,9 +163,10 @@ class Engine(SlotAdmission, RoundCostModel, StepCosts, Foresight, LookAtNewReque
             raise DSparkError(f"depth must be in [0, gamma={gamma}]; got {depth}")
         if policy == "fixed" and 0 < self.depth < gamma and dataclasses.is_dataclass(drafter):
             drafter = dataclasses.replace(drafter, gamma=self.depth)  # draft only what is verified
-        if probe_every < 1 or prefill_chunk < 0 or not 0.0 <= gate_margin < 1.0:
-            raise DSparkError(f"need probe_every >= 1, prefill_chunk >= 0 and gate_margin in [0, 1); "
-                              f"got {probe_every}, {prefill_chunk}, {gate_margin}")
+        if probe_every < 1 or prefill_chunk < 0 or not 0.0 <= gate_margin < 1.0 or dormancy_window < 1:
+            raise DSparkError(f"need probe_every >= 1, prefill_chunk >= 0, gate_margin in [0, 1) and "
+                              f"dormancy_window >= 1; got {probe_every}, {prefill_chunk}, {gate_margin}, "
+                              f"{dormancy_window}")
         self.tcfg, self.drafter, self.policy = tcfg, drafter, policy
         self.gamma = drafter.gamma if drafter is not None else 0
         self.slots, self.max_len, self.max_stop_ids = slots, max_len, max_stop_ids
@@ -206,6 +214,7 @@ class Engine(SlotAdmission, RoundCostModel, StepCosts, Foresight, LookAtNewReque
         self._stale = jnp.zeros((2, slots, self.gamma), jnp.float32)
         lazy = policy in SCHEDULED and jax.default_backend() == "cpu"  # the default (lazy_ingest above)
         self._init_gate(lazy if lazy_ingest is None else bool(lazy_ingest))
+        self._init_dormancy(dormancy, dormancy_window)
         # host mirrors of per-slot facts the budget choice and admission need
         self._stale_host = np.zeros((2, slots, self.gamma), np.float32)
         self._slot_req: list[PendingRequest | None] = [None] * slots
@@ -304,6 +313,7 @@ class Engine(SlotAdmission, RoundCostModel, StepCosts, Foresight, LookAtNewReque
         now = start = self.clock()
         if self.metrics.started_at is None and not self.idle:
             self.metrics.started_at = now
+        self._maybe_wake()  # (engine_dormancy.py)
         admitted, first = self._admit(now)
         for s in admitted:  # their prompt is in the cache, not yet in the drafter's (lazy ingest)
             self._lag[s] = len(self._slot_req[s].prompt)
@@ -313,11 +323,14 @@ class Engine(SlotAdmission, RoundCostModel, StepCosts, Foresight, LookAtNewReque
         if not occupied:
             return False
         adm, plan = self._plan_chunks()
-        draft = self.should_draft(occupied)
+        dormant = self.dormant
+        draft = (not dormant and not self._unlogged[occupied].all() and not self._plain_wanted(occupied)
+                 and self.should_draft(occupied))
         drafted = self._prepare_round(draft, occupied)
         budget = self.choose_budget(occupied) if draft else self._bucket(len(occupied))
         info = self._round(budget, draft, adm)
-        self.foresee(occupied, draft, plan)  # the next verdict (and budget), while the device runs this round
+        if not dormant:
+            self.foresee(occupied, draft, plan)  # the next verdict (and budget), while the device runs this round
         if draft:
             self.foresee_budget(occupied)
         first, info = jax.device_get((first, info))
@@ -338,6 +351,7 @@ class Engine(SlotAdmission, RoundCostModel, StepCosts, Foresight, LookAtNewReque
             self._learn_correction(drafted, info)
         else:
             m.plain_rounds += 1
+            m.dormant_rounds += dormant
         self._plain_streak = 0 if draft else self._plain_streak + 1
         m.rounds, m.verified, m.budget, m.active = (m.rounds + 1, m.verified + int(info.verified),
                                                     m.budget + budget, m.active + n_active)
@@ -356,7 +370,12 @@ class Engine(SlotAdmission, RoundCostModel, StepCosts, Foresight, LookAtNewReque
                 self._finish(s, now)
         m.last_at = now
         if not admitted and not plan:  # a step without prompt work: what it took against its prediction
-            self._observe_step(draft, budget, len(occupied), self.clock() - start)
+            seconds = self.clock() - start
+            if not dormant:
+                self._observe_step(draft, budget, len(occupied), seconds)
+            self._observe_dormancy(draft, occupied, n_active, int(np.sum(info.appended[info.active])), seconds)
+        elif dormant:
+            self._dormant_left -= 1
         return True
 
     def run_until_done(self, max_steps: int | None = None) -> list[RequestResult]:
@@ -394,14 +413,19 @@ class Engine(SlotAdmission, RoundCostModel, StepCosts, Foresight, LookAtNewReque
             for flavour in (True, False):
                 self.warmup(prompt_lens, flavour)
             return
+        for dormant in (False, True) if self.dormancy else (False,):  # (engine_dormancy.py)
+            with self._mode(dormant):
+                self._warm(prompt_lens, greedy)
+
+    def _warm(self, prompt_lens: Sequence[int], greedy: bool) -> None:
         s = self.slots
         for width in sorted({self._prefill_width(n) for n in prompt_lens}):
             for budget in self._prefill_budgets(width):
                 self._state, self._stale, _ = self._run_admit(np.zeros(s, bool), np.zeros((s, width), np.int32),
                                                               np.ones(s, np.int32), np.zeros(s, np.uint32), budget,
                                                               greedy=greedy)
-        rounds = [(b, True) for b in self.buckets]
-        if self.gated:
+        rounds = [(b, True) for b in self.buckets] if not self.dormant else []
+        if self.gated or self.dormant:
             rounds += [(b, False) for b in self.plain_buckets]
         chunks = [None] + ([self._empty_admission(greedy)] if self.mixing else [])
         for (b, draft), adm in itertools.product(rounds, chunks):
@@ -419,6 +443,13 @@ class Engine(SlotAdmission, RoundCostModel, StepCosts, Foresight, LookAtNewReque
         sampling = self._state.sampling.promise_greedy(self._promise(greedy))
         if sampling is not self._state.sampling:
             self._state = self._state.replace(sampling=sampling)
+        if self.dormant:  # plain decoding's own program: no drafter, no log, no gamma-wide state
+            if draft:
+                raise DSparkError("a dormant engine cannot run a drafted round")
+            self._state, self._bare_stale, info = slot_round.engine_round(
+                self.tcfg, None, 0, budget, "none", self.tparams, None, self._state, self._bare_stale,
+                self._schedule(), draft=False, admission=admission)
+            return info
         # a plain round with a feature log (lazy ingest) never reads the drafter's weights or
         # cache: they stay out of the call
         bare = not draft and self._state.log is not None

@@ -365,7 +365,7 @@ class RoundCostModel:
         return {"gamma": self.gamma, "prior": None if self._prior is None else self._prior.copy(),
                 "past_estimates": [e.copy() for e in self._past_estimates],
                 "acceptance": (self._acc_seen, self._acc_expected), "paid": self._paid_acc.copy(),
-                "probe_gap": self._probe_gap, **self._step_cost_memory()}
+                "probe_gap": self._probe_gap, **self._step_cost_memory(), **self._dormancy_memory()}
 
     def recall_gate(self, memory: dict) -> None:
         """Take up another engine's `gate_memory` (same drafter gamma); the seated
@@ -383,6 +383,7 @@ class RoundCostModel:
         self._paid_acc = np.array(memory["paid"], np.float64)
         self._probe_gap = int(memory["probe_gap"])
         self._recall_step_costs(memory)  # and calibrate on them (engine_step_costs.py)
+        self._recall_dormancy(memory)  # (engine_dormancy.py)
 
     def _set_prior(self, prior: np.ndarray) -> None:
         """The running mean survival per position. Its device copy (only the production

@@ -64,6 +64,7 @@ class LazyIngest:
         if draft and self._chosen is not None and len(self._chosen) < len(occupied):
             chosen = set(self._chosen.tolist())
             self._drafting[[s for s in occupied if s not in chosen]] = False
+        self._drafting[[s for s in occupied if self._unlogged[s]]] = False  # (engine_dormancy.py)
         drafted = [s for s in occupied if self._drafting[s]] if draft else []
         self._flush(drafted)
         return drafted

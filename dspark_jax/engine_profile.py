@@ -54,6 +54,10 @@ class RoundProfiler:
                               f"this engine runs '{self.policy}'")
         if not self.idle:
             raise DSparkError("profile_rounds needs an idle engine")
+        with self._mode(False):  # a dormant engine's drafter is held out of the state (engine_dormancy.py)
+            return self._profile_rounds(repeats, warmup, save)
+
+    def _profile_rounds(self, repeats: int, warmup: int, save: bool) -> dict:
         kinds = [("spec", b) for b in self.buckets] + [("plain", b) for b in self.plain_buckets]
         if self._state.log is not None:
             kinds += [("flush", (n, w)) for n in self.flush_lines for w in self.flush_widths]

@@ -54,6 +54,8 @@ class EngineMetrics:
     budget: int = 0           # sum over rounds of the compiled bucket N_b
     active: int = 0           # sum over rounds of active slots
     plain_rounds: int = 0     # rounds the drafting gate ran without drafting
+    dormant_rounds: int = 0   # of those, rounds run dormant (engine_dormancy.py)
+    dormant_spans: int = 0    # dormant verdicts
     prefill_chunks: int = 0   # prompt chunks that rode along in rounds (chunked prefill)
     started_at: float | None = None
     last_at: float | None = None

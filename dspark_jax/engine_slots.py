@@ -64,6 +64,7 @@ class SlotAdmission:
         self._recent[s] = self._own_survival[:, s] = 0.0
         self._slot_acc[s] = 0.0  # (the gate's verdicts are keyed by the seated requests)
         self._prefill_at[s] = 0
+        self._unlogged[s] = self.dormant  # a request seated while dormant is never drafted for
         req.result.admitted_at = now
 
     def _unseat(self, take: list) -> None:
@@ -135,10 +136,14 @@ class SlotAdmission:
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
         if budget is None:
             budget = self._prefill_budget(int(np.sum(np.where(rows, lengths, 0))), prompts.shape[1])
+        args = (jnp.asarray(rows), jnp.asarray(prompts), jnp.asarray(lengths, jnp.int32), keys,
+                self._sampling(greedy), jnp.asarray(self._max_new), jnp.asarray(self._stops))
+        if self.dormant:  # plain decoding's prefill: no taps, nothing for the drafter
+            state, self._bare_stale, first = slot_round.admit(self.tcfg, None, self.tparams, None, self._state,
+                                                              self._bare_stale, *args, budget=budget)
+            return state, self._stale, first
         return slot_round.admit(self.tcfg, self.drafter, self.tparams, self.dparams, self._state, self._stale,
-                               jnp.asarray(rows), jnp.asarray(prompts), jnp.asarray(lengths, jnp.int32), keys,
-                               self._sampling(greedy), jnp.asarray(self._max_new), jnp.asarray(self._stops),
-                               budget=budget)
+                                *args, budget=budget)
 
     def _sampling(self, greedy: bool | None = None) -> SamplingParams:
         return SamplingParams(jnp.asarray(self._temp), jnp.asarray(self._top_k), jnp.asarray(self._top_p),

@@ -9,13 +9,15 @@ c slots) and every arrival mode:
   queue when every slot is busy.
 
 Each point first runs its workload once untimed (closed loop), which compiles exactly
-the buckets the timed run uses (a Poisson run compiles every bucket) and leaves the
-scheduled policies' gate memory their timed runs start from (`--cold-gate`: not; a
-second untimed run from that memory compiles what such runs reach), then runs it
-timed. The scheduled policies' engines first time their own rounds at every bucket
-(`Engine.profile_rounds`, once per level) and schedule with those costs. Rows report
-aggregate tokens/s, mean per-user tokens/s, mean verified budget B
-per round and tau; `plot` draws
+the buckets the timed run uses (a Poisson run, or an engine that may go dormant, compiles
+every bucket) and leaves the scheduled policies' gate memory their timed runs start from
+(`--cold-gate`: not; a second untimed run from that memory compiles what such runs reach
+and goes on with it), then runs it timed; each timed run leaves its gate memory to the
+next, as one server's traffic goes on (a dormant engine's span, engine_dormancy.py, runs
+across them). The scheduled policies' engines first time their own rounds at every
+bucket (`Engine.profile_rounds`, once per level) and schedule with those costs. Rows
+report aggregate tokens/s, mean per-user tokens/s, mean verified budget B per round, tau
+and the share of rounds run dormant; `plot` draws
 throughput vs per-user tokens/s (the paper's Figure 7 shape) and the verified budget vs
 concurrency (Figure 8).
 """
@@ -66,6 +68,7 @@ class LoadSettings:
     recalibrate: bool = False   # the scheduled policies' online confidence correction
     round_profile: bool = True  # the scheduled policies use the engine's measured round times
     warm_gate: bool = True      # the scheduled policies' timed runs start from the warm-up run's gate memory
+    dormancy: bool = True       # the scheduled policies may go dormant (engine_dormancy.py)
 
     def __post_init__(self):
         bad = [p for p in self.policies if p not in POLICIES]
@@ -117,6 +120,8 @@ class LoadRow:
     tau: float
     errors: int = 0
     plain_rounds: int = 0       # rounds the drafting gate ran without drafting
+    dormant_rounds: int = 0     # of those, rounds run dormant (engine_dormancy.py)
+    rounds: int = 0             # the engine's rounds
     runs: int = 1               # timed runs behind the row (the median-throughput one is reported)
     throughput_min: float = 0.0
     throughput_max: float = 0.0
@@ -190,16 +195,17 @@ def make_engine(tcfg, tparams, drafter, dparams, policy: str, clients: int, sett
     return Engine(tcfg, tparams, drafter, dparams, slots=clients, max_len=settings.cache_len, sps=sps,
                   draft_time=draft_time, buckets=settings.bucket_set(clients, gamma),
                   prefill_chunk=settings.prefill_chunk, recalibrate=settings.recalibrate, rounds=rounds,
-                  **engine_options(policy, gamma, settings.threshold))
+                  dormancy=None if settings.dormancy else False, **engine_options(policy, gamma, settings.threshold))
 
 
 def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: int, settings: LoadSettings,
               prompts, sps=None, draft_time: float = 0.0, clock=time.perf_counter, sleep=time.sleep,
               compile_first: bool = True, rounds: dict | None = None, gate: dict | None = None) -> LoadRow:
-    """One (policy, mode, concurrency) measurement. gate: where the warm-up run leaves
-    its engine's gate memory (`Engine.gate_memory`, scheduled policies with
-    `settings.warm_gate`) and where timed runs take it from: they measure a server that
-    has seen this traffic before, not one drafting blind at start-up."""
+    """One (policy, mode, concurrency) measurement. gate: where the warm-up runs leave
+    their engine's gate memory (`Engine.gate_memory`, scheduled policies with
+    `settings.warm_gate`), where a timed run takes it from and where it leaves its own
+    for the next: timed runs measure a server that has seen this traffic before and goes
+    on serving it, not one drafting blind at start-up."""
     def make():
         return make_engine(tcfg, tparams, drafter, dparams, policy, clients, settings, sps, draft_time, rounds)
 
@@ -212,10 +218,12 @@ def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: 
             warm = make()
             warm.recall_gate(gate["memory"])
             _drive(warm, prompts, settings, "closed", clients, clock, sleep)
+            gate["memory"] = warm.gate_memory()
     engine = make()
     if keep and "memory" in gate:
         engine.recall_gate(gate["memory"])
-    if mode != "closed":  # arrival timing may reach other buckets and prefill widths: compile them all
+    if mode != "closed" or engine.dormancy:  # arrival timing, or waking and sleeping at other steps, may
+        # reach other buckets and prefill widths: compile them all
         total = clients * settings.requests_per_client
         engine.warmup(sorted({len(prompts[i % len(prompts)]) for i in range(total)}),
                       greedy=settings.temperature == 0)
@@ -227,6 +235,8 @@ def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: 
         secs = clock() - t0
     finally:
         gc.enable()
+    if keep:  # the next timed run goes on from this one, as a server's traffic goes on
+        gate["memory"] = engine.gate_memory()
     ok = [r for r in results if r.error is None]
     tokens = sum(len(r.token_ids) for r in ok)
     rounds = sum(r.rounds for r in ok)
@@ -236,7 +246,8 @@ def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: 
                    per_user=statistics.fmean(r.tokens_per_second for r in ok) if ok else 0.0,
                    mean_verified=m.mean_verified, mean_budget=m.mean_budget,
                    tau=sum(len(r.token_ids) - 1 for r in ok) / rounds if rounds else 0.0,
-                   errors=len(results) - len(ok), plain_rounds=m.plain_rounds, throughput_min=tokens / secs if secs > 0 else 0.0,
+                   errors=len(results) - len(ok), plain_rounds=m.plain_rounds,
+                   dormant_rounds=m.dormant_rounds, rounds=m.rounds, throughput_min=tokens / secs if secs > 0 else 0.0,
                    throughput_max=tokens / secs if secs > 0 else 0.0)
 
 
@@ -326,12 +337,13 @@ def frontier(rows: Sequence[LoadRow]) -> list[dict]:
 def markdown(rows: Sequence[LoadRow], title: str = "Load benchmark") -> str:
     lines = [f"### {title}", "",
              "| mode | policy | concurrency | throughput tok/s | per-user tok/s | mean verified B | "
-             "mean bucket | tau | requests |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "mean bucket | tau | dormant | requests |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         spread = f" ({r.throughput_min:.0f}-{r.throughput_max:.0f})" if r.runs > 1 else ""
         lines.append(f"| {r.mode} | {LABELS.get(r.policy, r.policy)} | {r.concurrency} | {r.throughput:.1f}{spread} | "
                      f"{r.per_user:.1f} | {r.mean_verified:.2f} | {r.mean_budget:.2f} | {r.tau:.2f} | "
+                     f"{r.dormant_rounds / r.rounds if r.rounds else 0:.0%} | "
                      f"{r.requests}{f' ({r.errors} failed)' if r.errors else ''} |")
     check = frontier(rows)
     if check:

@@ -55,6 +55,9 @@ def main(argv=None) -> None:
     p.add_argument("--cold-gate", action="store_true",
                    help="the scheduled policies' timed runs start with an empty gate memory (default: the "
                         "memory their warm-up run left, as a server that has seen the traffic)")
+    p.add_argument("--no-dormancy", action="store_true",
+                   help="the scheduled policies never go dormant (default: they do where drafting has not paid "
+                        "for carrying the drafter)")
     p.add_argument("--recalibrate", action="store_true",
                    help="scheduled policies: correct the confidences online from observed acceptances")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
@@ -95,7 +98,7 @@ def main(argv=None) -> None:
             buckets=args.buckets, repeats=args.repeats, draft_cost=not args.no_draft_cost,
             length_spread=args.length_spread, prefill_chunk=args.prefill_chunk,
             recalibrate=args.recalibrate, round_profile=not args.no_round_profile,
-            warm_gate=not args.cold_gate)
+            warm_gate=not args.cold_gate, dormancy=not args.no_dormancy)
         tcfg, tparams = target.load(tfolder, args.dtype)
         drafter = dparams = None
         if dfolder is not None:

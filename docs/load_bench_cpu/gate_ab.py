@@ -16,9 +16,12 @@ A variant is a policy with optional changes to the gate, switched on for its run
   +learncost  the engine's opt-in `learn_step_costs` (the warm-up's step costs carry
               into the timed runs with its gate memory);
   +nocalib    the gate's step-cost factor left at 1 (no calibration on the warm-up's
-              steps, engine_step_costs.py).
-Every variant's runs start from the gate memory of its own warm-up run, as the load bench's
-do, and run with garbage collection off; the runs interleave (alternate repeats reversed).
+              steps, engine_step_costs.py);
+  +awake      never dormant (`Engine(dormancy=False)`, engine_dormancy.py);
+  +asleep     dormant from the start to the end: the dormant path alone.
+Every variant's runs go on from the gate memory of its own warm-up runs and then of its
+run before, as the load bench's do, and run with garbage collection off; the runs
+interleave (alternate repeats reversed).
 Printed: each variant's median tok/s and its per-repeat ratio to the first variant
 (median and range; repeat i of both ran back to back). The scheduled policies' round
 profile is read from `--sps-file` when it holds one for these buckets, else measured
@@ -42,7 +45,7 @@ from dspark_jax.serving import GenerateRequest, resolve_folders
 from dspark_jax.tokenizer import Tokenizer
 
 ORIGINAL = {name: getattr(Engine, name) for name in ("__init__", "should_draft", "_look_pays", "probe_cap", "foresee",
-                                                     "calibrate_step_costs")}
+                                                     "calibrate_step_costs", "recall_gate")}
 
 
 def _never(self, occupied):
@@ -70,6 +73,16 @@ def _learning_init(self, *args, **kwargs):
     ORIGINAL["__init__"](self, *args, **{**kwargs, "learn_step_costs": True})
 
 
+def _awake_init(self, *args, **kwargs):
+    ORIGINAL["__init__"](self, *args, **{**kwargs, "dormancy": False})
+
+
+def _asleep_recall(self, memory):
+    ORIGINAL["recall_gate"](self, memory)
+    self._set_dormant(True)
+    self._dormant_left = 1 << 62
+
+
 def _no_foresight(self, occupied, drafted, plan=()):
     self._foreseen = None
 
@@ -77,7 +90,8 @@ def _no_foresight(self, occupied, drafted, plan=()):
 CHANGES = {"never": (("should_draft", _never), ("foresee", _no_foresight)), "nolook": (("_look_pays", _no_look),),
            "fixedcap": (("probe_cap", property(lambda self: 8 * self.probe_every)),),
            "noforesee": (("foresee", _paid_only_foresee),), "learncost": (("__init__", _learning_init),),
-           "nocalib": (("calibrate_step_costs", _uncalibrated),)}
+           "nocalib": (("calibrate_step_costs", _uncalibrated),), "awake": (("__init__", _awake_init),),
+           "asleep": (("recall_gate", _asleep_recall),)}
 
 
 def switch(variant: str) -> str:
@@ -136,7 +150,9 @@ def main() -> None:
         gates[v] = {}
         load_bench.run_point(tcfg, tparams, d, dparams, policy, "closed", c, s, prompts, sps=sps,
                              draft_time=draft_time, rounds=rounds.get(policy), gate=gates[v])
+    lengths = sorted({len(prompts[i % len(prompts)]) for i in range(c * a.requests_per_client)})
     speeds: dict[str, list[float]] = {v: [] for v in a.variants}
+    dormant: dict[str, list[float]] = {v: [] for v in a.variants}  # the share of rounds run dormant
     for rep in range(a.repeats):
         for v in a.variants if rep % 2 == 0 else a.variants[::-1]:
             policy = switch(v)
@@ -144,12 +160,17 @@ def main() -> None:
             engine = load_bench.make_engine(tcfg, tparams, d, dparams, policy, c, s, sps, draft_time, rounds.get(policy))
             if "memory" in gates[v]:
                 engine.recall_gate(gates[v]["memory"])
+            if engine.dormancy:  # it may wake or sleep at steps the warm-up runs did not
+                engine.warmup(lengths, greedy=True)
             gc.collect()
             gc.disable()
             try:
                 t0 = time.perf_counter()
                 results = load_bench._drive(engine, prompts, s, "closed", c, time.perf_counter, time.sleep)
                 speeds[v].append(sum(len(r.token_ids) for r in results) / (time.perf_counter() - t0))
+                dormant[v].append(engine.metrics.dormant_rounds / max(1, engine.metrics.rounds))
+                if "memory" in gates[v]:  # the next run goes on from this one (as the load bench's do)
+                    gates[v]["memory"] = engine.gate_memory()
             finally:
                 gc.enable()
     switch(a.variants[0])
@@ -158,7 +179,8 @@ def main() -> None:
     for v in a.variants:
         ratios = [x / b for x, b in zip(speeds[v], base)]
         print(f"{v:24s} {statistics.median(speeds[v]):7.1f} tok/s   / {a.variants[0]}: "
-              f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})", flush=True)
+              f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}), "
+              f"dormant {statistics.mean(dormant[v]):.0%} of rounds", flush=True)
 
 
 if __name__ == "__main__":
