@@ -37,10 +37,9 @@ decoding costs (on the CPU demo 2% more: it writes the feature log). After
 wait doubles while probes keep finding speculation does not pay, up to `probe_cap`:
 longer where probes are dear). A plain round is every depth at 0, chosen before the
 drafts exist: lossless. The fixed policy with depth d < gamma drafts only d tokens (the
-drafter's gamma is cut to d), so MTP-1 costs one drafted token, not a block. Where its
-drafting has not saved what carrying the drafter costs the plain rounds, measured over a
-window of steps, a gated engine goes dormant for a span (engine_dormancy.py): plain
-decoding's own programs, the drafter's cache and the log held out of the state.
+drafter's gamma is cut to d), so MTP-1 costs one drafted token, not a block. Where a window
+of steps finds drafting did not save what carrying the drafter costs, a gated engine runs
+plain decoding's programs for a span (dormant, engine_dormancy.py).
 
 What a round costs (engine_costs.py): by default the target pass's SPS(B) plus a
 drafting pass; after `engine.profile_rounds()` (or when the profile file holds them) the
@@ -400,30 +399,31 @@ class Engine(SlotAdmission, RoundCostModel, StepCosts, Foresight, LookAtNewReque
         self.correction.update(info.confidence[idx], info.accepted[idx], info.depth[idx], self._temp[idx] > 0)
         self._conf_scale_dev = jax.device_put(np.asarray(self.correction.scale, np.float32))
 
-    def warmup(self, prompt_lens: Sequence[int] = (1,), greedy: bool | None = None) -> None:
+    def warmup(self, prompt_lens: Sequence[int] = (1,), greedy: bool | None = None,
+               prefills: Sequence[Sequence[int]] | None = None) -> None:
         """Compile every budget bucket's round (and the gate's plain rounds; each also with
-        a chunked-prefill line) and the prefill for these prompt lengths at
-        every packed budget (only while idle: the rounds run over empty slots and change
-        nothing). greedy: the programs of all-greedy batches (True), of batches with a
-        sampled request (False), or both (None: traffic that mixes them switches between
-        the two, and neither should compile mid-run)."""
+        a chunked-prefill line) and the prefill for these prompt lengths at every packed
+        budget (only while idle: the rounds run over empty slots and change nothing), and
+        an engine that may go dormant its dormant ones. greedy: the programs of all-greedy
+        batches (True), of batches with a sampled request (False), or both (None: mixed
+        traffic switches between them). prefills: instead, only the prefill passes that
+        admit these prompt lengths together (one list per pass)."""
         if not self.idle:
             raise DSparkError("warmup needs an idle engine")
         if greedy is None:
             for flavour in (True, False):
-                self.warmup(prompt_lens, flavour)
+                self.warmup(prompt_lens, flavour, prefills)
             return
         for dormant in (False, True) if self.dormancy else (False,):  # (engine_dormancy.py)
             with self._mode(dormant):
-                self._warm(prompt_lens, greedy)
+                self._warm(self._prefill_passes(prompt_lens, prefills), greedy)
 
-    def _warm(self, prompt_lens: Sequence[int], greedy: bool) -> None:
+    def _warm(self, passes: Sequence[tuple[int, int]], greedy: bool) -> None:
         s = self.slots
-        for width in sorted({self._prefill_width(n) for n in prompt_lens}):
-            for budget in self._prefill_budgets(width):
-                self._state, self._stale, _ = self._run_admit(np.zeros(s, bool), np.zeros((s, width), np.int32),
-                                                              np.ones(s, np.int32), np.zeros(s, np.uint32), budget,
-                                                              greedy=greedy)
+        for width, budget in passes:
+            self._state, self._stale, _ = self._run_admit(np.zeros(s, bool), np.zeros((s, width), np.int32),
+                                                          np.ones(s, np.int32), np.zeros(s, np.uint32), budget,
+                                                          greedy=greedy)
         rounds = [(b, True) for b in self.buckets] if not self.dormant else []
         if self.gated or self.dormant:
             rounds += [(b, False) for b in self.plain_buckets]

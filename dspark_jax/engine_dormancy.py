@@ -36,6 +36,8 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from dspark_jax.engine_costs import SCHEDULED
+
 DORMANCY_WINDOW = 64  # awake steps without prompt work per verdict
 DORMANT_SPAN = 4      # a first dormant verdict's span, in windows of rounds
 DORMANT_CAP = 64      # the longest span, in windows (dormant verdicts in a row double it)
@@ -62,8 +64,11 @@ class Dormancy:
 
     @property
     def dormancy(self) -> bool:
-        """Whether the engine may go dormant: asked for, or by default when the gate is on."""
-        return self.gated if self._dormancy is None else bool(self._dormancy and self.gamma > 0)
+        """Whether the engine may go dormant: a scheduled policy's, when asked for, or by
+        default when its gate is on."""
+        if self.policy not in SCHEDULED or self.gamma == 0:
+            return False
+        return self.gated if self._dormancy is None else bool(self._dormancy)
 
     @property
     def dormant(self) -> bool:

@@ -132,6 +132,16 @@ class SlotAdmission:
     def _prefill_budgets(self, width: int) -> list[int]:
         return sorted({self._prefill_budget(n, width) for n in range(self.slots * width + 1)})
 
+    def _prefill_passes(self, prompt_lens, prefills=None) -> list[tuple[int, int]]:
+        """The (width, budget) of prefill passes (`Engine.warmup`): every packed budget at
+        the widths of `prompt_lens`, or those of the passes admitting `prefills` (lists
+        of prompt lengths admitted together)."""
+        if prefills is None:
+            return sorted({(w, b) for w in {self._prefill_width(n) for n in prompt_lens}
+                           for b in self._prefill_budgets(w)})
+        widths = {tuple(p): self._prefill_width(max(p)) for p in prefills if len(p)}
+        return sorted({(w, self._prefill_budget(sum(p), w)) for p, w in widths.items()})
+
     def _run_admit(self, rows, prompts, lengths, seeds, budget: int | None = None, greedy: bool | None = None):
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
         if budget is None:

@@ -198,6 +198,18 @@ def make_engine(tcfg, tparams, drafter, dparams, policy: str, clients: int, sett
                   dormancy=None if settings.dormancy else False, **engine_options(policy, gamma, settings.threshold))
 
 
+def warm_closed_loop(engine: Engine, prompts, clients: int, settings: LoadSettings) -> None:
+    """Compile an engine's rounds (both modes of one that may go dormant) and the prefill
+    passes of a closed loop: its first requests together, then one at a time (when
+    nothing decodes). Not every packed budget, as `warmup` would: at 8 slots those are
+    dozens of large programs per mode, and XLA:CPU maps every executable into the
+    process (a 6-policy sweep ran out of memory maps)."""
+    total = clients * settings.requests_per_client
+    first = [len(prompts[i % len(prompts)]) for i in range(min(clients, total))]
+    alone = sorted({len(prompts[i % len(prompts)]) for i in range(total)})
+    engine.warmup(greedy=settings.temperature == 0, prefills=[first] + [[n] for n in alone])
+
+
 def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: int, settings: LoadSettings,
               prompts, sps=None, draft_time: float = 0.0, clock=time.perf_counter, sleep=time.sleep,
               compile_first: bool = True, rounds: dict | None = None, gate: dict | None = None) -> LoadRow:
@@ -222,11 +234,12 @@ def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: 
     engine = make()
     if keep and "memory" in gate:
         engine.recall_gate(gate["memory"])
-    if mode != "closed" or engine.dormancy:  # arrival timing, or waking and sleeping at other steps, may
-        # reach other buckets and prefill widths: compile them all
+    if mode != "closed":  # arrival timing may reach other buckets and prefill widths: compile them all
         total = clients * settings.requests_per_client
         engine.warmup(sorted({len(prompts[i % len(prompts)]) for i in range(total)}),
                       greedy=settings.temperature == 0)
+    elif engine.dormancy:  # it may wake or sleep at other steps than the untimed runs did
+        warm_closed_loop(engine, prompts, clients, settings)
     gc.collect()
     gc.disable()  # a collection pause inside a 1-s run reads as a slower policy
     try:

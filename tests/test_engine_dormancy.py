@@ -3,9 +3,9 @@ carrying the drafter costs goes dormant (plain decoding's programs, no drafter i
 state), wakes at an admission when its span is over, and never drafts for the requests
 seated while it slept. Greedy output stays plain decoding's throughout."""
 
-import numpy as np
 import pytest
 
+from dspark_jax import target
 from dspark_jax.engine import Engine
 from dspark_jax.engine_dormancy import DORMANT_CAP, DORMANT_SPAN
 from dspark_jax.errors import DSparkError
@@ -23,8 +23,9 @@ def _timed_engine(tcfg, tparams, ref, drafted_ms: float, plain_ms: float = 1.0, 
     `dormant_ms`."""
     drafter, dparams = slot_oracle(tcfg, ref, corrupt_rate=0.0)
     now = [0.0]
+    kw = {"dormancy_window": WINDOW, **kw}
     engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="algorithm1", sps=SPS,
-                    buckets=ADAPTIVE, rounds=_rounds(0.5, 1.0), clock=lambda: now[0], dormancy_window=WINDOW, **kw)
+                    buckets=ADAPTIVE, rounds=_rounds(0.5, 1.0), clock=lambda: now[0], **kw)
     run_round = engine._round
 
     def timed_round(budget, draft, admission=None, greedy=None):
@@ -53,19 +54,22 @@ def _run_waves(engine, waves: int = 3):
 
 @pytest.fixture(scope="module")
 def longer_ref(pair):
-    from dspark_jax import target
+    """Plain greedy decoding of every prompt, 6 tokens longer than test_engine's."""
     tcfg, tparams, _ = pair
-    return target.greedy_decode(tcfg, tparams, PROMPTS, max(NEW) + 6, max_len=MAX_LEN)
+    ref = target.greedy_decode(tcfg, tparams, PROMPTS, max(NEW) + 6, max_len=MAX_LEN)
+    return [r[:n + 6] for r, n in zip(ref, NEW)]
 
 
-def test_drafting_that_does_not_pay_sends_the_engine_dormant_and_output_stays_greedy(pair, longer_ref):
+@pytest.mark.parametrize("lazy_ingest", [True, False])
+def test_drafting_that_does_not_pay_sends_the_engine_dormant_and_output_stays_greedy(pair, longer_ref, lazy_ingest):
     """Drafted rounds take 20 plain rounds' time: the engine goes dormant, wakes, goes
     dormant again for twice the span; every request's output is plain greedy decoding's;
     no request seated while dormant (or when dormancy began) is ever drafted for; a
-    request seated awake after a wake-up is."""
-    tcfg, tparams, _ = pair
-    ref = [r[:n + 6] for r, n in zip(longer_ref, NEW)]
-    engine = _timed_engine(tcfg, tparams, ref, drafted_ms=20.0)
+    request seated awake after a wake-up is. With a feature log (lazy ingest, the CPU's
+    default) or without (the drafter ingests every round, an accelerator's)."""
+    (tcfg, tparams, _), ref = pair, longer_ref
+    engine = _timed_engine(tcfg, tparams, ref, drafted_ms=20.0, lazy_ingest=lazy_ingest)
+    assert (engine._state.log is not None) == lazy_ingest
     out = _run_waves(engine)
     for i, res, _ in out:
         assert res.error is None and res.token_ids == ref[i]
@@ -81,8 +85,7 @@ def test_drafting_that_does_not_pay_sends_the_engine_dormant_and_output_stays_gr
 def test_drafting_that_pays_keeps_the_engine_awake(pair, longer_ref):
     """Drafted rounds as fast as plain ones (and committing more): never dormant, and
     `dormancy=False` never is whatever drafting costs."""
-    tcfg, tparams, _ = pair
-    ref = [r[:n + 6] for r, n in zip(longer_ref, NEW)]
+    (tcfg, tparams, _), ref = pair, longer_ref
     for engine in (_timed_engine(tcfg, tparams, ref, drafted_ms=1.0),
                    _timed_engine(tcfg, tparams, ref, drafted_ms=20.0, dormancy=False)):
         out = _run_waves(engine, waves=2)
@@ -137,10 +140,10 @@ def test_verdict_sets_the_windows_worth_against_its_time(pair):
 
 def test_gate_memory_carries_dormancy(pair, longer_ref):
     """An engine taking up a dormant engine's memory starts dormant for the span it had
-    left and knows its timed steps; a dormant engine's warmup and
-    round profile run awake and leave it dormant; a dormant engine cannot draft."""
-    tcfg, tparams, _ = pair
-    ref = [r[:n + 6] for r, n in zip(longer_ref, NEW)]
+    left and knows its timed steps; a dormant engine's warmup and round profile run
+    awake and leave it dormant; a dormant engine cannot draft; an engine without
+    dormancy ignores that part of the memory. Only the scheduled policies go dormant."""
+    (tcfg, tparams, _), ref = pair, longer_ref
     engine = _timed_engine(tcfg, tparams, ref, drafted_ms=1.0)
     for _ in range(2):
         engine._observe_dormancy(False, [0, 1], 2, 2, 1e-3)
@@ -156,8 +159,11 @@ def test_gate_memory_carries_dormancy(pair, longer_ref):
     assert nxt.dormant and nxt._state.log is None and nxt._state.draft_cache is None
     with pytest.raises(DSparkError, match="dormant"):
         nxt._round(ADAPTIVE[-1], True)
+    with pytest.raises(DSparkError, match="dormancy_window"):
+        _timed_engine(tcfg, tparams, ref, drafted_ms=1.0, dormancy_window=0)
+    drafter, dparams = slot_oracle(tcfg, ref)
+    assert not Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="fixed",
+                      dormancy=True).dormancy  # the fixed policies verify what they are told
     off = _timed_engine(tcfg, tparams, ref, drafted_ms=1.0, dormancy=False)
     off.recall_gate(memory)
     assert not off.dormant
-    results = [off.submit(PROMPTS[i], max_new_tokens=NEW[i]) for i in range(3)]
-    assert np.all([off.result(r).error is None for r in results])

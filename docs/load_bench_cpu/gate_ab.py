@@ -150,7 +150,6 @@ def main() -> None:
         gates[v] = {}
         load_bench.run_point(tcfg, tparams, d, dparams, policy, "closed", c, s, prompts, sps=sps,
                              draft_time=draft_time, rounds=rounds.get(policy), gate=gates[v])
-    lengths = sorted({len(prompts[i % len(prompts)]) for i in range(c * a.requests_per_client)})
     speeds: dict[str, list[float]] = {v: [] for v in a.variants}
     dormant: dict[str, list[float]] = {v: [] for v in a.variants}  # the share of rounds run dormant
     for rep in range(a.repeats):
@@ -161,7 +160,7 @@ def main() -> None:
             if "memory" in gates[v]:
                 engine.recall_gate(gates[v]["memory"])
             if engine.dormancy:  # it may wake or sleep at steps the warm-up runs did not
-                engine.warmup(lengths, greedy=True)
+                load_bench.warm_closed_loop(engine, prompts, c, s)
             gc.collect()
             gc.disable()
             try:
