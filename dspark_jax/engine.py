@@ -443,12 +443,12 @@ class Engine(SlotAdmission, RoundCostModel, StepCosts, Foresight, LookAtNewReque
         sampling = self._state.sampling.promise_greedy(self._promise(greedy))
         if sampling is not self._state.sampling:
             self._state = self._state.replace(sampling=sampling)
-        if self.dormant:  # plain decoding's own program: no drafter, no log, no gamma-wide state
+        if self.dormant:  # plain decoding's own compiled program (its engine's rounds: no drafter, gamma 0)
             if draft:
                 raise DSparkError("a dormant engine cannot run a drafted round")
             self._state, self._bare_stale, info = slot_round.engine_round(
                 self.tcfg, None, 0, budget, "none", self.tparams, None, self._state, self._bare_stale,
-                self._schedule(), draft=False, admission=admission)
+                self._bare_schedule, draft=True, admission=admission)
             return info
         # a plain round with a feature log (lazy ingest) never reads the drafter's weights or
         # cache: they stay out of the call

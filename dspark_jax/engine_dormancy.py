@@ -15,7 +15,8 @@ such steps (counted while every seated request is logged), the engine sets the w
 worth, in seconds of dormant plain steps at each step's row count (the median of the
 latest timed there; of awake plain steps until dormant ones have been timed), against
 the window's time: the balance of drafting's savings and the drafter's carrying cost.
-Unless staying awake paid (a balance above 1), the engine goes dormant for `span` rounds;
+Unless staying awake paid (a balance above 1, by DORMANCY_MARGIN), the engine goes
+dormant for `span` rounds;
 the span doubles with each dormant verdict in a row, from DORMANT_SPAN up to DORMANT_CAP
 windows, and falls back when a window finds staying awake paid. A row count with no timed
 plain step is timed by running its next step plain (a gate that always drafts leaves
@@ -33,12 +34,19 @@ import collections
 import contextlib
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dspark_jax import slot_round
 from dspark_jax.engine_costs import SCHEDULED
 
 DORMANCY_WINDOW = 64  # awake steps without prompt work per verdict
+# staying awake must have paid by this much: closer calls are the noise of step times (at 8
+# slots on the CPU demo, windows' balances ran 0.95-1.05 and the drafter's measured share of
+# a plain step -0.10 to +0.13, from one window to the next), and a close call lost to
+# dormancy costs at most that much
+DORMANCY_MARGIN = 0.05
 DORMANT_SPAN = 4      # a first dormant verdict's span, in windows of rounds
 DORMANT_CAP = 64      # the longest span, in windows (dormant verdicts in a row double it)
 TIMED_STEPS = 32      # the latest plain steps per row count a median reads
@@ -54,7 +62,13 @@ class Dormancy:
         self._dormancy = enabled
         self.dormancy_window = int(window)
         self._held: tuple | None = None  # (drafter cache, feature log) while dormant
-        self._bare_stale = jnp.zeros((2, self.slots, 0), jnp.float32)  # the stale of gamma-0 rounds
+        # what plain decoding's engine passes its rounds (shapes and types alike): a dormant
+        # round is its compiled program, not one more
+        self._bare_stale = jnp.zeros((2, self.slots, 0), jnp.float32)
+        self._bare_schedule = slot_round.Schedule(
+            sps=jnp.asarray(np.ones(self.slots + 1, np.float32)),
+            max_depth=jax.device_put(np.zeros(self.slots, np.int32)), threshold=self._threshold_dev,
+            draft_time=jnp.asarray(0.0, jnp.float32), prior=jnp.zeros((0,), jnp.float32))
         self._unlogged = np.zeros(self.slots, bool)  # per slot: the drafter lacks some of its positions
         self._dormant_left = 0  # dormant rounds before the engine may wake
         self._span = DORMANT_SPAN  # the next dormant verdict's span, in windows
@@ -160,15 +174,15 @@ class Dormancy:
         return len(occupied) in self._baseline_rows
 
     def _dormancy_verdict(self) -> None:
-        """Stay awake where the window's balance is above 1 (or nothing could be weighed),
-        else go dormant. A verdict waits (up to a second window) while a row count of the
+        """Stay awake where the window's balance is above 1 + DORMANCY_MARGIN (or nothing
+        could be weighed), else go dormant. A verdict waits (up to a second window) while a row count of the
         window has no timed plain step: the next step at it runs plain."""
         self._baseline_rows = {rows for rows, _, _ in self._window if self._baseline(rows) is None}
         if self._baseline_rows and len(self._window) < 2 * self.dormancy_window:
             return
         balance = self.dormancy_balance()
         self._reset_window()
-        if balance is None or balance > 1.0:
+        if balance is None or balance > 1.0 + DORMANCY_MARGIN:
             self._span = DORMANT_SPAN
             return
         self._set_dormant(True)

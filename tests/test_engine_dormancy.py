@@ -5,7 +5,7 @@ seated while it slept. Greedy output stays plain decoding's throughout."""
 
 import pytest
 
-from dspark_jax import target
+from dspark_jax import slot_round, target
 from dspark_jax.engine import Engine
 from dspark_jax.engine_dormancy import DORMANT_CAP, DORMANT_SPAN
 from dspark_jax.errors import DSparkError
@@ -96,7 +96,8 @@ def test_drafting_that_pays_keeps_the_engine_awake(pair, longer_ref):
 def test_verdict_sets_the_windows_worth_against_its_time(pair):
     """A window's verdict: its steps' worth in plain steps (a drafted step committing N
     tokens over b rows: N / b) at the dormant plain steps' median time (the awake ones'
-    until dormant steps are timed), against its time; dormant unless above 1. Steps with
+    until dormant steps are timed), against its time; dormant unless above 1 by the
+    margin (5%). Steps with
     an unlogged request seated do not count; a drafted step at a row count with no timed
     plain step holds the verdict until the next step there, which runs plain."""
     tcfg, tparams, ref = pair
@@ -134,7 +135,14 @@ def test_verdict_sets_the_windows_worth_against_its_time(pair):
     engine._unlogged[:] = False
     engine._observe_dormancy(False, rows, 2, 2, 1e-3)
     engine._observe_dormancy(False, rows, 2, 2, 1e-3)
-    engine._observe_dormancy(True, rows, 2, 3, 1.2e-3)  # 3.325 ms in 3.2 ms: 1.039, stays awake
+    engine._observe_dormancy(True, rows, 2, 3, 1.2e-3)  # 3.325 ms in 3.2 ms: 1.039, a close call: dormant
+    assert engine.dormant and engine._span == 8 * DORMANT_SPAN
+    engine._set_dormant(False)
+    engine._reset_window()
+    engine._unlogged[:] = False
+    engine._observe_dormancy(False, rows, 2, 2, 1e-3)
+    engine._observe_dormancy(False, rows, 2, 2, 1e-3)
+    engine._observe_dormancy(True, rows, 2, 3, 1.0e-3)  # 3.325 ms in 3 ms: 1.108, stays awake
     assert not engine.dormant and engine._span == DORMANT_SPAN
 
 
@@ -167,3 +175,16 @@ def test_gate_memory_carries_dormancy(pair, longer_ref):
     off = _timed_engine(tcfg, tparams, ref, drafted_ms=1.0, dormancy=False)
     off.recall_gate(memory)
     assert not off.dormant
+
+
+def test_dormant_rounds_run_plain_decodings_compiled_programs(pair, longer_ref):
+    """A dormant engine's rounds and prefill passes are plain decoding's engine's own
+    compiled programs (the same arguments, shapes and types): they compile nothing new."""
+    (tcfg, tparams, _), ref = pair, longer_ref
+    plain = Engine(tcfg, tparams, None, None, slots=SLOTS, max_len=MAX_LEN, policy="none", sps=SPS, buckets=ADAPTIVE)
+    plain.warmup((5,), greedy=True)
+    compiled = slot_round.engine_round._cache_size(), slot_round.admit._cache_size()
+    engine = _timed_engine(tcfg, tparams, ref, drafted_ms=1.0)
+    engine._set_dormant(True)
+    engine._warm(engine._prefill_passes((5,)), greedy=True)
+    assert (slot_round.engine_round._cache_size(), slot_round.admit._cache_size()) == compiled
