@@ -2,11 +2,12 @@
 what it costs the plain rounds stops carrying the drafter, for a while.
 
 A scheduled engine keeps, in every round drafted or not, what drafting needs: the feature
-log (lazy ingest) or the drafter's ingest of each round's positions. On the CPU demo that
-costs a plain round 1.5-2% against plain decoding's, and where drafting never pays (the
-CPU demo at every load measured) the gate's plain rounds then run that much below plain
-decoding. Dormant, the engine runs plain decoding's own programs: the drafter's cache and
-the log leave the state (held on the side), no taps are read, no gate is asked.
+log (lazy ingest) or the drafter's ingest of each round's positions, and the gate's host
+work. On the CPU demo that cost a plain step 3-6% at one slot (the log's part: 1.5-2% of
+the round), and where drafting never pays (the CPU demo at every load measured) the gate's
+plain rounds ran that much below plain decoding. Dormant, the engine runs plain
+decoding's own compiled programs: the drafter's cache and the log leave the state (held
+on the side), no taps are read, no gate is asked.
 
 The verdict rests on realized times only (no cost model). Every step without prompt work
 is timed. Awake, a plain step is worth one plain step, and a drafted step that commits N
@@ -16,9 +17,9 @@ worth, in seconds of dormant plain steps at each step's row count (the median of
 latest timed there; of awake plain steps until dormant ones have been timed), against
 the window's time: the balance of drafting's savings and the drafter's carrying cost.
 Unless staying awake paid (a balance above 1, by DORMANCY_MARGIN), the engine goes
-dormant for `span` rounds;
-the span doubles with each dormant verdict in a row, from DORMANT_SPAN up to DORMANT_CAP
-windows, and falls back when a window finds staying awake paid. A row count with no timed
+dormant for `span` rounds; the span doubles with each dormant verdict in a row, from
+DORMANT_SPAN up to DORMANT_CAP windows, and falls back when a window finds staying awake
+paid. A row count with no timed
 plain step is timed by running its next step plain (a gate that always drafts leaves
 none). When the span is over the engine wakes at the next admission, so that the new
 request is logged from its first token.
@@ -175,8 +176,8 @@ class Dormancy:
 
     def _dormancy_verdict(self) -> None:
         """Stay awake where the window's balance is above 1 + DORMANCY_MARGIN (or nothing
-        could be weighed), else go dormant. A verdict waits (up to a second window) while a row count of the
-        window has no timed plain step: the next step at it runs plain."""
+        could be weighed), else go dormant. A verdict waits (up to a second window) while
+        a row count of the window has no timed plain step: the next step at it runs plain."""
         self._baseline_rows = {rows for rows, _, _ in self._window if self._baseline(rows) is None}
         if self._baseline_rows and len(self._window) < 2 * self.dormancy_window:
             return

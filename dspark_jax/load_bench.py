@@ -67,7 +67,7 @@ class LoadSettings:
     prefill_chunk: int = 64     # chunked-prefill tokens per round (0: a separate prefill pass per admission)
     recalibrate: bool = False   # the scheduled policies' online confidence correction
     round_profile: bool = True  # the scheduled policies use the engine's measured round times
-    warm_gate: bool = True      # the scheduled policies' timed runs start from the warm-up run's gate memory
+    warm_gate: bool = True      # the scheduled policies' timed runs go on from the gate memory of the runs before
     dormancy: bool = True       # the scheduled policies may go dormant (engine_dormancy.py)
 
     def __post_init__(self):

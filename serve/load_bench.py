@@ -54,7 +54,8 @@ def main(argv=None) -> None:
                         "slots decode (0: a separate prefill pass per admission)")
     p.add_argument("--cold-gate", action="store_true",
                    help="the scheduled policies' timed runs start with an empty gate memory (default: the "
-                        "memory their warm-up run left, as a server that has seen the traffic)")
+                        "memory the warm-up runs, then the run before, left: one server that has seen the "
+                        "traffic and goes on serving it)")
     p.add_argument("--no-dormancy", action="store_true",
                    help="the scheduled policies never go dormant (default: they do where drafting has not paid "
                         "for carrying the drafter)")
