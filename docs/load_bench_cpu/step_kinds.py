@@ -24,11 +24,9 @@ import time
 
 import numpy as np
 
-from dspark_jax import drafters, load_bench, profile_sps, scheduler, target
-from dspark_jax import prompts as prompt_files
+from demo_setup import demo_point
+from dspark_jax import load_bench, profile_sps, scheduler
 from dspark_jax.engine import Engine
-from dspark_jax.serving import GenerateRequest, resolve_folders
-from dspark_jax.tokenizer import Tokenizer
 
 
 def predicted_saving(engine: Engine, batches: int = 256) -> tuple[float, float]:
@@ -54,16 +52,7 @@ def main() -> None:
     if min(a.concurrency, a.repeats) < 1:
         p.error("--concurrency and --repeats must be >= 1")
     c = a.concurrency
-    tf, df, kind = resolve_folders(GenerateRequest())
-    tcfg, tparams = target.load(tf)
-    drafter, dparams = drafters.load(df, tcfg, kind=kind)
-    prompts = prompt_files.encode_prompts(prompt_files.read_prompt_file(a.prompt_file), Tokenizer(tf), False)
-    s = load_bench.LoadSettings(concurrency=(c,), requests_per_client=12, prompt_len=max(map(len, prompts)),
-                                max_new_tokens=32, length_spread=0.5, buckets="pow2", sps_file=a.sps_file)
-    sps, rec = profile_sps.load_or_profile(tcfg, tparams, slots=c, gamma=drafter.gamma, max_len=s.cache_len,
-                                           buckets=s.bucket_set(c, drafter.gamma), tap_layers=drafter.tap_layers,
-                                           path=s.sps_file, drafter=drafter, dparams=dparams)
-    draft_time = float(rec.get("draft_seconds", 0.0))
+    tcfg, tparams, drafter, dparams, prompts, s, sps, draft_time, rec = demo_point(c, a.prompt_file, a.sps_file)
     profiled = load_bench.make_engine(tcfg, tparams, drafter, dparams, a.policy, c, s, sps, draft_time)
     rounds = profile_sps.stored_rounds(rec, a.policy, profiled.buckets, profiled.plain_buckets)
     if rounds is None:
