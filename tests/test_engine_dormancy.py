@@ -130,20 +130,15 @@ def test_verdict_sets_the_windows_worth_against_its_time(pair):
     engine._observe_dormancy(False, rows, 2, 2, 1e-3)
     engine._observe_dormancy(True, rows, 2, 3, 1.4e-3)  # 3.5 x 0.95 ms of worth in 3.4 ms: 0.978
     assert engine.dormant and engine._span == 4 * DORMANT_SPAN
-    engine._set_dormant(False)
-    engine._reset_window()
-    engine._unlogged[:] = False
-    engine._observe_dormancy(False, rows, 2, 2, 1e-3)
-    engine._observe_dormancy(False, rows, 2, 2, 1e-3)
-    engine._observe_dormancy(True, rows, 2, 3, 1.2e-3)  # 3.325 ms in 3.2 ms: 1.039, a close call: dormant
-    assert engine.dormant and engine._span == 8 * DORMANT_SPAN
-    engine._set_dormant(False)
-    engine._reset_window()
-    engine._unlogged[:] = False
-    engine._observe_dormancy(False, rows, 2, 2, 1e-3)
-    engine._observe_dormancy(False, rows, 2, 2, 1e-3)
-    engine._observe_dormancy(True, rows, 2, 3, 1.0e-3)  # 3.325 ms in 3 ms: 1.108, stays awake
-    assert not engine.dormant and engine._span == DORMANT_SPAN
+    for drafted, dormant, span in ((1.2e-3, True, 8 * DORMANT_SPAN),  # 3.325 ms in 3.2: 1.039, close: dormant
+                                   (1.0e-3, False, DORMANT_SPAN)):  # 3.325 ms in 3 ms: 1.108, stays awake
+        engine._set_dormant(False)
+        engine._reset_window()
+        engine._unlogged[:] = False
+        engine._observe_dormancy(False, rows, 2, 2, 1e-3)
+        engine._observe_dormancy(False, rows, 2, 2, 1e-3)
+        engine._observe_dormancy(True, rows, 2, 3, drafted)
+        assert engine.dormant == dormant and engine._span == span
 
 
 def test_gate_memory_carries_dormancy(pair, longer_ref):
