@@ -368,13 +368,10 @@ class Engine(SlotAdmission, RoundCostModel, StepCosts, Foresight, LookAtNewReque
             if info.done[s]:
                 self._finish(s, now)
         m.last_at = now
-        if not admitted and not plan:  # a step without prompt work: what it took against its prediction
-            seconds = self.clock() - start
-            if not dormant:
-                self._observe_step(draft, budget, len(occupied), seconds)
-            self._observe_dormancy(draft, occupied, n_active, int(np.sum(info.appended[info.active])), seconds)
-        elif dormant:
-            self._dormant_left -= 1
+        seconds = None if admitted or plan else self.clock() - start  # timed: steps without prompt work
+        if seconds is not None and not dormant:  # what it took against its prediction
+            self._observe_step(draft, budget, len(occupied), seconds)
+        self._observe_dormancy(draft, occupied, n_active, int(np.sum(info.appended[info.active])), seconds)
         return True
 
     def run_until_done(self, max_steps: int | None = None) -> list[RequestResult]:

@@ -133,16 +133,16 @@ class Dormancy:
     # ------------------------------------------------ the verdict
 
     def _observe_dormancy(self, draft: bool, occupied: Sequence[int], active: int, tokens: int,
-                          seconds: float) -> None:
-        """A step's time (one without prompt work; `tokens` committed over `active` rows)
-        joins the timed plain steps and the window, and a full window reaches a verdict.
-        Dormant steps count the span down."""
+                          seconds: float | None) -> None:
+        """After every step: a dormant one counts the span down. A step's time (None for
+        one with prompt work; `tokens` committed over `active` rows) joins the timed plain
+        steps and the window, and a full window reaches a verdict."""
         if self.dormant:
             self._dormant_left -= 1
-            if seconds > 0:
+            if seconds is not None and seconds > 0:
                 self._quiet[len(occupied)].append(seconds)
             return
-        if not self.dormancy or not seconds > 0 or not active or self._unlogged[list(occupied)].any():
+        if not self.dormancy or not seconds or not active or self._unlogged[list(occupied)].any():
             return
         rows = len(occupied)
         if not draft:

@@ -26,3 +26,14 @@ def demo_point(concurrency: int, prompt_file: str, sps_file: str):
                                            buckets=s.bucket_set(c, drafter.gamma), tap_layers=drafter.tap_layers,
                                            path=s.sps_file, drafter=drafter, dparams=dparams)
     return tcfg, tparams, drafter, dparams, prompts, s, sps, float(rec.get("draft_seconds", 0.0)), rec
+
+
+def demo_rounds(engine, record: dict, store: str | None = None) -> dict:
+    """The engine's round profile: the one stored in `record` for its policy and buckets,
+    else measured now (and saved beside SPS(B) in the profile file `store`, when given)."""
+    rounds = profile_sps.stored_rounds(record, engine.policy, engine.buckets, engine.plain_buckets)
+    if rounds is None:
+        rounds = engine.profile_rounds(save=False)
+        if store:
+            profile_sps.save_rounds(store, record["key"], engine.policy, rounds)
+    return rounds

@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
-from demo_setup import demo_point
-from dspark_jax import load_bench, profile_sps
+from demo_setup import demo_point, demo_rounds
+from dspark_jax import load_bench
 
 
 def main() -> None:
@@ -35,11 +35,8 @@ def main() -> None:
         p.error("--concurrency and --runs must be >= 1")
     c = a.concurrency
     tcfg, tparams, drafter, dparams, prompts, s, sps, draft_time, rec = demo_point(c, a.prompt_file, a.sps_file)
-    engine = load_bench.make_engine(tcfg, tparams, drafter, dparams, a.policy, c, s, sps, draft_time)
-    rounds = profile_sps.stored_rounds(rec, a.policy, engine.buckets, engine.plain_buckets)
-    if rounds is None:
-        rounds = engine.profile_rounds(save=False)
-        profile_sps.save_rounds(s.sps_file, rec["key"], a.policy, rounds)
+    rounds = demo_rounds(load_bench.make_engine(tcfg, tparams, drafter, dparams, a.policy, c, s, sps, draft_time),
+                         rec, store=s.sps_file)
     memory = None
     for run in range(a.runs):
         engine = load_bench.make_engine(tcfg, tparams, drafter, dparams, a.policy, c, s, sps, draft_time, rounds)

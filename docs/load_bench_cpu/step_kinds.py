@@ -24,8 +24,8 @@ import time
 
 import numpy as np
 
-from demo_setup import demo_point
-from dspark_jax import load_bench, profile_sps, scheduler
+from demo_setup import demo_point, demo_rounds
+from dspark_jax import load_bench, scheduler
 from dspark_jax.engine import Engine
 
 
@@ -53,10 +53,8 @@ def main() -> None:
         p.error("--concurrency and --repeats must be >= 1")
     c = a.concurrency
     tcfg, tparams, drafter, dparams, prompts, s, sps, draft_time, rec = demo_point(c, a.prompt_file, a.sps_file)
-    profiled = load_bench.make_engine(tcfg, tparams, drafter, dparams, a.policy, c, s, sps, draft_time)
-    rounds = profile_sps.stored_rounds(rec, a.policy, profiled.buckets, profiled.plain_buckets)
-    if rounds is None:
-        rounds = profiled.profile_rounds(save=False)
+    rounds = demo_rounds(load_bench.make_engine(tcfg, tparams, drafter, dparams, a.policy, c, s, sps, draft_time),
+                         rec)
     gate: dict = {}
     load_bench.run_point(tcfg, tparams, drafter, dparams, a.policy, "closed", c, s, prompts, sps=sps,
                          draft_time=draft_time, rounds=rounds, gate=gate)
