@@ -35,6 +35,8 @@ class GenerateRequest:
     num_samples: int = 1
     gamma: int | None = None
     verify_depth: int | None = None
+    policy: str | None = None
+    sps_file: str | None = None
     mesh: str = "1x1"
     dtype: str | None = None
     ignore_eos: bool = False
@@ -107,16 +109,16 @@ def run_generate(req: GenerateRequest, emit: Callable[[dict], None], stream: boo
     flat_prompts = [prompt_ids[pi] for pi, _ in batch]
     sampling = SamplingParams.make(len(batch), req.temperature, req.top_k, req.top_p)
     seeds = [(req.seed * 1_000_003 + i) % (2**32) for i in range(len(batch))]
-    tparams = target.shard(tcfg, tparams, mesh)
-    if drafter is not None:
-        dparams = drafter.shard(dparams, mesh)
+    policy, costs = choose_policy(req, tcfg, drafter, mesh, len(batch), flat_prompts, emit)
 
     streaming = stream and len(batch) == 1 and tokenizer is not None
+    got: list[int] = []
     shown = [""]
 
-    def on_round(comps):
-        text = tokenizer.decode(comps[0].token_ids)
-        if text.startswith(shown[0]) and len(text) > len(shown[0]):
+    def on_tokens(index, tokens, finished):
+        got.extend(tokens)
+        text = tokenizer.decode(got)
+        if text.startswith(shown[0]) and len(text) > len(shown[0]) and "\ufffd" not in text[len(shown[0]):]:
             emit({"kind": "text", "text": text[len(shown[0]):]})
             shown[0] = text
 
@@ -125,14 +127,15 @@ def run_generate(req: GenerateRequest, emit: Callable[[dict], None], stream: boo
     comps = generation.generate(
         tcfg, tparams, flat_prompts, max_new_tokens=req.max_new_tokens, sampling=sampling,
         seeds=seeds, stop_ids=stop_ids, drafter=drafter, dparams=dparams, gamma=gamma,
-        verify_depth=req.verify_depth, trace=req.trace, on_round=on_round if streaming else None)
+        verify_depth=req.verify_depth, policy=policy, costs=costs, trace=req.trace, mesh=mesh,
+        on_tokens=on_tokens if streaming else None)
     records = []
     for (pi, si), c in zip(batch, comps):
         text = tokenizer.decode(c.token_ids) if tokenizer is not None else None
         rec = {"prompt_index": pi, "sample_index": si, "token_ids": c.token_ids, "text": text,
                "rounds": c.rounds, "tau": round(c.tau, 4), "accepted_per_position": c.accepted_per_position,
                "tokens_per_second": round(c.tokens_per_second, 3), "drafter": "none" if drafter is None else (drafter.kind if kind == "auto" else kind),
-               "gamma": gamma}
+               "gamma": gamma, "policy": policy, "finish_reason": c.finish_reason}
         if req.trace:
             rec["trace"] = c.trace
         records.append(rec)
@@ -154,3 +157,37 @@ def run_generate(req: GenerateRequest, emit: Callable[[dict], None], stream: boo
           f"tokens/s {n_tok / secs if secs else 0:.1f}  rounds {rounds}  completions {len(comps)}"})
     return records
 
+
+
+def choose_policy(req: GenerateRequest, tcfg, drafter, mesh, slots: int, prompts, emit) -> tuple[str, dict | None]:
+    """(engine policy, its profile costs): `req.policy`, or by default production when a
+    profile of this backend, model pair, mesh and batch exists, else fixed gamma (saying
+    once which command makes the profile)."""
+    from dspark_jax.engine import SCHEDULED, profiles
+    from dspark_jax.engine.costs import stored_costs
+
+    if drafter is None:
+        if req.policy not in (None, "none"):
+            raise DSparkError(f"--policy {req.policy} needs a drafter (--draft DIR)")
+        return "none", None
+    if req.verify_depth is not None:
+        if req.policy not in (None, "fixed"):
+            raise DSparkError("--verify-depth is the fixed policy's depth; it does not go with --policy "
+                              f"{req.policy}")
+        return "fixed", None
+    if req.policy not in (None,) + SCHEDULED:
+        return req.policy, None
+    g = drafter.gamma
+    max_len = generation.cache_length(max(len(p) for p in prompts), req.max_new_tokens, g)
+    key = profiles.profile_key(tcfg, slots=slots, gamma=g, max_len=max_len, tap_layers=drafter.tap_layers,
+                               mesh=mesh if mesh is not None and mesh.size > 1 else None, drafter=drafter)
+    costs = stored_costs(req.sps_file, key, profiles.budget_buckets(slots, g), any_length=True)
+    command = f"python -m serve.profile_sps --slots {slots}" + (f" --mesh {req.mesh}" if req.mesh != "1x1" else "")
+    if costs is None:
+        if req.policy is not None:
+            raise DSparkError(f"--policy {req.policy} needs a profile of this backend, model pair, mesh and "
+                              f"batch; make one with `{command}`")
+        emit({"kind": "notice", "line": f"no profile for this backend, model pair and batch: fixed gamma "
+                                        f"(`{command}` makes one; then the production scheduler is the default)"})
+        return "fixed", None
+    return req.policy or "production", costs

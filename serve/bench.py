@@ -31,9 +31,10 @@ def main(argv=None) -> None:
     with cli_errors("serve.bench"):
         from tqdm import tqdm
 
-        from dspark_jax import bench, drafters, prompts as prompts_lib, target
+        from dspark_jax import drafters, prompts as prompts_lib, target
         from dspark_jax.serving import GenerateRequest, resolve_folders
         from dspark_jax.tokenizer import Tokenizer
+        from serve import speedup
 
         batches = args.batch or [1, 8]
         if any(b < 1 for b in batches) or args.repeats < 1 or args.max_new_tokens < 1:
@@ -48,22 +49,22 @@ def main(argv=None) -> None:
             items = prompts_lib.read_prompt_file(args.prompt_file)
             prompts = prompts_lib.encode_prompts(items, Tokenizer(tfolder), args.chat)
         else:
-            prompts = bench.random_prompts(max(batches), args.prompt_len, tcfg.vocab_size)
+            prompts = speedup.random_prompts(max(batches), args.prompt_len, tcfg.vocab_size)
         rows = []
         with tqdm(total=len(batches) * args.repeats, desc="bench", unit="run") as bar:
             for b in batches:
-                rows.append(bench.compare(tcfg, tparams, drafter, dparams, prompts, batch=b,
-                                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                          repeats=args.repeats, verify_depth=args.verify_depth,
-                                          progress=bar.update))
+                rows.append(speedup.compare(tcfg, tparams, drafter, dparams, prompts, batch=b,
+                                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                            repeats=args.repeats, verify_depth=args.verify_depth,
+                                            progress=bar.update))
         if args.json:
             for r in rows:
                 print(json.dumps({"batch": r.batch, "plain_tokens_per_second": r.plain_tps,
                                   "spec_tokens_per_second": r.spec_tps, "speedup": r.speedup,
                                   "tau": r.tau, "drafter": drafter.kind, "gamma": drafter.gamma}))
         else:
-            print(bench.markdown(rows, f"{drafter.kind} (gamma {drafter.gamma}) vs plain, "
-                                       f"temperature {args.temperature}"))
+            print(speedup.markdown(rows, f"{drafter.kind} (gamma {drafter.gamma}) vs plain, "
+                                         f"temperature {args.temperature}"))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import sys
 from dspark_jax.errors import DSparkError, cli_errors
 
 DRAFTERS = ("dspark", "dflash", "eagle3", "mtp1", "none")
+POLICIES = ("none", "fixed", "threshold", "algorithm1", "production")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1, help="independent completions per prompt, batched")
     p.add_argument("--gamma", type=int, default=None, help="draft block size (default: the drafter's)")
-    p.add_argument("--verify-depth", type=int, default=None, help="fixed verification depth (default: gamma)")
+    p.add_argument("--verify-depth", type=int, default=None,
+                   help="the fixed policy's verification depth (default: gamma)")
+    p.add_argument("--policy", default=None, choices=POLICIES,
+                   help="verification policy (default: production when a profile of this backend, model pair "
+                        "and batch exists (python -m serve.profile_sps makes one), else fixed)")
+    p.add_argument("--sps-file", default=None, help="profile file (default: ~/.cache/dspark_jax/sps.json)")
     p.add_argument("--mesh", default="1x1", help="DATAxMODEL device mesh, e.g. 8x1 or 4x2")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="compute dtype (default: the checkpoint's)")
@@ -62,7 +68,9 @@ def main(argv=None) -> None:
 
 
 def _json_printer(event: dict) -> None:
-    if event["kind"] == "completion":
+    if event["kind"] == "notice":
+        print(event["line"], file=sys.stderr, flush=True)
+    elif event["kind"] == "completion":
         print(json.dumps(event["record"]), flush=True)
 
 
@@ -75,6 +83,8 @@ def _text_printer():
         elif kind == "text":
             sys.stdout.write(event["text"])
             sys.stdout.flush()
+        elif kind == "notice":
+            print(event["line"], file=sys.stderr, flush=True)
         elif kind == "summary":
             print(f"\n-- {event['line']}", flush=True)
     return emit

@@ -16,9 +16,10 @@ from dspark_jax.errors import cli_errors
 
 
 def main(argv=None) -> None:
-    from dspark_jax.load_bench import MODES, POLICIES
+    from serve.load_points import MODES, POLICIES
 
-    p = argparse.ArgumentParser(prog="python -m serve.load_bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m serve.load_bench", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--target", help="target folder (default: bundled demo target)")
     p.add_argument("--draft", help="drafter folder (default: bundled drafter for --drafter)")
     p.add_argument("--drafter", default=None, choices=("dspark", "dflash", "eagle3", "mtp1"))
@@ -44,23 +45,14 @@ def main(argv=None) -> None:
                    help="timed runs per point, interleaved across policies; the median is reported")
     p.add_argument("--length-spread", type=float, default=0.0,
                    help="request lengths vary: max_new_tokens x U[1-s, 1+s] per request (same for every policy)")
-    p.add_argument("--no-draft-cost", action="store_true",
-                   help="the paper's objective tau x SPS(B): no drafting time, no round profile, no drafting gate")
-    p.add_argument("--no-round-profile", action="store_true",
-                   help="scheduled policies: predict round costs from SPS(B) and a drafting pass instead of "
-                        "timing the engine's rounds")
     p.add_argument("--prefill-chunk", type=int, default=64,
                    help="prompt tokens per round that ride along in the verification pass while other "
                         "slots decode (0: a separate prefill pass per admission)")
-    p.add_argument("--cold-gate", action="store_true",
-                   help="the scheduled policies' timed runs start with an empty gate memory (default: the "
-                        "memory the warm-up runs, then the run before, left: one server that has seen the "
-                        "traffic and goes on serving it)")
-    p.add_argument("--no-dormancy", action="store_true",
-                   help="the scheduled policies never go dormant (default: they do where drafting has not paid "
-                        "for carrying the drafter)")
-    p.add_argument("--recalibrate", action="store_true",
-                   help="scheduled policies: correct the confidences online from observed acceptances")
+    p.add_argument("--rounds-per-call", type=int, default=1,
+                   help="rounds per dispatch when nothing waits for admission")
+    p.add_argument("--lag", type=int, default=1, help="rounds in flight before the host reads one back")
+    p.add_argument("--no-device-time", action="store_true",
+                   help="skip replaying the run's programs (no host_exposed_frac)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--out-dir", default="load_bench_out")
     p.add_argument("--merge", nargs="+", metavar="RESULTS",
@@ -69,7 +61,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     with cli_errors("serve.load_bench"):
         if args.merge:
-            from dspark_jax import load_bench
+            from serve import load_points as load_bench
 
             rows, settings, meta = load_bench.read(args.merge)
             settings["concurrency"] = sorted({r.concurrency for r in rows})
@@ -78,7 +70,8 @@ def main(argv=None) -> None:
         import jax
         from tqdm import tqdm
 
-        from dspark_jax import drafters, load_bench, target
+        from dspark_jax import drafters, target
+        from serve import load_points as load_bench
         from dspark_jax.serving import GenerateRequest, resolve_folders
 
         tfolder, dfolder, kind = resolve_folders(GenerateRequest(target=args.target, draft=args.draft,
@@ -96,10 +89,9 @@ def main(argv=None) -> None:
             requests_per_client=args.requests_per_client, prompt_len=args.prompt_len,
             max_new_tokens=args.max_new_tokens, rate=args.rate, threshold=args.threshold,
             temperature=args.temperature, seed=args.seed, max_len=args.max_len, sps_file=args.sps_file,
-            buckets=args.buckets, repeats=args.repeats, draft_cost=not args.no_draft_cost,
-            length_spread=args.length_spread, prefill_chunk=args.prefill_chunk,
-            recalibrate=args.recalibrate, round_profile=not args.no_round_profile,
-            warm_gate=not args.cold_gate, dormancy=not args.no_dormancy)
+            buckets=args.buckets, repeats=args.repeats, length_spread=args.length_spread,
+            prefill_chunk=args.prefill_chunk, rounds_per_call=args.rounds_per_call, lag=args.lag,
+            device_time=not args.no_device_time)
         tcfg, tparams = target.load(tfolder, args.dtype)
         drafter = dparams = None
         if dfolder is not None:

@@ -34,7 +34,7 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    from dspark_jax.profiling.pairs import PRESET_NAMES
+    from serve.profiling.pairs import PRESET_NAMES
 
     p = argparse.ArgumentParser(prog="python -m serve.profile", description=__doc__.split("\n")[0])
     src = p.add_argument_group("what to profile (default: the bundled pair)")
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
         from tqdm import tqdm
 
         from dspark_jax import mesh as mesh_lib
-        from dspark_jax.profiling import measure
+        from serve.profiling import measure
 
         if args.preset and (args.target or args.draft):
             raise DSparkError("--preset takes random weights: drop --target / --draft, or drop --preset")

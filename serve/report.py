@@ -26,7 +26,7 @@ def main(argv=None) -> None:
     p.add_argument("--note", default=None, help="a paragraph quoted at the top of report.md")
     args = p.parse_args(argv)
     with cli_errors("serve.report"):
-        from dspark_jax.profiling.report import render
+        from serve.profiling.report import render
 
         out = render(args.profiles, args.out, args.tau, plots=not args.no_plots, note=args.note)
         print(out["markdown"])

@@ -1,7 +1,9 @@
 """The continuous-batching engine: packed verification == dense verification; at
 temperature 0 every request's output equals plain greedy decoding whatever the arrival
-and departure timing, the policy and the drafter; bad requests fail alone; the
-production variant's capacity comes from survival two rounds old."""
+and departure timing, the policy and the drafter; the engine drafts only at the row
+counts where the profile says drafting pays; bad requests fail alone; the production
+variant's capacity comes from survival two rounds old (in the unit and in the engine's
+per-round depths)."""
 
 import dataclasses
 import os
@@ -11,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax import drafters, scheduler, slot_round, target
-from dspark_jax.engine import Engine
+from dspark_jax import drafters, scheduler, target
+from dspark_jax.engine import SCHEDULED, Engine
+from dspark_jax.engine import policies
 from dspark_jax.errors import DSparkError
 from tests.conftest import FIXTURES
 from tests.helpers import OracleDrafter, make_block_drafter, write_block_drafter
@@ -25,6 +28,7 @@ SLOTS, MAX_LEN, GAMMA = 2, 32, 3
 FULL = SLOTS * (GAMMA + 1)
 ADAPTIVE = (2, FULL)  # the production engines' buckets
 SPS = 100.0 / (1.0 + 0.15 * np.arange(FULL + 1))  # decreasing steps/s
+ACCEPTANCE = [0.5, 0.3, 0.1]  # a drafter's mean survival per position (drafting_by_row_count)
 
 
 TARGET = os.path.join(FIXTURES, "qwen3_tiny_untied")
@@ -159,53 +163,51 @@ def test_engine_oracle_equals_greedy(pair, policy):
     assert engine.metrics.tokens == sum(NEW) and engine.metrics.throughput > 0
 
 
-@pytest.mark.parametrize("policy,draft_time", [("production", 0.012), ("algorithm1", 0.012), ("production", 1.0)])
-def test_drafting_gate_equals_greedy(pair, policy, draft_time):
-    """With a drafting cost in the objective the gate mixes plain and speculative rounds
-    (a huge cost: plain rounds with a probe every `probe_every`); output stays greedy."""
-    tcfg, tparams, ref = pair
-    drafter, dparams = slot_oracle(tcfg, ref)
-    engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy=policy, sps=SPS,
-                    buckets=ADAPTIVE, draft_time=draft_time, probe_every=3)
-    assert engine.gated
-    results = run_staggered(engine)
-    assert [r.token_ids for r in results] == ref
-    m = engine.metrics
-    assert 0 < m.plain_rounds < m.rounds, m.as_dict()
-    if draft_time == 1.0:  # only the first round and the probes draft
-        assert m.rounds - m.plain_rounds <= 1 + m.rounds // 4
-
-
-def test_gate_decision_follows_the_cost_model(pair):
+@pytest.mark.parametrize("draft_time", [0.006, 0.02])
+def test_drafting_by_row_count_equals_greedy(pair, draft_time):
+    """With the drafter's mean survival and a drafting cost, the engine drafts only at the
+    row counts where the profile says drafting pays (0.006: one row, not two; 0.02: at
+    none, so it serves without its drafter and says so); the output stays greedy."""
     tcfg, tparams, ref = pair
     drafter, dparams = slot_oracle(tcfg, ref)
     engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="production", sps=SPS,
-                    buckets=ADAPTIVE, draft_time=0.004)
-    engine.submit(PROMPTS[0], 12)
-    engine.submit(PROMPTS[2], 10)
-    assert engine.should_draft([0, 1])  # nothing known yet: draft
-    engine.step()  # admits both (their depth limits are known from here on) and drafts
-    assert engine.metrics.plain_rounds == 0 and engine._prior is not None
-    engine._prior = np.zeros(GAMMA)
-    engine._recent[:] = 0.0
-    engine._verdict_key = None  # edited by hand: the cached verdict is stale
-    assert not engine.should_draft([0, 1])  # nothing would survive: drafting cannot pay
-    engine._recent[:] = np.cumprod(np.full((SLOTS, GAMMA), 0.95), axis=1)
-    engine._verdict_key = None
-    pays, spec, plain = scheduler.speculation_pays(engine._recent.astype(np.float64), engine.sps, draft_time=0.004)
-    assert engine.should_draft([0, 1]) == pays and pays and spec > plain
-    engine._plain_streak = engine.probe_every  # a probe is due whatever the estimate
-    engine._recent[:] = 0.0
-    assert engine.should_draft([0, 1])
-    # without a drafting time there is no gate, and ungated policies always draft
-    assert not Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="production",
-                      sps=SPS, buckets=ADAPTIVE).gated
+                    buckets=ADAPTIVE, draft_time=draft_time, acceptance=ACCEPTANCE)
+    for r in range(1, SLOTS + 1):
+        est = np.repeat(np.asarray(ACCEPTANCE, np.float64)[None], r, axis=0)
+        assert engine.costs.drafts_at[r] == scheduler.speculation_pays(est, engine.costs.sps,
+                                                                       draft_time=draft_time)[0]
+    results = run_staggered(engine)
+    assert [r.token_ids for r in results] == ref
+    m = engine.metrics
+    if draft_time == 0.006:
+        assert list(engine.costs.drafts_at[1:]) == [True, False] and engine.notice is None
+        assert 0 < m.plain_rounds < m.rounds, m.as_dict()
+        assert sum(sum(r.accepted_per_position) for r in results) > 0  # the one-row rounds drafted
+    else:
+        assert not engine.costs.pays_anywhere and "drafter" in engine.notice
+        assert m.plain_rounds == m.rounds > 0, m.as_dict()
+        assert all(r.tau == 1.0 for r in results if r.rounds)
+
+
+def test_drafting_table_and_refusals(pair):
+    """Without a survival estimate every row count drafts; MTP-1 (fixed, depth 1) drafts
+    one token; bad costs and a scheduled policy without a profile are refused."""
+    tcfg, tparams, ref = pair
+    drafter, dparams = slot_oracle(tcfg, ref)
+    engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="production", sps=SPS,
+                    buckets=ADAPTIVE, draft_time=0.02)
+    assert engine.costs.drafts_at[1:].all() and engine.notice is None
     fixed = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="fixed", depth=1,
-                   draft_time=0.004, buckets=(FULL,))
-    assert not fixed.gated and fixed.gamma == 1 and fixed.drafter.gamma == 1  # MTP-1 drafts one token
+                   draft_time=0.02, acceptance=ACCEPTANCE, buckets=(FULL,))
+    assert fixed.costs.drafts_at[1:].all() and fixed.gamma == 1 and fixed.drafter.gamma == 1  # MTP-1
     with pytest.raises(DSparkError, match="draft_time"):
         Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="production", sps=SPS,
                draft_time=-1.0)
+    for policy in SCHEDULED:
+        with pytest.raises(DSparkError, match="SPS"):
+            Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy=policy)
+    with pytest.raises(DSparkError, match="depth"):
+        Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="fixed", depth=GAMMA + 1)
 
 
 @pytest.mark.parametrize("policy", ["production"] + [pytest.param(p, marks=pytest.mark.slow) for p in
@@ -231,12 +233,33 @@ def test_bad_requests_fail_alone(pair):
     sampled = engine.submit(PROMPTS[3], 8, temperature=1.0, top_k=40, top_p=0.9, seed=3)  # beside greedy ones
     results = engine.run_until_done()
     assert results[sampled].error is None and len(results[sampled].token_ids) == 8
+    assert results[sampled].finish_reason == "length"
     assert all(0 <= t < tcfg.vocab_size for t in results[sampled].token_ids)
     for word, rid in bad.items():
         err = results[rid].error
         assert err and "\n" not in err and results[rid].token_ids == [], (word, err)
+        assert results[rid].finished and results[rid].finish_reason == "error"
     assert "empty" in results[bad["empty"]].error and "vocabulary" in results[bad["vocabulary"]].error
     assert [results[g].token_ids for g in good] == [ref[0], ref[2]]
+    assert all(results[g].finish_reason == "length" for g in good)
+
+
+def test_malformed_fields_fail_alone(pair):
+    """Wrongly typed fields, bad seeds, stop ids and depths are refused one request at a
+    time (finished at once, the callback told), never raised into the caller."""
+    tcfg, tparams, ref = pair
+    engine = Engine(tcfg, tparams, slots=SLOTS, max_len=MAX_LEN, policy="none", max_stop_ids=2)
+    told = []
+    bad = [engine.submit(PROMPTS[0], 4.5), engine.submit(PROMPTS[0], 0), engine.submit(PROMPTS[0], 4, seed=-1),
+           engine.submit(PROMPTS[0], 4, stop_ids=[1, 2, 3]), engine.submit(PROMPTS[0], 4, stop_ids=[tcfg.vocab_size]),
+           engine.submit(PROMPTS[0], 4, max_depth=-1), engine.submit(["a"], 4), engine.submit(None, 4),
+           engine.submit(PROMPTS[0], 4, top_k=1.5, on_tokens=lambda *a: told.append(a))]
+    good = engine.submit(PROMPTS[1], NEW[1])
+    for rid in bad:
+        res = engine.result(rid)
+        assert res.finished and res.finish_reason == "error" and res.error and "\n" not in res.error, rid
+    assert told == [(bad[-1], [], True)]
+    assert engine.run_until_done()[good].token_ids == ref[1]
 
 
 # ------------------------------------------------------------------ scheduling units
@@ -247,49 +270,70 @@ def test_production_capacity_uses_stale_survival():
     current = jnp.array([[0.9, 0.8, 0.7], [0.6, 0.5, 0.1], [0.9, 0.9, 0.9]], jnp.float32)
     stale = jnp.stack([jnp.array([[0.5, 0.1, 0.0], [0.2, 0.0, 0.0], [1.0, 1.0, 1.0]]),  # two rounds ago
                        jnp.ones((s, g))]).astype(jnp.float32)  # last round: must NOT be used
-    sched = slot_round.Schedule(sps=jnp.asarray(100.0 / (1.0 + 0.2 * np.arange(budget + 1)), jnp.float32),
-                               max_depth=jnp.full((s,), g, jnp.int32), threshold=jnp.float32(0.5),
-                               draft_time=jnp.float32(0.0), prior=jnp.zeros((g,), jnp.float32))
-    depth, survival, k = slot_round.schedule_depths("production", budget, current, stale, sched, active,
-                                                   sched.max_depth)
+    sched = policies.Schedule(sps=jnp.asarray(100.0 / (1.0 + 0.2 * np.arange(budget + 1)), jnp.float32),
+                              threshold=jnp.float32(0.5), draft_time=jnp.float32(0.0),
+                              prior=jnp.zeros((g,), jnp.float32), live=jnp.ones((s,), bool))
+    max_depth = jnp.full((s,), g, jnp.int32)
+    depth, survival, k = policies.schedule_depths("production", budget, current, stale, sched, active, max_depth)
     want_k = scheduler.global_capacity_jnp(stale[0], sched.sps, active)
     assert int(k) == int(want_k) != int(scheduler.global_capacity_jnp(stale[1], sched.sps, active))
     surv = np.cumprod(np.asarray(current), axis=1) * np.asarray(active)[:, None]
     np.testing.assert_allclose(survival, surv, rtol=1e-6)
     np.testing.assert_array_equal(depth, scheduler.top_k_depths_jnp(jnp.asarray(surv), want_k, active))
     # the budget caps K (and every policy's depths)
-    depth, _, k = slot_round.schedule_depths("production", 3, current, stale, sched, active, sched.max_depth)
+    depth, _, k = policies.schedule_depths("production", 3, current, stale, sched, active, max_depth)
     assert int(k) <= 1 and int(jnp.sum(jnp.where(active, 1 + depth, 0))) <= 3
-    capped = slot_round.cap_depths(jnp.array([3, 3, 3]), active, 5, g)
+    capped = policies.cap_depths(jnp.array([3, 3, 3]), active, 5, g)
     np.testing.assert_array_equal(capped, [2, 1, 0])  # position-major: both firsts, then one second
     # a row without history (just admitted) counts with the prior, never with zeros
     fresh = stale.at[0, 1].set(0.0)
     prior = jnp.array([0.9, 0.8, 0.7], jnp.float32)
-    est = slot_round.stale_estimate(fresh[0], prior, jnp.broadcast_to(active[:, None], (s, g)))
+    est = policies.stale_estimate(fresh[0], prior, jnp.broadcast_to(active[:, None], (s, g)))
     np.testing.assert_allclose(est, [[0.5, 0.1, 0.0], [0.9, 0.8, 0.7], [0, 0, 0]], rtol=1e-6)
     with_prior = sched.replace(prior=prior)
-    _, _, k_prior = slot_round.schedule_depths("production", budget, current, fresh, with_prior, active,
-                                              sched.max_depth)
-    _, _, k_zero = slot_round.schedule_depths("production", budget, current, fresh, sched, active, sched.max_depth)
+    _, _, k_prior = policies.schedule_depths("production", budget, current, fresh, with_prior, active, max_depth)
+    _, _, k_zero = policies.schedule_depths("production", budget, current, fresh, sched, active, max_depth)
     assert int(k_prior) == int(scheduler.global_capacity_jnp(est, sched.sps, active)) > int(k_zero)
 
 
-def test_engine_shifts_survival_state(pair):
+def _production_depths(trace, max_new, sps, lag_rounds):
+    """The verify depth production picks for a lone request in each traced round when
+    its capacity K reads the survival of `lag_rounds` drafted rounds earlier (zeros, so
+    K = 0, for a row with none yet: no acceptance prior), recomputed from the traced
+    confidences; the room left (max_new - n_out - 1) bounds both survival and depth."""
+    n_out, survival, depths = 1, [], []
+    for rnd_ in trace:
+        limit = max(0, min(GAMMA, max_new - n_out - 1))
+        surv = np.cumprod(rnd_["confidences"]) * (np.arange(GAMMA) < limit)
+        est = survival[-lag_rounds] if len(survival) >= lag_rounds else np.zeros(GAMMA)
+        rows = np.zeros((SLOTS, GAMMA), np.float32)
+        rows[0] = est
+        k = int(scheduler.global_capacity_jnp(jnp.asarray(rows), jnp.asarray(sps, jnp.float32),
+                                              jnp.asarray([True] + [False] * (SLOTS - 1))))
+        depths.append(min(k, limit, FULL - 1))
+        survival.append(surv)
+        n_out += rnd_["accepted"] + 1
+    return depths
+
+
+def test_engine_production_depths_follow_survival_two_rounds_old(pair):
+    """Through the engine (lag 1): a lone request's verify depth each round is the top-K
+    cut with K from its survival two rounds earlier; the first two rounds of each request
+    have no history (a request seated in a slot its predecessor left starts afresh)."""
     tcfg, tparams, ref = pair
     drafter, dparams = slot_oracle(tcfg, ref)
     engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="production", sps=SPS,
-                    buckets=ADAPTIVE)
-    engine.submit(PROMPTS[0], NEW[0])
-    engine.step()
-    first = np.asarray(engine._stale)
-    assert np.all(first[0] == 0) and np.any(first[1] > 0)  # new slots start from zeros
-    engine.submit(PROMPTS[2], NEW[2])  # joins slot 1: its stale rows are reset
-    engine.step()
-    second = np.asarray(engine._stale)
-    np.testing.assert_array_equal(second[0], first[1])
-    np.testing.assert_array_equal(engine._stale_host, second)
-    engine.step()
-    assert np.all(np.asarray(engine._stale)[0][1] == second[1][1])
+                    buckets=(FULL,), trace=True)
+    for i in (0, 2):  # one after the other, both in slot 0
+        rid = engine.submit(PROMPTS[i], NEW[i])
+        engine.run_until_done()
+        res = engine.result(rid)
+        assert res.token_ids == ref[i] and len(res.trace) == res.rounds > 3
+        got = [r["verify_depth"] for r in res.trace]
+        assert got[:2] == [0, 0]
+        assert got == _production_depths(res.trace, NEW[i], SPS, 2), (i, got)
+        assert got != _production_depths(res.trace, NEW[i], SPS, 1)  # the newest survival would differ
+    assert max(r.tau for r in engine.results.values()) > 1.2
 
 
 # ------------------------------------------------------------------ Eagle3 and refusals
@@ -314,8 +358,8 @@ def test_policies_needing_confidences_refuse_drafters_without(pair):
 
 @pytest.mark.slow
 def test_engine_eagle3_equals_greedy(pair):
-    """Also with lazy ingest, where Eagle-3 (no `ingest_lines`) gets the prompts' backlog
-    through a flush over every slot: the same drafts."""
+    """Eagle-3 (no `ingest_lines`: prompt chunks reach it on an [S, C] grid) under the
+    fixed policy, synchronous (lag 0): greedy output."""
     from dspark_jax.drafters.eagle3 import init_eagle3_params
 
     tcfg, tparams, ref = pair
@@ -323,19 +367,8 @@ def test_engine_eagle3_equals_greedy(pair):
     dparams = init_eagle3_params(drafter, jax.random.key(7))
     dparams["embed_tokens"] = {"embedding": jnp.asarray(tparams["embed_tokens"]["embedding"])}
     dparams["lm_head"] = {"kernel": jnp.asarray(tparams["lm_head"]["kernel"])}
-    drafts = {}
-    for lazy in (False, True):
-        engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, buckets=(FULL,),
-                        lazy_ingest=lazy)
-        assert engine.policy == "fixed" and (engine._state.log is not None) == lazy
-        drafts[lazy], round_once = [], engine._round
-
-        def logged(budget, draft, admission=None, round_once=round_once, got=drafts[lazy]):
-            info = round_once(budget, draft, admission)
-            got.append(np.asarray(info.draft)[np.asarray(info.active)])
-            return info
-
-        engine._round = logged
-        assert [r.token_ids for r in run_staggered(engine)] == ref
-    for d, d_ref in zip(drafts[True], drafts[False], strict=True):
-        np.testing.assert_array_equal(d, d_ref)
+    engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, buckets=(FULL,), lag=0)
+    assert engine.policy == "fixed" and engine.prefill_chunk > 0
+    results = run_staggered(engine)
+    assert [r.token_ids for r in results] == ref
+    assert engine.metrics.prefill_chunks > 0

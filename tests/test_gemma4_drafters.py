@@ -2,7 +2,8 @@
 
 Both tiny Gemma 4 fixtures (PLE + soft-cap + tied; MoE + KV sharing + K = V + untied):
 random drafters round-trip through `drafters.load`, speculative greedy output equals
-plain greedy (random per-round depths; an oracle drafter drives real acceptances), the
+plain greedy (random per-request depth limits, and threshold depths that vary round by
+round; an oracle drafter drives real acceptances), the
 temperature-1 / top-p 0.9 sampler keeps the target's distribution, and the CLI agrees
 with plain decoding. Compilations are kept few (the machine is small and shared).
 """
@@ -22,10 +23,12 @@ from dspark_jax.config_gemma4 import FULL, SLIDING, gemma4_tiny
 from dspark_jax.drafters import gemma4_drafter as g4
 from dspark_jax.drafters.config import DrafterConfig
 from dspark_jax.drafters.dspark import BlockDrafter
+from dspark_jax.engine import drafter_has_confidence
 from dspark_jax.errors import DSparkError
 from serve import generate
 from tests.conftest import FIXTURES
-from tests.helpers import OracleDrafter, write_block_drafter
+from tests.helpers import write_block_drafter
+from tests.test_speculation_greedy import ConfidentOracle
 from tests.test_speculation_distribution import chi_square_z
 
 TINY = os.path.join(FIXTURES, "gemma4_tiny")
@@ -58,9 +61,9 @@ def make_drafter(tcfg, *, head="vanilla", rank=16, layers=2, block_size=4, taps=
     return drafter, fill(drafter.param_shapes_and_axes()[0], seed, scale)
 
 
-def random_depths(gamma, seed):
-    rng = np.random.default_rng(seed)
-    return lambda state: jnp.asarray(rng.integers(0, gamma + 1, state.anchor.shape[0]), jnp.int32)
+def random_depths(gamma, seed, n=len(PROMPTS)):
+    """A random depth limit in [0, gamma] for each of n prompts (generate's max_depths)."""
+    return np.random.default_rng(seed).integers(0, gamma + 1, n)
 
 
 def run(tcfg, tparams, drafter=None, dparams=None, **kw):
@@ -125,9 +128,13 @@ def test_random_drafters_equal_greedy(pairs, folder, name):
     tcfg, tparams, ref, saved = pairs[folder]
     drafter, dparams = drafters.load(saved[name][2], tcfg)
     dparams = drafter.shard(dparams, MESH)
-    got, comps = run(tcfg, tparams, drafter, dparams, depth_fn=random_depths(drafter.gamma, 0))
-    assert got == ref
-    assert all(c.rounds >= 1 for c in comps)
+    runs = [dict(max_depths=random_depths(drafter.gamma, 0))]
+    if drafter_has_confidence(drafter):  # depths from the confidence head, varying round by round
+        runs.append(dict(policy="threshold"))
+    for kw in runs:
+        got, comps = run(tcfg, tparams, drafter, dparams, **kw)
+        assert got == ref, kw
+        assert all(c.rounds >= 1 for c in comps)
 
 
 @pytest.mark.parametrize("folder", [TINY, MOE], ids=["tiny", "moe_shared"])
@@ -138,13 +145,17 @@ def test_oracle_acceptances_equal_greedy(pairs, folder):
     for i, (p, r) in enumerate(zip(PROMPTS, ref)):
         toks[i, :len(p + r)] = p + r
     rng = np.random.default_rng(0)
-    oracle = OracleDrafter(4, tcfg.vocab_size)
+    oracle = ConfidentOracle(4, tcfg.vocab_size)
+    # confidences (read by the threshold policy only): mostly above its 0.5, now and then below
+    conf = jnp.asarray(np.where(rng.random(toks.shape) < 0.8, 0.9, 0.1), jnp.float32)
     for rate in (0.0, 0.3):
-        dparams = {"ref": jnp.asarray(toks), "corrupt": jnp.asarray(rng.random(toks.shape) < rate)}
-        got, comps = run(tcfg, tparams, oracle, dparams, depth_fn=random_depths(4, 1))
-        assert got == ref
-        if rate == 0.0:
-            assert max(c.tau for c in comps) > 2.0  # real multi-token acceptances on the Gemma target
+        dparams = {"ref": jnp.asarray(toks), "corrupt": jnp.asarray(rng.random(toks.shape) < rate), "conf": conf}
+        # random per-request limits; depths varying round by round (threshold on the confidences)
+        for kw in (dict(max_depths=random_depths(4, 1)), dict(policy="threshold")):
+            got, comps = run(tcfg, tparams, oracle, dparams, **kw)
+            assert got == ref, (rate, kw)
+            if rate == 0.0:
+                assert max(c.tau for c in comps) > 2.0, kw  # real multi-token acceptances on the Gemma target
 
 
 # ------------------------------------------------------------ temperature 1, top-p 0.9

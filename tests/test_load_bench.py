@@ -7,12 +7,16 @@ import os
 import numpy as np
 import pytest
 
-from dspark_jax import drafters, load_bench, profile_sps, target
-from dspark_jax.engine import Engine
+from dspark_jax import drafters, target
+from dspark_jax.engine import Engine, profiles
+from dspark_jax.engine.costs import stored_costs
+from dspark_jax.errors import DSparkError
 from serve import load_bench as load_bench_cli
+from serve import load_points as load_bench
 from serve import profile_sps as profile_sps_cli
+from serve import sps_profile
 from tests.conftest import FIXTURES
-from tests.helpers import OracleDrafter, make_block_drafter, write_block_drafter
+from tests.helpers import make_block_drafter, write_block_drafter
 
 TARGET = os.path.join(FIXTURES, "qwen3_tiny_untied")
 
@@ -22,30 +26,54 @@ def pair():
     return target.load(TARGET)
 
 
-def test_sps_profile_is_stored_reused_and_plotted(pair, tmp_path, monkeypatch):
+def test_profile_is_stored_reused_and_read_by_engines(pair, tmp_path, monkeypatch):
     tcfg, tparams = pair
+    drafter, dparams = make_block_drafter(tcfg, block_size=1)
     path = str(tmp_path / "sps.json")
-    sps, rec = profile_sps.load_or_profile(tcfg, tparams, slots=1, gamma=1, max_len=32, path=path,
-                                           tap_layers=(0,), warmup=1, repeats=2)
-    assert sorted(int(b) for b in rec["table"]) == [1, 2] and sps.shape == (3,) and np.all(sps > 0)
-    key = profile_sps.profile_key(tcfg, slots=1, gamma=1, max_len=32, tap_layers=(0,))
+    rec = sps_profile.profile(tcfg, tparams, slots=1, gamma=1, max_len=32, path=path, drafter=drafter,
+                              dparams=dparams, prompts=[[5, 6, 7], [8, 9]], warmup=1, repeats=2)
+    assert sorted(int(b) for b in rec["table"]) == [1, 2] and rec["draft_seconds"] > 0
+    assert len(rec["acceptance"]) == 1 and 0 <= rec["acceptance"][0] <= 1
+    assert sorted(rec["rounds"]["spec"]) == ["1", "2"] and list(rec["rounds"]["plain"]) == ["1"]
+    key = profiles.profile_key(tcfg, slots=1, gamma=1, max_len=32, tap_layers=drafter.tap_layers, drafter=drafter)
     assert key["backend"] == "cpu" and key["model"]["hidden_size"] == tcfg.hidden_size
-    monkeypatch.setattr(profile_sps, "measure", lambda *a, **k: pytest.fail("profiled again"))
-    again, _ = profile_sps.load_or_profile(tcfg, tparams, slots=1, gamma=1, max_len=32, path=path,
-                                           tap_layers=(0,))
-    np.testing.assert_array_equal(again, sps)
-    # an engine starting with a matching profile reuses it
-    engine = Engine(tcfg, tparams, OracleDrafter(1, tcfg.vocab_size), None, slots=1, max_len=32,
-                    policy="production", sps_file=path)
-    np.testing.assert_array_equal(engine.sps, sps)
-    assert os.path.getsize(profile_sps.plot(rec, str(tmp_path / "sps.png"))) > 0
-    np.testing.assert_allclose(profile_sps.interpolate({2: 10.0, 4: 5.0}, 5),
+    monkeypatch.setattr(sps_profile, "measure", lambda *a, **k: pytest.fail("profiled again"))
+    again = sps_profile.profile(tcfg, tparams, slots=1, gamma=1, max_len=32, path=path, drafter=drafter,
+                                dparams=dparams, prompts=[[5, 6, 7]])
+    assert again == rec
+    # an engine of that configuration reads it (any cache length will do when asked)
+    costs = stored_costs(path, {**key, "max_len": 64}, (1, 2), any_length=True)
+    assert stored_costs(path, {**key, "max_len": 64}, (1, 2)) is None
+    engine = Engine(tcfg, tparams, drafter, dparams, slots=1, max_len=32, policy="production", **costs)
+    np.testing.assert_allclose(engine.costs.sps[1:], [rec["table"]["1"], rec["table"]["2"]], rtol=1e-5)
+    assert os.path.getsize(sps_profile.plot(rec, str(tmp_path / "sps.png"))) > 0
+    # a scheduled engine without a profile is a clear error, never a hidden measurement
+    with pytest.raises(DSparkError, match="profile_sps"):
+        Engine(tcfg, tparams, drafter, dparams, slots=1, max_len=32, policy="production")
+    np.testing.assert_allclose(profiles.interpolate({2: 10.0, 4: 5.0}, 5),
                                [10, 10, 10, 1 / 0.15, 5, 5], rtol=1e-6)
     # a noisy bump (B=2 slower than B=4 and 8) is pooled away: step time never falls with B
-    np.testing.assert_allclose(profile_sps.monotone([3.0, 5.5, 5.4, 5.3]), [3.0, 5.4, 5.4, 5.4])
-    np.testing.assert_allclose(profile_sps.monotone([1.0, 2.0, 4.0]), [1.0, 2.0, 4.0])
-    curve = profile_sps.interpolate({1: 1 / 3.0, 2: 1 / 5.5, 4: 1 / 5.4, 8: 1 / 5.3}, 8)
-    assert np.all(np.diff(1.0 / curve[1:]) >= -1e-6)
+    np.testing.assert_allclose(profiles.monotone([3.0, 5.5, 5.4, 5.3]), [3.0, 5.4, 5.4, 5.4])
+    np.testing.assert_allclose(profiles.monotone([1.0, 2.0, 4.0]), [1.0, 2.0, 4.0])
+
+
+def test_drafting_decided_per_row_count_from_the_profile():
+    """Where no speculative round beats a plain one at R rows, rounds there are plain;
+    where it pays nowhere, the engine says so."""
+    from dspark_jax.engine.costs import RoundCosts
+
+    sps = np.full(17, 100.0)  # a pass costs 10 ms at any budget: verifying is free, drafting is not
+    pays = RoundCosts(slots=2, gamma=7, policy="production", sps=sps, draft_time=0.002, acceptance=[0.9] * 7)
+    assert pays.drafts_at[1:].all()
+    dear = RoundCosts(slots=2, gamma=7, policy="production", sps=sps, draft_time=0.05, acceptance=[0.3] * 7)
+    assert not dear.drafts_at[1:].any() and not dear.pays_anywhere
+    fixed = RoundCosts(slots=2, gamma=7, policy="fixed", sps=sps, draft_time=0.05, acceptance=[0.3] * 7)
+    assert fixed.drafts_at.all()  # the fixed policies draft whatever the profile says
+    rounds = {"spec": {16: 0.012}, "plain": {16: 0.010}}  # measured: a drafted round 20% dearer
+    assert RoundCosts(slots=2, gamma=7, policy="production", sps=sps, acceptance=[0.5] * 7, buckets=(16,),
+                      rounds=rounds).drafts_at[1:].all()
+    assert not RoundCosts(slots=2, gamma=7, policy="production", sps=sps, acceptance=[0.1] + [0.0] * 6, buckets=(16,),
+                          rounds=rounds).drafts_at[1:].any()
 
 
 def test_load_bench_cli_end_to_end(pair, tmp_path, capsys):
@@ -54,9 +82,9 @@ def test_load_bench_cli_end_to_end(pair, tmp_path, capsys):
     draft = write_block_drafter(tmp_path / "draft", TARGET, tparams, drafter, dparams)
     # a stored SPS curve matching this engine is reused (no profiling at start-up)
     sps_file = str(tmp_path / "sps.json")
-    key = profile_sps.profile_key(tcfg, slots=2, gamma=3, max_len=32, tap_layers=drafter.tap_layers,
-                                  drafter=drafters.load(draft, tcfg)[0])
-    profile_sps.save(sps_file, key, {8: 50.0}, 8, draft_seconds=0.001)
+    key = profiles.profile_key(tcfg, slots=2, gamma=3, max_len=32, tap_layers=drafter.tap_layers,
+                               drafter=drafters.load(draft, tcfg)[0])
+    profiles.save(sps_file, key, {"table": {8: 50.0}, "draft_seconds": 0.001, "acceptance": [0.9, 0.8, 0.7]})
     out = tmp_path / "out"
     load_bench_cli.main(["--target", TARGET, "--draft", draft, "--concurrency", "2", "--policy", "none",
                          "production", "--mode", "closed", "poisson", "--requests-per-client", "1",
@@ -70,6 +98,7 @@ def test_load_bench_cli_end_to_end(pair, tmp_path, capsys):
     for row in data["rows"]:
         assert row["requests"] == 2 and row["errors"] == 0 and row["tokens"] == 12 and row["throughput"] > 0
         assert row["mean_verified"] >= 1 and 0 <= row["plain_rounds"]
+        assert row["device_seconds"] > 0 and row["host_exposed_frac"] < 1
     none = [r for r in data["rows"] if r["policy"] == "none"]
     assert all(r["tau"] == 1.0 and r["mean_verified"] <= 2 for r in none)
     assert (out / "results.md").read_text().startswith("### Load benchmark")

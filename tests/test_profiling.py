@@ -11,9 +11,9 @@ import pytest
 
 from dspark_jax import config as qcfg
 from dspark_jax.errors import DSparkError
-from dspark_jax.profiling import roofline as rl
-from dspark_jax.profiling import schema
-from dspark_jax.profiling.report import PLOTS, render, speedup_rows
+from serve.profiling import roofline as rl
+from serve.profiling import schema
+from serve.profiling.report import PLOTS, render, speedup_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROFILES = os.path.join(HERE, "fixtures", "profiles")
@@ -173,14 +173,14 @@ def test_report_cli_errors_are_one_line(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_pair():
     from dspark_jax import mesh as mesh_lib
-    from dspark_jax.profiling import measure
+    from serve.profiling import measure
 
     mesh = mesh_lib.make_mesh("1x1")
     return measure.load_pair(target_dir=TINY, draft_dir=None, preset=None, dtype=None, gamma=2, mesh=mesh), mesh
 
 
 def test_memory_check_scales_batches_down(tiny_pair):
-    from dspark_jax.profiling import measure
+    from serve.profiling import measure
 
     pair, mesh = tiny_pair
     s = measure.resolve_settings(gamma=2, batches=[64], contexts=[256], quick=True)
@@ -197,7 +197,7 @@ def test_memory_check_scales_batches_down(tiny_pair):
 
 def test_preset_that_does_not_fit_writes_a_failed_profile(tmp_path, monkeypatch):
     from dspark_jax import mesh as mesh_lib
-    from dspark_jax.profiling import measure
+    from serve.profiling import measure
 
     monkeypatch.setattr(measure, "free_memory", lambda devices: 2 ** 30)
     mesh = mesh_lib.make_mesh("1x1")
@@ -212,7 +212,7 @@ def test_preset_that_does_not_fit_writes_a_failed_profile(tmp_path, monkeypatch)
 
 
 def test_interrupted_profile_keeps_what_it_measured(tmp_path, tiny_pair):
-    from dspark_jax.profiling import measure
+    from serve.profiling import measure
 
     pair, mesh = tiny_pair
     s = measure.resolve_settings(gamma=2, batches=[1], contexts=[32], q_lens=[3], quick=True, warmup=0, repeats=1)

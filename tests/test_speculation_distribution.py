@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax import generation, sampling, speculate, target
+from dspark_jax import generation, sampling, target
 from dspark_jax.config import qwen3_tiny
+from dspark_jax.engine import round as engine_round
 from tests.helpers import make_block_drafter
 
 V = 6
@@ -103,7 +104,7 @@ def test_biased_acceptance_rule_fails_the_same_test(pair, monkeypatch):
     tcfg, tparams, drafter, dparams = pair
     sp = (1.0, 0, 0.9)
     probs = exact_joint(tcfg, tparams, sp)
-    monkeypatch.setattr(speculate, "accept_drafts", biased_accept)
+    monkeypatch.setattr(engine_round, "accept_drafts", biased_accept)
     jax.clear_caches()
     try:
         counts, _ = sampled_joint(tcfg, tparams, drafter, dparams, sp)

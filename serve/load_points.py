@@ -1,0 +1,431 @@
+"""Load benchmark of the engine: aggregate throughput vs per-user speed for each policy.
+
+For every policy (no speculation, fixed depth 1 (MTP-1-like), fixed gamma, static
+threshold, Algorithm 1, production variant), every concurrency level c (an engine with
+c slots) and every arrival mode:
+
+- closed loop: c clients, each submits its next request when the previous one ends;
+- Poisson: c x requests_per_client requests arrive at `rate` x c requests/s; they
+  queue when every slot is busy.
+
+Each point first runs its workload once untimed on its own engine (compiling what the
+timed runs use), then its timed runs, interleaved across policies. Rows report aggregate
+tokens/s, mean per-user tokens/s, mean verified budget B per round, tau, and the exposed
+host time: the timed run's wall time minus its device time (each compiled program the
+run called, timed back to back on device-resident inputs, times its calls), over the wall
+time (`host_exposed_frac`). `plot` draws throughput vs per-user tokens/s (the paper's
+Figure 7 shape) and the verified budget vs concurrency (Figure 8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from dspark_jax.engine import SCHEDULED as SCHEDULED_POLICIES, Engine, profiles
+from dspark_jax.engine.costs import stored_costs
+from dspark_jax.errors import DSparkError
+from serve import speedup
+
+POLICIES = ("none", "mtp1", "fixed", "threshold", "algorithm1", "production")
+MODES = ("closed", "poisson")
+BUCKETS = ("auto", "pow2", "full")
+LABELS = {"none": "no speculation", "mtp1": "fixed depth 1 (MTP-1)", "fixed": "fixed gamma",
+          "threshold": "static threshold", "algorithm1": "Algorithm 1", "production": "production variant"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoadSettings:
+    concurrency: tuple[int, ...] = (1, 2)
+    policies: tuple[str, ...] = POLICIES
+    modes: tuple[str, ...] = ("closed",)
+    requests_per_client: int = 2
+    prompt_len: int = 16
+    max_new_tokens: int = 16
+    rate: float = 4.0           # Poisson: requests/s per slot
+    threshold: float = 0.5
+    temperature: float = 0.0
+    seed: int = 0
+    max_len: int | None = None  # default: prompt + the longest request, rounded up to 16
+    sps_file: str | None = None
+    buckets: str = "auto"       # "pow2" | "full" (one program per engine) | "auto": full on CPU
+    repeats: int = 1            # timed runs per point, interleaved across policies; the median is reported
+    length_spread: float = 0.0  # request i asks for max_new_tokens x U[1 - s, 1 + s] (seeded, same for all policies)
+    prefill_chunk: int = 64     # chunked-prefill tokens per round (0: a separate prefill pass per admission)
+    rounds_per_call: int = 1    # rounds per dispatch when nothing waits for admission
+    lag: int = 1                # rounds in flight before the host reads one back
+    device_time: bool = True    # replay the run's programs for host_exposed_frac
+
+    def __post_init__(self):
+        bad = [p for p in self.policies if p not in POLICIES]
+        if bad:
+            raise DSparkError(f"unknown policy {bad[0]} (choose from {', '.join(POLICIES)})")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad:
+            raise DSparkError(f"unknown arrival mode {bad[0]} (choose from {', '.join(MODES)})")
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise DSparkError("concurrency levels must be >= 1")
+        for name in ("requests_per_client", "prompt_len", "max_new_tokens", "repeats", "rounds_per_call"):
+            if getattr(self, name) < 1:
+                raise DSparkError(f"{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
+        if self.prefill_chunk < 0 or self.lag < 0:
+            raise DSparkError(f"prefill-chunk and lag must be >= 0; got {self.prefill_chunk}, {self.lag}")
+        if not 0.0 <= self.length_spread < 1.0:
+            raise DSparkError(f"length spread must be in [0, 1); got {self.length_spread}")
+        if self.rate <= 0:
+            raise DSparkError(f"rate must be > 0; got {self.rate}")
+        if self.buckets not in BUCKETS:
+            raise DSparkError(f"unknown bucket set {self.buckets} (choose from {', '.join(BUCKETS)})")
+
+    @property
+    def cache_len(self) -> int:
+        longest = int(np.ceil(self.max_new_tokens * (1 + self.length_spread)))
+        return self.max_len or -(-(self.prompt_len + longest) // 16) * 16
+
+    def bucket_set(self, slots: int, gamma: int) -> tuple[int, ...]:
+        """The engine's budget buckets. "auto" is one full bucket on CPU, where compiling
+        dominates a short run and a tiny model's pass costs about the same at any budget."""
+        import jax
+
+        full = self.buckets == "full" or (self.buckets == "auto" and jax.default_backend() == "cpu")
+        return (slots * (1 + gamma),) if full else profiles.budget_buckets(slots, gamma)
+
+
+@dataclasses.dataclass
+class LoadRow:
+    policy: str
+    mode: str
+    concurrency: int
+    requests: int
+    tokens: int
+    seconds: float
+    throughput: float        # aggregate tokens/s
+    per_user: float          # mean over requests of tokens/s from admission to last token
+    mean_verified: float     # mean verified tokens B per round
+    mean_budget: float       # mean compiled bucket N_b per round
+    tau: float
+    errors: int = 0
+    plain_rounds: int = 0       # rounds run without drafting
+    rounds: int = 0             # the engine's rounds
+    device_seconds: float = 0.0  # the run's programs replayed back to back
+    host_exposed_frac: float = 0.0  # (wall - device) / wall
+    runs: int = 1               # timed runs behind the row (the median-throughput one is reported)
+    throughput_min: float = 0.0
+    throughput_max: float = 0.0
+    repeat_throughputs: tuple = ()  # every timed run's throughput, in run order (runs interleave across policies)
+
+
+def engine_options(policy: str, gamma: int, threshold: float) -> dict:
+    """Engine keyword arguments of a benchmark policy."""
+    if policy == "none":
+        return {"policy": "none"}
+    if policy == "mtp1":
+        return {"policy": "fixed", "depth": min(1, gamma)}
+    if policy == "fixed":
+        return {"policy": "fixed", "depth": gamma}
+    if policy == "threshold":
+        return {"policy": "threshold", "threshold": threshold}
+    return {"policy": policy}
+
+
+def _drive(engine: Engine, prompts, settings: LoadSettings, mode: str, clients: int,
+           clock: Callable[[], float], sleep: Callable[[float], None]):
+    """Submit the workload and step until done; returns the results."""
+    total = clients * settings.requests_per_client
+    lengths = request_lengths(settings, total)
+    submitted = []
+    ended = [0]
+
+    def on_tokens(rid, tokens, finished):
+        ended[0] += finished
+
+    def submit():
+        i = len(submitted)
+        submitted.append(engine.submit(prompts[i % len(prompts)], seed=settings.seed + i,
+                                       max_new_tokens=int(lengths[i]), temperature=settings.temperature,
+                                       on_tokens=on_tokens))
+
+    if mode == "closed":
+        for _ in range(min(clients, total)):
+            submit()
+        while not engine.idle:
+            engine.step()
+            while ended[0] and len(submitted) < total:
+                ended[0] -= 1
+                submit()
+    else:
+        rng = np.random.default_rng(settings.seed)
+        arrivals = np.cumsum(rng.exponential(1.0 / (settings.rate * clients), total))
+        t0 = clock()
+        while len(submitted) < total or not engine.idle:
+            now = clock() - t0
+            while len(submitted) < total and arrivals[len(submitted)] <= now:
+                submit()
+            if engine.idle and len(submitted) < total:
+                sleep(max(0.0, arrivals[len(submitted)] - (clock() - t0)))
+                continue
+            engine.step()
+    return [engine.results[r] for r in submitted]
+
+
+def request_lengths(settings: LoadSettings, count: int) -> np.ndarray:
+    """max_new_tokens of requests 0..count-1: all equal, or spread around the setting
+    (seeded: every policy serves the same requests)."""
+    n = settings.max_new_tokens
+    if settings.length_spread == 0:
+        return np.full(count, n, np.int64)
+    rng = np.random.default_rng(settings.seed + 7919)
+    s = settings.length_spread
+    return np.maximum(1, np.rint(n * rng.uniform(1 - s, 1 + s, count))).astype(np.int64)
+
+
+def make_engine(tcfg, tparams, drafter, dparams, policy: str, clients: int, settings: LoadSettings,
+                costs: dict | None = None) -> Engine:
+    """The engine of one benchmark point (`costs`: the profile, for the scheduled policies)."""
+    gamma = drafter.gamma if drafter is not None else 0
+    return Engine(tcfg, tparams, drafter, dparams, slots=clients, max_len=settings.cache_len,
+                  buckets=settings.bucket_set(clients, gamma), prefill_chunk=settings.prefill_chunk,
+                  rounds_per_call=settings.rounds_per_call, lag=settings.lag,
+                  **(costs if policy in SCHEDULED_POLICIES else {}), **engine_options(policy, gamma, settings.threshold))
+
+
+def device_seconds(engine: Engine, repeats: int = 5) -> float:
+    """The device time of everything an (idle) engine ran: each compiled program's time,
+    replayed back to back, times its calls."""
+    return sum(n * engine.program_seconds(key, repeats) for key, n in engine.metrics.programs.items())
+
+
+def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: int, settings: LoadSettings,
+              prompts, costs: dict | None = None, clock=time.perf_counter, sleep=time.sleep,
+              engine: Engine | None = None) -> tuple[LoadRow, Engine]:
+    """One (policy, mode, concurrency) timed run on `engine` (made and warmed by an untimed
+    run of the same workload when None). Returns the row and the engine for the next run."""
+    if engine is None:
+        engine = make_engine(tcfg, tparams, drafter, dparams, policy, clients, settings, costs)
+        _drive(engine, prompts, settings, "closed", clients, clock, sleep)  # compiles what the run needs
+        if mode != "closed":  # arrival timing may reach other buckets and prefill widths: compile them all
+            total = clients * settings.requests_per_client
+            engine.warmup(sorted({len(prompts[i % len(prompts)]) for i in range(total)}),
+                          greedy=(settings.temperature == 0,))
+    before = engine.metrics
+    engine.metrics = type(before)()
+    gc.collect()
+    gc.disable()  # a collection pause inside a 1-s run reads as a slower policy
+    try:
+        t0 = clock()
+        results = _drive(engine, prompts, settings, mode, clients, clock, sleep)
+        secs = clock() - t0
+    finally:
+        gc.enable()
+    dev = device_seconds(engine) if settings.device_time else 0.0
+    ok = [r for r in results if r.error is None]
+    tokens = sum(len(r.token_ids) for r in ok)
+    rounds = sum(r.rounds for r in ok)
+    m = engine.metrics
+    row = LoadRow(policy=policy, mode=mode, concurrency=clients, requests=len(results), tokens=tokens,
+                  seconds=secs, throughput=tokens / secs if secs > 0 else 0.0,
+                  per_user=statistics.fmean(r.tokens_per_second for r in ok) if ok else 0.0,
+                  mean_verified=m.mean_verified, mean_budget=m.mean_budget,
+                  tau=sum(len(r.token_ids) - 1 for r in ok) / rounds if rounds else 0.0,
+                  errors=len(results) - len(ok), plain_rounds=m.plain_rounds, rounds=m.rounds,
+                  device_seconds=dev, host_exposed_frac=(secs - dev) / secs if secs > 0 and dev else 0.0,
+                  throughput_min=tokens / secs if secs > 0 else 0.0, throughput_max=tokens / secs if secs > 0 else 0.0)
+    return row, engine
+
+
+def profile_costs(tcfg, drafter, clients: int, settings: LoadSettings) -> dict:
+    """The scheduled policies' profile for an engine of `clients` slots (an error naming
+    the command that makes it when there is none)."""
+    g = drafter.gamma
+    buckets = settings.bucket_set(clients, g)
+    key = profiles.profile_key(tcfg, slots=clients, gamma=g, max_len=settings.cache_len,
+                               tap_layers=drafter.tap_layers, drafter=drafter)
+    costs = stored_costs(settings.sps_file, key, buckets, any_length=True)
+    if costs is None:
+        raise DSparkError(f"no profile for {clients} slots in {settings.sps_file or profiles.default_path()}; "
+                          f"make one with `python -m serve.profile_sps --slots {clients} --max-len "
+                          f"{settings.cache_len}" + (f" --out {settings.sps_file}`" if settings.sps_file else "`"))
+    return costs
+
+
+def run(tcfg, tparams, drafter, dparams, settings: LoadSettings, progress: Callable[[LoadRow], None] | None = None,
+        prompts=None) -> list[LoadRow]:
+    """Every (mode, policy, concurrency) point; `prompts` (token id lists, at most
+    settings.prompt_len long) replace the default random-token prompts."""
+    import jax
+
+    if drafter is None and any(p != "none" for p in settings.policies):
+        raise DSparkError("speculative policies need a drafter (pass --draft DIR or --policy none)")
+    if prompts is None:
+        prompts = speedup.random_prompts(max(settings.concurrency) * settings.requests_per_client,
+                                         settings.prompt_len, tcfg.vocab_size, seed=settings.seed)
+    runs: dict[tuple[str, str, int], list[LoadRow]] = {}
+    for c in settings.concurrency:
+        costs = profile_costs(tcfg, drafter, c, settings) if any(
+            p in SCHEDULED_POLICIES for p in settings.policies) else None
+        for mode in settings.modes:
+            engines: dict[str, Engine] = {}
+            for rep in range(settings.repeats):  # interleaved, so slow drifts of the machine hit every policy
+                # every other repeat runs the policies in reverse, so no policy always runs first or last
+                for policy in settings.policies if rep % 2 == 0 else settings.policies[::-1]:
+                    row, engines[policy] = run_point(tcfg, tparams, drafter if policy != "none" else None, dparams,
+                                                     policy, mode, c, settings, prompts, costs=costs,
+                                                     engine=engines.get(policy))
+                    runs.setdefault((mode, policy, c), []).append(row)
+                    if progress is not None:
+                        progress(row)
+        # every concurrency level compiles its own programs; dropping them keeps a long
+        # sweep from exhausting the process's memory maps (XLA:CPU maps each executable)
+        jax.clear_caches()
+    return [median_row(runs[(mode, policy, c)]) for mode in settings.modes for policy in settings.policies
+            for c in settings.concurrency]
+
+
+def median_row(runs: Sequence[LoadRow]) -> LoadRow:
+    """The run with the median throughput (the lower middle one for an even count),
+    carrying the spread of all runs."""
+    ordered = sorted(runs, key=lambda r: r.throughput)
+    mid = ordered[(len(ordered) - 1) // 2]
+    return dataclasses.replace(mid, runs=len(runs), throughput_min=ordered[0].throughput,
+                               throughput_max=ordered[-1].throughput,
+                               repeat_throughputs=tuple(r.throughput for r in runs))
+
+
+def frontier(rows: Sequence[LoadRow]) -> list[dict]:
+    """Per (mode, concurrency): the best scheduled policy's median throughput against the
+    best fixed policy's (no speculation, MTP-1, fixed gamma, threshold), as a ratio of
+    medians and as the range of per-repeat ratios (repeat i of both ran back to back)."""
+    by: dict[tuple[str, int], dict[str, LoadRow]] = {}
+    for r in rows:
+        by.setdefault((r.mode, r.concurrency), {})[r.policy] = r
+    out = []
+    for (mode, c), pol in sorted(by.items()):
+        sched = [r for p, r in pol.items() if p in SCHEDULED_POLICIES]
+        fixed = [r for p, r in pol.items() if p not in SCHEDULED_POLICIES]
+        if not sched or not fixed:
+            continue
+        best_s, best_f = (max(group, key=lambda r: r.throughput) for group in (sched, fixed))
+        paired = [a / b for a, b in zip(best_s.repeat_throughputs, best_f.repeat_throughputs) if b > 0]
+        out.append({"mode": mode, "concurrency": c, "scheduled": best_s.policy, "scheduled_tps": best_s.throughput,
+                    "fixed": best_f.policy, "fixed_tps": best_f.throughput,
+                    "ratio": best_s.throughput / best_f.throughput if best_f.throughput > 0 else 0.0,
+                    "paired_min": min(paired, default=0.0), "paired_max": max(paired, default=0.0)})
+    return out
+
+
+def markdown(rows: Sequence[LoadRow], title: str = "Load benchmark") -> str:
+    lines = [f"### {title}", "",
+             "| mode | policy | concurrency | throughput tok/s | per-user tok/s | mean verified B | "
+             "mean bucket | tau | host exposed | requests |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        spread = f" ({r.throughput_min:.0f}-{r.throughput_max:.0f})" if r.runs > 1 else ""
+        lines.append(f"| {r.mode} | {LABELS.get(r.policy, r.policy)} | {r.concurrency} | {r.throughput:.1f}{spread} | "
+                     f"{r.per_user:.1f} | {r.mean_verified:.2f} | {r.mean_budget:.2f} | {r.tau:.2f} | "
+                     f"{r.host_exposed_frac:.3f} | "
+                     f"{r.requests}{f' ({r.errors} failed)' if r.errors else ''} |")
+    check = frontier(rows)
+    if check:
+        lines += ["", "Scheduled vs fixed policies (best of each group at each point; ratio of medians, "
+                      "and the range of per-repeat ratios):", "",
+                  "| mode | concurrency | best scheduled | tok/s | best fixed | tok/s | ratio | per-repeat |",
+                  "| --- | ---: | --- | ---: | --- | ---: | ---: | ---: |"]
+        for f in check:
+            lines.append(f"| {f['mode']} | {f['concurrency']} | {LABELS[f['scheduled']]} | {f['scheduled_tps']:.1f} | "
+                         f"{LABELS[f['fixed']]} | {f['fixed_tps']:.1f} | {f['ratio']:.3f} | "
+                         f"{f['paired_min']:.3f}-{f['paired_max']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[LoadRow], out_dir: str) -> list[str]:
+    """throughput_vs_per_user.png (Figure 7 shape) and budget_vs_concurrency.png (Figure 8)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    series = {}
+    for r in rows:
+        series.setdefault((r.mode, r.policy), []).append(r)
+    styles = {"closed": "-o", "poisson": "--s"}
+    colors = {p: plt.get_cmap("tab10")(i) for i, p in enumerate(POLICIES)}
+    for name, x_of, y_of, xlabel, ylabel in (
+            ("throughput_vs_per_user.png", lambda r: r.per_user, lambda r: r.throughput,
+             "per-user tokens/s", "aggregate throughput (tokens/s)"),
+            ("budget_vs_concurrency.png", lambda r: r.concurrency, lambda r: r.mean_verified,
+             "concurrency", "mean verification budget B (tokens/round)")):
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        for (mode, policy), pts in series.items():
+            pts = sorted(pts, key=lambda r: r.concurrency)
+            ax.plot([x_of(r) for r in pts], [y_of(r) for r in pts], styles.get(mode, "-o"),
+                    color=colors.get(policy), label=f"{LABELS.get(policy, policy)} ({mode})")
+            if name.startswith("throughput"):
+                for r in pts:
+                    ax.annotate(str(r.concurrency), (x_of(r), y_of(r)), fontsize=7, xytext=(3, 3),
+                                textcoords="offset points")
+        if name.startswith("budget"):
+            ax.set_xticks(sorted({r.concurrency for r in rows}))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, name)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def read(paths: Sequence[str]) -> tuple[list[LoadRow], dict, dict]:
+    """The rows of earlier runs' results.json files (a folder stands for its results.json),
+    for one table and one pair of plots: a sweep run one level per process, say. Returns
+    the rows, the first file's settings and its meta; a point found twice is an error."""
+    rows, seen, first = [], set(), None
+    for path in paths:
+        file = os.path.join(path, "results.json") if os.path.isdir(path) else path
+        try:
+            with open(file) as f:
+                data = json.load(f)
+            names = {f.name for f in dataclasses.fields(LoadRow)}
+            found = [LoadRow(**{**{k: v for k, v in r.items() if k in names},
+                                "repeat_throughputs": tuple(r.get("repeat_throughputs", ()))}) for r in data["rows"]]
+        except FileNotFoundError:
+            raise DSparkError(f"no load-bench results at {file}") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DSparkError(f"{file} is not a load-bench results.json ({type(e).__name__}: {e})") from None
+        for r in found:
+            if (r.mode, r.policy, r.concurrency) in seen:
+                raise DSparkError(f"{file}: {r.mode} {r.policy} c={r.concurrency} is already in an earlier file")
+            seen.add((r.mode, r.policy, r.concurrency))
+        rows += found
+        first = first or data
+    order = {p: i for i, p in enumerate(POLICIES)}
+    rows.sort(key=lambda r: (r.mode, order.get(r.policy, len(order)), r.concurrency))
+    return rows, first.get("settings", {}) if first else {}, first.get("meta", {}) if first else {}
+
+
+def write(rows: Sequence[LoadRow], settings: LoadSettings | dict, out_dir: str, meta: dict | None = None) -> dict:
+    """results.json, results.md and the two plots under out_dir; returns their paths and,
+    under "table", the markdown written to results.md."""
+    os.makedirs(out_dir, exist_ok=True)
+    title = "Load benchmark" + (f": {meta.get('title')}" if meta and meta.get("title") else "")
+    md = markdown(rows, title)
+    paths = {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md")}
+    with open(paths["json"], "w") as f:
+        fields = settings if isinstance(settings, dict) else dataclasses.asdict(settings)
+        json.dump({"settings": fields, "meta": meta or {}, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+    with open(paths["markdown"], "w") as f:
+        f.write(md + "\n")
+    paths["plots"] = plot(rows, out_dir)
+    paths["table"] = md
+    return paths
