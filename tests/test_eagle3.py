@@ -190,7 +190,10 @@ def test_sampled_generation_accepts_deep_drafts(tgt, eagle):
                               drafter=drafter, dparams=params, gamma=drafter.gamma)
     for c in out:
         assert len(c.token_ids) == 24 and all(0 <= t < 512 for t in c.token_ids)
-        assert c.rounds < 23 and c.accepted_per_position[-1] > 0, c.accepted_per_position
+        assert c.rounds < 23 and c.accepted_per_position[1] > 0, c.accepted_per_position
+    # whole drafts accepted (the engine verifies no draft past max_new_tokens, so a last
+    # round's drafts count only where there is room for them)
+    assert sum(c.accepted_per_position[-1] for c in out) > 0, [c.accepted_per_position for c in out]
 
 
 def test_shard_places_params_on_mesh(eagle):

@@ -172,21 +172,21 @@ def test_drafting_by_row_count_equals_greedy(pair, draft_time):
     drafter, dparams = slot_oracle(tcfg, ref)
     engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="production", sps=SPS,
                     buckets=ADAPTIVE, draft_time=draft_time, acceptance=ACCEPTANCE)
-    for r in range(1, SLOTS + 1):
-        est = np.repeat(np.asarray(ACCEPTANCE, np.float64)[None], r, axis=0)
-        assert engine.costs.drafts_at[r] == scheduler.speculation_pays(est, engine.costs.sps,
-                                                                       draft_time=draft_time)[0]
+    pays = [scheduler.speculation_pays(np.repeat(np.asarray(ACCEPTANCE, np.float64)[None], r, axis=0), SPS,
+                                       draft_time=draft_time)[0] for r in range(1, SLOTS + 1)]
     results = run_staggered(engine)
     assert [r.token_ids for r in results] == ref
     m = engine.metrics
     if draft_time == 0.006:
-        assert list(engine.costs.drafts_at[1:]) == [True, False] and engine.notice is None
+        assert pays == [True, False] and list(engine.costs.drafts_at[1:]) == pays and engine.notice is None
         assert 0 < m.plain_rounds < m.rounds, m.as_dict()
         assert sum(sum(r.accepted_per_position) for r in results) > 0  # the one-row rounds drafted
-    else:
-        assert not engine.costs.pays_anywhere and "drafter" in engine.notice
+    else:  # plain decoding: no drafter, no drafting pass
+        assert pays == [False, False] and "drafter" in engine.notice
+        assert engine.drafter is None and engine.gamma == 0
         assert m.plain_rounds == m.rounds > 0, m.as_dict()
         assert all(r.tau == 1.0 for r in results if r.rounds)
+        assert all(k[2] is False for k in m.programs if k[0] == "round"), m.programs
 
 
 def test_drafting_table_and_refusals(pair):

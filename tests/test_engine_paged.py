@@ -11,7 +11,9 @@ import pytest
 
 from dspark_jax import target
 from dspark_jax.engine import Engine
-from dspark_jax.paged_cache import NULL_PAGE, PagedKVCache
+from dspark_jax.engine.results import PendingRequest, RequestResult
+from dspark_jax.engine.slots import SlotTable
+from dspark_jax.paged_cache import NULL_PAGE, PageAllocator, PagedKVCache
 from tests.test_engine import FULL, GAMMA, MAX_LEN, NEW, PROMPTS, SLOTS, SPS, TARGET, slot_oracle
 
 PAGE = 4
@@ -72,10 +74,12 @@ def test_paged_model_pass_equals_slot_cache(pair):
 
 
 def _run(engine, prompts, new, arrivals, check_every_step=True):
-    """Staggered arrivals; after every step: allocator invariants, each occupied slot owns
-    its reservation, the pages of different requests are disjoint."""
+    """Staggered arrivals; after every step: allocator invariants, each seated request owns
+    its reservation, the pages of different requests are disjoint. Returns the results
+    and whether a request ever waited for pages with a slot free."""
     ids, step, waited = {}, 0, False
-    alloc = engine.allocator
+    table = engine.table
+    alloc = table.allocator
     while step <= max(arrivals) or not engine.idle:
         for i in arrivals.get(step, []):
             ids[i] = engine.submit(prompts[i], max_new_tokens=new[i], seed=i)
@@ -83,19 +87,26 @@ def _run(engine, prompts, new, arrivals, check_every_step=True):
         step += 1
         if check_every_step:
             alloc.check()
-            live = [r.result.request_id for r in engine._slot_req if r is not None]
+            live = [r.result.request_id for r in table.req if r is not None]
             owned = [p for rid in live for p in alloc.pages(rid)]
             assert len(owned) == len(set(owned)) == alloc.num_used and NULL_PAGE not in owned
-            waited |= bool(engine._waiting) and any(r is None for r in engine._slot_req)
+            for r in table.req:
+                if r is not None:
+                    want = table.reserve_tokens(len(r.prompt), r.result.max_new_tokens)
+                    assert len(alloc.pages(r.result.request_id)) == -(-want // PAGE)
+            if table.waiting and table.free():
+                head = table.waiting[0]
+                need = table.reserve_tokens(len(head.prompt), head.result.max_new_tokens)
+                waited |= not alloc.can_allocate(head.result.request_id, need)
     return [engine.result(ids[i]) for i in range(len(prompts))], waited
 
 
 def _assert_drained(engine):
-    alloc = engine.allocator
+    alloc = engine.table.allocator
     alloc.check()
     assert alloc.num_used == 0 and alloc.num_free == alloc.capacity
-    engine._sync_page_table()
-    assert np.all(np.asarray(engine._state.cache.page_table) == NULL_PAGE)
+    assert all(r is None for r in engine.table.req) and not engine.table.waiting
+    assert np.all(engine.table.page_table(4) == NULL_PAGE)
 
 
 def test_paged_engine_equals_greedy_and_waits_for_pages(pair):
@@ -106,11 +117,13 @@ def test_paged_engine_equals_greedy_and_waits_for_pages(pair):
     engine = Engine(tcfg, tparams, drafter, dparams, slots=SLOTS + 1, max_len=MAX_LEN, policy="production",
                     sps=np.concatenate([SPS, SPS[-1:].repeat(GAMMA + 1)]), buckets=(2, (SLOTS + 1) * (GAMMA + 1)),
                     paged=True, page_size=PAGE, num_pages=13)
-    assert isinstance(engine._state.cache, PagedKVCache)
+    assert engine.paged and isinstance(engine._state.cache, PagedKVCache)
+    assert engine.prefill_chunk == 0  # paged admission is by prefill passes
     results, waited = _run(engine, PROMPTS, NEW, {0: [0, 1, 2], 1: [3], 3: [4, 5]})
     assert waited, "the small pool should have made a request wait with a slot free"
     for res, want in zip(results, ref):
         assert res.error is None and res.finished and res.token_ids == want, res.request_id
+        assert res.finish_reason == "length"
     assert max(r.tau for r in results if r.rounds) > 1.5  # real acceptances happened
     _assert_drained(engine)
 
@@ -135,36 +148,46 @@ def test_paged_engine_refuses_a_request_larger_than_the_pool(pair):
     rid = engine.submit(PROMPTS[2], max_new_tokens=10)
     err = engine.result(rid).error
     assert err and "\n" not in err and "pages" in err and engine.result(rid).finished
-    assert engine.idle and engine.allocator.num_used == 0
+    assert engine.result(rid).finish_reason == "error"
+    assert engine.idle and engine.table.allocator.num_used == 0
 
 
-def test_paged_admission_soak_never_leaks(pair):
-    """Thousands of tiny requests through the engine's host-side admission / release
-    (no device rounds): reservations are exact, pages never shared, nothing leaks."""
-    tcfg, tparams, _ = pair
-    slots = 6
-    engine = Engine(tcfg, tparams, None, None, slots=slots, max_len=MAX_LEN, policy="none", paged=True,
-                    page_size=PAGE, num_pages=24)
-    alloc, rng = engine.allocator, np.random.default_rng(0)
+def test_paged_admission_soak_never_leaks():
+    """Thousands of tiny requests through the slot table's host-side admission / release
+    (no device rounds): reservations are exact, first come first served, pages never
+    shared, nothing leaks."""
+    slots, gamma = 6, GAMMA
+    table = SlotTable(slots, gamma, 4, PageAllocator(24, PAGE))
+    alloc, rng = table.allocator, np.random.default_rng(0)
     total, finished = 3000, 0
     for i in range(total):
-        engine.submit([5 + i % 50] * int(rng.integers(1, 8)), max_new_tokens=int(rng.integers(1, 12)))
+        res = RequestResult(i, 0, int(rng.integers(1, 12)))
+        prompt = [5 + i % 50] * int(rng.integers(1, 8))
+        table.waiting.append(PendingRequest(res, prompt, 0.0, 0, 1.0, i, (), gamma, None))
+    order = []
     while finished < total:
-        for s, req in engine._take_waiting([s for s, r in enumerate(engine._slot_req) if r is None]):
-            engine._slot_req[s] = req
-            want = -(-(len(req.prompt) + req.result.max_new_tokens + engine.gamma + 1) // PAGE)
+        for s, req in table.take_waiting():
+            assert table.req[s] is req
+            order.append(req.result.request_id)
+            want = -(-(len(req.prompt) + req.result.max_new_tokens + gamma + 1) // PAGE)
             assert len(alloc.pages(req.result.request_id)) == want
-        live = [r.result.request_id for r in engine._slot_req if r is not None]
+        if table.waiting and table.free():  # the head waits only when it does not fit
+            head = table.waiting[0]
+            assert not alloc.can_allocate(head.result.request_id,
+                                          table.reserve_tokens(len(head.prompt), head.result.max_new_tokens))
+        live = [r.result.request_id for r in table.req if r is not None]
         assert live, "a waiting request must fit once the pool drains"
-        table = alloc.page_table([r.result.request_id if r is not None else None for r in engine._slot_req],
-                                 engine._state.cache.pages_per_seq)
-        used = table[table != NULL_PAGE]
+        pt = table.page_table(8)
+        used = pt[pt != NULL_PAGE]
         assert len(used) == len(set(used.tolist())) == alloc.num_used
         for s in rng.permutation(slots)[:int(rng.integers(1, 3))]:  # one or two finish
-            if engine._slot_req[s] is not None:
-                engine._finish(int(s), 0.0)
+            if table.req[s] is not None:
+                req = table.unseat(int(s))
+                assert req.result.request_id not in alloc and table.req[s] is None
                 finished += 1
         if finished % 200 == 0:
             alloc.check()
-    assert engine.idle
-    _assert_drained(engine)
+    assert order == list(range(total))  # first come, first served
+    assert not table.occupied() and not table.waiting
+    alloc.check()
+    assert alloc.num_used == 0 and alloc.num_free == alloc.capacity

@@ -166,14 +166,16 @@ N = 4000
 
 
 def joint_counts(tcfg, tparams, drafter, dparams, sp):
-    """Counts of (t1, t2, t3) over N speculative samples of PROMPT, and tau."""
-    comps = generation.generate(tcfg, tparams, [PROMPT] * N, max_new_tokens=3,
+    """Counts of (t1, t2, t3) over N speculative samples of PROMPT, and tau. Four tokens
+    are generated so that t2 and t3 both pass verification: the engine verifies no draft
+    past max_new_tokens, so with three t3 would never be a verified draft or a residual."""
+    comps = generation.generate(tcfg, tparams, [PROMPT] * N, max_new_tokens=4,
                                 sampling=sampling.SamplingParams.make(N, *sp), seeds=range(N),
                                 drafter=drafter, dparams=dparams)
     counts = np.zeros((V, V, V))
     for c in comps:
-        counts[tuple(c.token_ids)] += 1
-    return counts, 2 * N / sum(c.rounds for c in comps)
+        counts[tuple(c.token_ids[:3])] += 1
+    return counts, 3 * N / sum(c.rounds for c in comps)
 
 
 def exact_joint(tcfg, tparams, sp):

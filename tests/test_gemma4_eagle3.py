@@ -3,7 +3,7 @@ speculation.
 
 Both tiny Gemma 4 fixtures (PLE + soft-cap + tied; MoE + KV sharing + K = V + untied):
 random drafters round-trip through `drafters.load` and speculative greedy output equals
-plain greedy (random per-round depths); at a high temperature the same drafters get deep
+plain greedy (random per-request depth limits); at a high temperature the same drafters get deep
 drafts accepted. On a 6-token Gemma 4 target a random drafter's greedy drafts are often
 right, so rounds there commit several tokens; the temperature-1 / top-p 0.9 sampler keeps
 that target's distribution, and a drafter that misreports its q fails the same test.
@@ -181,7 +181,7 @@ def test_random_drafter_equals_greedy(pairs, folder):
     tcfg, tparams, ref, (_, _, path) = pairs[folder]
     drafter, dparams = drafters.load(path, tcfg)
     dparams = drafter.shard(dparams, MESH)
-    got, comps = run(tcfg, tparams, drafter=drafter, dparams=dparams, depth_fn=random_depths(GAMMA, 0))
+    got, comps = run(tcfg, tparams, drafter=drafter, dparams=dparams, max_depths=random_depths(GAMMA, 0))
     assert got == ref and all(c.rounds >= 1 for c in comps)
     # at a high temperature both (soft-capped) distributions are flat: deep drafts get
     # accepted, so the drafter ingests multi-token rounds and drafts past them (same compilation)
@@ -218,11 +218,12 @@ def test_small_vocab_greedy_with_deep_acceptances(small):
     drafter, dparams = make_drafter(tcfg, taps=(-1, 0), block_size=3, scale=12.0, seed=0)
     prompts = [PROMPT, [3, 1], [0, 2, 4, 1, 3, 5, 2, 2, 1]]
     ref, _ = run(tcfg, tparams, prompts)
-    for depth_fn in (None, random_depths(3, 0)):
-        got, comps = run(tcfg, tparams, prompts, drafter, dparams, depth_fn=depth_fn)
+    for limits in ([3] * len(prompts), random_depths(3, 0, len(prompts))):
+        got, comps = run(tcfg, tparams, prompts, drafter, dparams, max_depths=limits)
         assert got == ref
-        # some rounds accepted the whole draft
-        assert sum(c.accepted_per_position[-1] for c in comps) > 0, [c.accepted_per_position for c in comps]
+        # some rounds accepted the whole draft they verified (all `limit` drafts)
+        assert sum(c.accepted_per_position[k - 1] for c, k in zip(comps, limits) if k > 0) > 0, \
+            [c.accepted_per_position for c in comps]
 
 
 def test_sampling_matches_target_distribution(small):

@@ -177,7 +177,7 @@ def test_padding_slots_do_not_touch_cache(loaded):
 
 
 def test_speculation_with_oracle_drafter_equals_greedy():
-    """speculate.py drives the Gemma 4 cache (`.lengths`, `replace(lengths=...)`): with an
+    """The engine drives the Gemma 4 cache (`.lengths`, `replace(lengths=...)`): with an
     oracle drafter wrong 30% of the time, verify steps of up to 5 tokens cross the
     4-token window and rejected drafts are rolled back; the output is still
     transformers' greedy continuation."""

@@ -5,6 +5,7 @@ greedy rows, and the engine may promise it only while no sampled request is seat
 a sampled request next to greedy ones keeps sampling (a promise broken there would turn
 its draws into argmaxes, which the last test shows the check catches)."""
 
+import inspect
 import os
 
 import jax
@@ -12,8 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax import sampling, slot_round, target
+from dspark_jax import sampling, target
 from dspark_jax.engine import Engine
+from dspark_jax.engine import round as engine_round
+from dspark_jax.engine.slots import SlotTable
 from tests.conftest import FIXTURES
 from tests.helpers import make_block_drafter
 
@@ -71,23 +74,24 @@ def pair():
     return tcfg, tparams, drafter, dparams
 
 
-def mixed_batch(pair, seeds=range(6)):
+def mixed_batch(pair, monkeypatch, seeds=range(6)):
     """A greedy request beside a sampled one (T = 2), once per seed -> (the greedy
     request's tokens per run, the sampled request's tokens per run, the (promise, sampled
-    request seated) pairs the rounds ran under)."""
+    request taking part) pairs the rounds ran under)."""
     tcfg, tparams, drafter, dparams = pair
     engine = Engine(tcfg, tparams, drafter, dparams, slots=2, max_len=32, policy="fixed", buckets=(8,))
     greedy, sampled, promises = [], [], set()
-    run_round = engine._round
+    run_rounds = engine_round.rounds
+    params = inspect.signature(run_rounds)
 
-    def watched_round(*args, **kwargs):
-        seated = [r for r in engine._slot_req if r is not None]
-        info = run_round(*args, **kwargs)
-        # the promise the round ran under, and whether a sampled request took part
-        promises.add((engine._state.sampling.greedy, any(r.temperature > 0 for r in seated)))
-        return info
+    def watched_rounds(*args, **kwargs):
+        state = params.bind(*args, **kwargs).arguments["state"]
+        # the promise the rounds run under, and whether a sampled request takes part
+        active = ~np.asarray(state.done)
+        promises.add((state.sampling.greedy, bool(np.any(active & (np.asarray(state.sampling.temperature) > 0)))))
+        return run_rounds(*args, **kwargs)
 
-    engine._round = watched_round
+    monkeypatch.setattr(engine_round, "rounds", watched_rounds)
     for seed in seeds:
         g = engine.submit([5, 101, 7, 8, 9], max_new_tokens=8)
         s = engine.submit([5, 101, 7, 8, 9], max_new_tokens=8, temperature=2.0, seed=seed)
@@ -97,10 +101,10 @@ def mixed_batch(pair, seeds=range(6)):
     return greedy, sampled, promises
 
 
-def test_a_sampled_request_keeps_the_engine_off_the_greedy_program(pair):
+def test_a_sampled_request_keeps_the_engine_off_the_greedy_program(pair, monkeypatch):
     tcfg, tparams, _, _ = pair
     want = target.greedy_decode(tcfg, tparams, [[5, 101, 7, 8, 9]], 8, max_len=32)[0]
-    greedy, sampled, promises = mixed_batch(pair)
+    greedy, sampled, promises = mixed_batch(pair, monkeypatch)
     assert (False, True) in promises and (True, True) not in promises  # greedy only when alone
     assert all(g == want for g in greedy)
     assert len({tuple(s) for s in sampled}) >= 3  # the seeds draw different continuations
@@ -110,21 +114,22 @@ def test_a_broken_promise_is_caught(pair, monkeypatch):
     """Forcing the greedy program on the mixed batch turns the sampled request's draws
     into argmaxes: every seed then gives the greedy continuation, which the check above
     rejects."""
-    monkeypatch.setattr(Engine, "_all_greedy", lambda self: True)
-    greedy, sampled, _ = mixed_batch(pair)
+    monkeypatch.setattr(SlotTable, "all_greedy", lambda self: True)
+    greedy, sampled, _ = mixed_batch(pair, monkeypatch)
     assert len({tuple(s) for s in sampled}) == 1 and sampled[0] == greedy[0]
 
 
 def test_warmup_compiles_both_programs(pair):
     """Traffic that mixes greedy and sampled requests switches programs; warmup (by
-    default) compiles both, so serving such traffic compiles no round."""
+    default) compiles both, so serving such traffic compiles no round and no prefill."""
     tcfg, tparams, drafter, dparams = pair
     engine = Engine(tcfg, tparams, drafter, dparams, slots=2, max_len=32, policy="fixed", buckets=(8,))
     engine.warmup([5])
-    compiled = slot_round.engine_round._cache_size()
+    compiled = engine_round.rounds._cache_size(), engine_round.prefill._cache_size()
     engine.submit([5, 101, 7, 8, 9], max_new_tokens=8)
     engine.submit([5, 101, 7, 8, 9], max_new_tokens=8, temperature=2.0, seed=1)
     engine.run_until_done()
     engine.submit([5, 101, 7], max_new_tokens=4)  # greedy alone again
     engine.run_until_done()
-    assert slot_round.engine_round._cache_size() == compiled
+    assert {key[4] for key in engine.metrics.programs if key[0] == "round"} == {True, False}  # both ran
+    assert (engine_round.rounds._cache_size(), engine_round.prefill._cache_size()) == compiled

@@ -37,6 +37,8 @@ for c in $LEVELS; do
   l=$(left)
   if [ "$l" -lt 60 ]; then echo "skipped c=$c: ${l}s left" | tee -a "$log"; continue; fi
   t0=$(date +%s)
+  timeout "$l" $PY -m serve.profile_sps --slots "$c" --max-len 272 --out "$OUT/sps_profile.json" 2>&1 | \
+      tr '\r' '\n' | grep -v '^ *$' | tail -4 | tee -a "$log"
   timeout "$l" $PY -m serve.load_bench --prompt-file docs/load_bench_cpu/prompts.jsonl --concurrency "$c" \
       --max-new-tokens 32 --length-spread 0.5 --requests-per-client "$RPC" --buckets pow2 --repeats "$REPEATS" \
       --sps-file "$OUT/sps_profile.json" --out-dir "/tmp/dspark_lb/c$c" 2>&1 | tr '\r' '\n' | \

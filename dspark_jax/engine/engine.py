@@ -116,9 +116,12 @@ class Engine:
                                 buckets=buckets, sps=sps, draft_time=draft_time, acceptance=acceptance,
                                 rounds=rounds)
         self.notice = None  # said once by the caller: why the engine runs without its drafter
-        if policy in SCHEDULED and not self.costs.pays_anywhere:
+        if policy in SCHEDULED and not self.costs.pays_anywhere:  # plain decoding's own engine, then
             self.notice = (f"policy '{policy}': the profile predicts that drafting pays at no batch size on this "
                            "backend; serving without the drafter")
+            drafter = dparams = self.drafter = None
+            self.gamma = 0
+            self.costs = RoundCosts(slots=slots, gamma=0, policy="none", sps=sps)
         self.rounds_per_call, self.lag, self.clock, self.trace = rounds_per_call, lag, clock, trace
         self.paged = bool(paged)
         if self.paged and mesh is not None:

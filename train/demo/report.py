@@ -81,8 +81,9 @@ def main(argv=None) -> None:
     with cli_errors("train.demo.report"):
         from tqdm import tqdm
 
-        from dspark_jax import bench, calibration as cal, drafters, target
+        from dspark_jax import calibration as cal, drafters, target
         from dspark_jax.tokenizer import Tokenizer
+        from serve import speedup
         from train import evaluation
 
         tfolder = os.path.join(ART, "target")
@@ -120,8 +121,8 @@ def main(argv=None) -> None:
             drafter, dparams = loaded["dspark"]
             prompts = [list(e["input_ids"]) for e in examples[::max(1, len(examples) // 16)]][:16]
             for b in (1, 8):
-                speed.append(bench.compare(tcfg, tparams, drafter, dparams, prompts, batch=b,
-                                           max_new_tokens=args.max_new_tokens, repeats=2))
+                speed.append(speedup.compare(tcfg, tparams, drafter, dparams, prompts, batch=b,
+                                             max_new_tokens=args.max_new_tokens, repeats=2))
         rep = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "cpus": os.cpu_count()},
                "prompts_per_domain": args.per_domain, "max_new_tokens": args.max_new_tokens, "gamma": ro.gamma,
