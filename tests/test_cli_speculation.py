@@ -62,7 +62,9 @@ def test_verify_depth_and_gamma_flags(capsys, folders):
     plain = records(capsys, *common)
     spec = records(capsys, *common, "--draft", folders["dspark"], "--gamma", "3", "--verify-depth", "2")
     assert spec[0]["token_ids"] == plain[0]["token_ids"]
-    assert all(t["verify_depth"] == 2 and len(t["draft_tokens"]) == 3 for t in spec[0]["trace"])
+    # the fixed policy at depth 2 drafts only the 2 tokens it verifies (the room left caps the last rounds)
+    assert all(t["verify_depth"] <= 2 and len(t["draft_tokens"]) == 2 for t in spec[0]["trace"])
+    assert spec[0]["trace"][0]["verify_depth"] == 2 and spec[0]["policy"] == "fixed"
 
 
 @pytest.mark.parametrize("extra,needle", [

@@ -47,10 +47,12 @@ def test_evaluate_then_calibrate_writes_loadable_sts(setup, capsys):
     every = rep["all"]
     assert every["prompts"] == 5 and every["tokens"] == 5 * 8 and every["rounds"] >= 2 * 5
     assert 1.0 <= every["tau"] <= 5.0
-    assert len(every["conditional_acceptance"]) == 4 and every["conditional_counts"][0] == every["rounds"]
+    # every round verifies position 1 but a request's last, when it has room for one token only
+    assert len(every["conditional_acceptance"]) == 4
+    assert every["rounds"] - every["prompts"] <= every["conditional_counts"][0] <= every["rounds"]
     conf = every["confidence"]
     assert set(conf) == {"raw"} and len(conf["raw"]["prefix"]) == 4
-    assert conf["raw"]["prefix"][0]["n"] == every["rounds"]
+    assert conf["raw"]["prefix"][0]["n"] == every["conditional_counts"][0]
     assert set(conf["raw"]["prefix_pooled"]) == {"n", "mean_conf", "observed", "ece", "auc", "brier"}
     assert sum(g["prompts"] for g in rep["domains"].values()) == 5
     assert (out / "reliability.png").stat().st_size > 0 and (out / "acceptance.png").stat().st_size > 0

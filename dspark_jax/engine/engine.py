@@ -37,33 +37,15 @@ import numpy as np
 from dspark_jax import target
 from dspark_jax.engine import round as rnd
 from dspark_jax.engine.costs import RoundCosts
-from dspark_jax.engine.policies import POLICIES, SCHEDULED, Schedule
+from dspark_jax.engine.policies import POLICIES, SCHEDULED, Schedule, drafter_has_confidence
 from dspark_jax.engine.results import (EngineMetrics, PendingRequest, RequestResult, TokenCallback, as_int,
                                        is_int, validate_prompt)
-from dspark_jax.engine.slots import SlotTable
-from dspark_jax.engine.stream import Streamer
+from dspark_jax.engine.programs import Programs, prefill_budget, prefill_width
+from dspark_jax.engine.slots import SlotTable, paged_cache
+from dspark_jax.engine.stream import InFlight, Streamer
 from dspark_jax.errors import DSparkError
-from dspark_jax.paged_cache import PageAllocator, PagedKVCache, pages_needed
+from dspark_jax.paged_cache import pages_needed
 from dspark_jax.sampling import SamplingParams, validate
-
-
-@dataclasses.dataclass
-class InFlight:
-    """A dispatched call whose summary the host has not read yet."""
-
-    summary: object            # rnd.Summary (device arrays, [count, ...]) or None
-    first: object              # first tokens [S] of a prefill pass dispatched with it, or None
-    seated: list               # the request in each slot at dispatch
-    prefilled: list            # slots the prefill pass admitted
-    draft: bool
-    budget: int
-
-
-def drafter_has_confidence(drafter) -> bool:
-    """Block drafters say so in their config; drafters without one (test oracles) are
-    trusted to return meaningful confidences."""
-    cfg = getattr(drafter, "cfg", None)
-    return cfg is None or bool(getattr(cfg, "has_confidence", False))
 
 
 class Engine:
@@ -135,7 +117,8 @@ class Engine:
         self.tparams, self.dparams, self.mesh = tparams, dparams, mesh
         allocator, cache = None, None
         if self.paged:
-            allocator, cache = self._init_paged(page_size, num_pages, attention_impl, attention_interpret)
+            allocator, cache = paged_cache(tcfg, slots, max_len + self.gamma + 1, page_size, num_pages,
+                                           attention_impl, attention_interpret)
         else:
             cache = target.init_cache(tcfg, slots, max_len)
         if mesh is not None:
@@ -163,6 +146,7 @@ class Engine:
         self.results: dict[int, RequestResult] = {}
         self.metrics = EngineMetrics()
         self.stream = Streamer(self)
+        self.programs = Programs(self)
 
     # ---------------------------------------------------------------- requests (any thread)
 
@@ -309,7 +293,7 @@ class Engine:
             self._pages_dirty = False
         first = self._prefill(prefilled, greedy) if prefilled else None
         chunk = t.next_chunk(self.prefill_chunk) if t.prefilling else None
-        admission = self._admission(chunk, greedy) if chunk is not None else None
+        admission = self.admission_line(chunk, greedy) if chunk is not None else None
         if chunk is not None:
             self.metrics.prefill_chunks += 1
         rows = t.decoding()
@@ -322,14 +306,27 @@ class Engine:
             budget = self.costs.bucket(max(n, 1))
         count = 1 if (admission is not None or t.waiting or t.prefilling) else self.rounds_per_call
         self._sync_live()
+        summary = self.call_rounds(budget, draft, count, greedy, admission)
+        self.metrics.programs[("round", budget, draft, admission is not None, greedy, count)] += 1
+        self._inflight.append(InFlight(summary, first, list(t.req), prefilled, draft, budget))
+        return True
+
+    def call_rounds(self, budget: int, draft: bool, count: int, greedy: bool, admission=None):
+        """Dispatch `count` rounds (the state stays on the device) -> their Summary."""
         if self._state.sampling.greedy != greedy:
             self._state = self._state.replace(sampling=self._state.sampling.promise_greedy(greedy))
         self._state, self._stale, summary = rnd.rounds(
             self.tcfg, self.drafter, self.gamma, budget, self.policy, draft, count, self.tparams, self.dparams,
             self._state, self._stale, self._sched, admission)
-        self.metrics.programs[("round", budget, draft, admission is not None, greedy, count)] += 1
-        self._inflight.append(InFlight(summary, first, list(t.req), prefilled, draft, budget))
-        return True
+        return summary
+
+    def call_prefill(self, rows, prompts, lengths, seeds, budget: int, greedy: bool):
+        """Dispatch a prefill pass of the `rows` [S] bool given their prompts -> first tokens [S]."""
+        t = self.table
+        self._state, self._stale, first = rnd.prefill(
+            self.tcfg, self.drafter, self.tparams, self.dparams, self._state, self._stale, rows, prompts, lengths,
+            seeds, self._sampling(greedy), t.max_new.copy(), t.max_depth.copy(), t.stops.copy(), budget=budget)
+        return first
 
     def _sync_live(self) -> None:
         if not np.array_equal(self.table.live, self._live_sent):
@@ -339,32 +336,24 @@ class Engine:
     def _prefill(self, rows_in: list, greedy: bool):
         """One prefill pass admitting the requests in slots `rows_in` -> first tokens [S]."""
         t, s = self.table, self.slots
-        longest = max(len(t.req[r].prompt) for r in rows_in)
-        width = min(max(16, 1 << (longest - 1).bit_length()), self.max_len)
+        width = prefill_width(max(len(t.req[r].prompt) for r in rows_in), self.max_len)
         rows, prompts = np.zeros(s, bool), np.zeros((s, width), np.int32)
         lengths, seeds = np.ones(s, np.int32), np.zeros(s, np.uint32)
         for r in rows_in:
             req = t.req[r]
             rows[r], lengths[r], seeds[r] = True, len(req.prompt), req.seed
             prompts[r, :len(req.prompt)] = req.prompt
-        budget = self._prefill_budget(int(lengths[rows].sum()), width)
-        self._state, self._stale, first = rnd.prefill(
-            self.tcfg, self.drafter, self.tparams, self.dparams, self._state, self._stale, rows, prompts, lengths,
-            seeds, self._sampling(greedy), t.max_new.copy(), t.max_depth.copy(), t.stops.copy(), budget=budget)
+        budget = prefill_budget(int(lengths[rows].sum()), width, s)
+        first = self.call_prefill(rows, prompts, lengths, seeds, budget, greedy)
         self.metrics.prefills += 1
         self.metrics.programs[("prefill", width, budget, greedy)] += 1
         return first
-
-    def _prefill_budget(self, tokens: int, width: int) -> int:
-        """The packed prefill's token bucket: a power of two >= tokens (at least 16), at
-        most the dense pass's slots x width."""
-        return min(max(16, 1 << (max(tokens, 1) - 1).bit_length()), self.slots * width)
 
     def _sampling(self, greedy: bool) -> SamplingParams:
         t = self.table
         return SamplingParams(t.temp.copy(), t.top_k.copy(), t.top_p.copy(), greedy=greedy)
 
-    def _admission(self, chunk, greedy: bool) -> rnd.Admission:
+    def admission_line(self, chunk, greedy: bool) -> rnd.Admission:
         """One chunk line and the per-slot tables, sent to the device in one transfer."""
         s, tokens, nxt, at, n, final = chunk
         t = self.table
@@ -380,77 +369,15 @@ class Engine:
     def program_keys(self, prompt_lens: Sequence[int] = (1,), greedy: Sequence[bool] = (True, False)) -> list:
         """Every program this engine can run for prompts of these lengths (the keys of
         `metrics.programs`)."""
-        c, keys = self.costs, []
-        for g in greedy:
-            drafted = sorted({c.budget(n, np.full(n, self.gamma), None) for n in range(1, self.slots + 1)} |
-                             set(c.buckets)) if self.gamma and c.pays_anywhere else []
-            plain = sorted({c.bucket(n) for n in range(1, self.slots + 1) if not (self.gamma and c.drafts_at[n])})
-            counts = sorted({1, self.rounds_per_call})
-            chunks = (False, True) if self.prefill_chunk else (False,)
-            keys += [("round", b, True, ch, g, k) for b in drafted for ch in chunks for k in counts if not ch or k == 1]
-            keys += [("round", b, False, ch, g, k) for b in plain for ch in chunks for k in counts if not ch or k == 1]
-            for n in sorted(set(prompt_lens)):
-                width = min(max(16, 1 << (max(n, 1) - 1).bit_length()), self.max_len)
-                keys += [("prefill", width, b, g) for b in sorted({self._prefill_budget(m, width)
-                                                                    for m in range(1, self.slots * width + 1)})]
-        return keys
+        return self.programs.keys(prompt_lens, greedy)
 
     def warmup(self, prompt_lens: Sequence[int] = (1,), greedy: Sequence[bool] = (True, False)) -> None:
         """Compile every program of `program_keys` (only while idle: they run over empty
         slots and change nothing a request sees)."""
-        if not self.idle:
-            raise DSparkError("warmup needs an idle engine")
-        for key in self.program_keys(prompt_lens, greedy):
-            self._run_program(key)
-        jax.block_until_ready(self._state.anchor)
+        self.programs.warmup(prompt_lens, greedy)
 
     def program_seconds(self, key: tuple, repeats: int = 8) -> float:
         """Seconds per call of one compiled program (a key of `metrics.programs`), called
         `repeats` times back to back on device-resident inputs, blocking once at the end
         (only while idle)."""
-        if not self.idle:
-            raise DSparkError("program_seconds needs an idle engine")
-        self._run_program(key)
-        jax.block_until_ready(self._state.anchor)
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            self._run_program(key)
-        jax.block_until_ready((self._state.anchor, self._stale))
-        return (time.perf_counter() - t0) / repeats
-
-    def _run_program(self, key: tuple) -> None:
-        s = self.slots
-        greedy = key[-1] if key[0] == "prefill" else key[4]
-        self._state = self._state.replace(sampling=self._state.sampling.promise_greedy(greedy))
-        if key[0] == "prefill":
-            _, width, budget, _ = key
-            self._state, self._stale, _ = rnd.prefill(
-                self.tcfg, self.drafter, self.tparams, self.dparams, self._state, self._stale, np.zeros(s, bool),
-                np.zeros((s, width), np.int32), np.ones(s, np.int32), np.zeros(s, np.uint32),
-                self._sampling(greedy), np.ones(s, np.int32), np.zeros(s, np.int32),
-                np.full((s, self.max_stop_ids), -1, np.int32), budget=budget)
-            return
-        _, budget, draft, chunk, _, count = key
-        z = np.zeros(max(self.prefill_chunk, 1), np.int32)
-        admission = self._admission((0, z, z, 1, 0, False), greedy) if chunk else None
-        self._state, self._stale, _ = rnd.rounds(self.tcfg, self.drafter, self.gamma, budget, self.policy, draft,
-                                                 count, self.tparams, self.dparams, self._state, self._stale,
-                                                 self._sched, admission)
-
-    # ---------------------------------------------------------------- paged mode
-
-    def _init_paged(self, page_size: int, num_pages: int | None, impl: str, interpret: bool):
-        from dspark_jax.config import Qwen3Config
-
-        if not isinstance(self.tcfg, Qwen3Config):
-            raise DSparkError(f"the paged engine supports Qwen3 targets only; got {type(self.tcfg).__name__}")
-        if page_size < 1:
-            raise DSparkError(f"page_size must be >= 1; got {page_size}")
-        pages_per_seq = pages_needed(self.max_len + self.gamma + 1, page_size)
-        if num_pages is None:  # room for every slot at full length, plus the NULL page
-            num_pages = self.slots * pages_per_seq + 1
-        c = self.tcfg
-        cache = PagedKVCache.init(num_layers=c.num_hidden_layers, num_pages=num_pages, page_size=page_size,
-                                  kv_heads=c.num_key_value_heads, head_dim=c.head_dim, batch=self.slots,
-                                  pages_per_seq=pages_per_seq, dtype=c.jnp_dtype, impl=impl, interpret=interpret)
-        return PageAllocator(num_pages, page_size), cache
+        return self.programs.seconds(key, repeats)

@@ -85,3 +85,10 @@ def schedule_depths(policy: str, budget: int, confidence: jax.Array, stale: jax.
     if capacity is None:
         capacity = jnp.sum(depth).astype(jnp.int32)
     return depth, survival, capacity
+
+
+def drafter_has_confidence(drafter) -> bool:
+    """Block drafters say so in their config; drafters without one (test oracles) are
+    trusted to return meaningful confidences."""
+    cfg = getattr(drafter, "cfg", None)
+    return cfg is None or bool(getattr(cfg, "has_confidence", False))

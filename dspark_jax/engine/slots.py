@@ -22,7 +22,8 @@ import collections
 import numpy as np
 
 from dspark_jax.engine.results import PendingRequest
-from dspark_jax.paged_cache import PageAllocator
+from dspark_jax.errors import DSparkError
+from dspark_jax.paged_cache import PageAllocator, PagedKVCache, pages_needed
 
 
 class SlotTable:
@@ -144,3 +145,22 @@ class SlotTable:
     def page_table(self, pages_per_seq: int) -> np.ndarray:
         rids = [r.result.request_id if r is not None else None for r in self.req]
         return self.allocator.page_table(rids, pages_per_seq)
+
+
+def paged_cache(tcfg, slots: int, positions: int, page_size: int, num_pages: int | None, impl: str,
+                interpret: bool) -> tuple[PageAllocator, PagedKVCache]:
+    """A paged target cache for `slots` rows of up to `positions` positions, and its page
+    allocator (num_pages None: room for every slot at full length, plus the NULL page)."""
+    from dspark_jax.config import Qwen3Config
+
+    if not isinstance(tcfg, Qwen3Config):
+        raise DSparkError(f"the paged engine supports Qwen3 targets only; got {type(tcfg).__name__}")
+    if page_size < 1:
+        raise DSparkError(f"page_size must be >= 1; got {page_size}")
+    pages_per_seq = pages_needed(positions, page_size)
+    if num_pages is None:
+        num_pages = slots * pages_per_seq + 1
+    cache = PagedKVCache.init(num_layers=tcfg.num_hidden_layers, num_pages=num_pages, page_size=page_size,
+                              kv_heads=tcfg.num_key_value_heads, head_dim=tcfg.head_dim, batch=slots,
+                              pages_per_seq=pages_per_seq, dtype=tcfg.jnp_dtype, impl=impl, interpret=interpret)
+    return PageAllocator(num_pages, page_size), cache

@@ -10,8 +10,22 @@ request's tokens from rounds already in flight are dropped.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
+
+
+@dataclasses.dataclass
+class InFlight:
+    """A dispatched call whose summary the host has not read yet."""
+
+    summary: object            # rnd.Summary (device arrays, [count, ...]) or None
+    first: object              # first tokens [S] of a prefill pass dispatched with it, or None
+    seated: list               # the request in each slot at dispatch
+    prefilled: list            # slots the prefill pass admitted
+    draft: bool
+    budget: int
 
 
 class Streamer:
