@@ -21,9 +21,8 @@ import numpy as np
 
 from dspark_jax.config import Qwen3Config, dtype_of
 from dspark_jax.errors import DSparkError
+from dspark_jax.models.registry import MODEL_TYPES as SUPPORTED_TARGETS
 from dspark_jax.safetensors_io import TensorIndex, open_folder, save_file
-
-SUPPORTED_TARGETS = ("qwen3", "gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text")
 
 
 def read_config(folder: str) -> dict:

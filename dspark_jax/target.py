@@ -14,22 +14,14 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax import checkpoints
-from dspark_jax.config import Qwen3Config
 from dspark_jax.errors import DSparkError
 from dspark_jax.kv_cache import KVCache
-from dspark_jax.models.qwen3 import Qwen3LM
+from dspark_jax.models import registry
 
 
 def module_for(cfg):
-    if isinstance(cfg, Qwen3Config):
-        return Qwen3LM(cfg)
-    from dspark_jax.config_gemma4 import Gemma4Config
-
-    if isinstance(cfg, Gemma4Config):
-        from dspark_jax.models.gemma4 import Gemma4LM
-
-        return Gemma4LM(cfg)
-    raise DSparkError(f"no target model for config type {type(cfg).__name__}")
+    """The Flax module of a target config's family (models/registry.py)."""
+    return registry.module(cfg)
 
 
 def _dummy_inputs():
@@ -53,31 +45,15 @@ def load(folder: str, dtype: str | None = None):
     params are device arrays: a jitted call given host (numpy) arrays copies every one
     of them to the device on every call (on the CPU demo about half of a decoding step)."""
     hf = checkpoints.read_config(folder)
-    model_type = hf.get("model_type")
-    if model_type == "qwen3":
-        cfg, params = checkpoints.load_qwen3(folder, dtype)
-        return cfg, jax.device_put(params)
-    from dspark_jax.config_gemma4 import MODEL_TYPES as GEMMA4_TYPES
-
-    if model_type in GEMMA4_TYPES:
-        cfg, params = checkpoints.load_gemma4(folder, dtype)
-        return cfg, jax.device_put(params)
-    raise DSparkError(f"{os.path.join(folder, 'config.json')}: unknown model_type '{model_type}' "
-                      f"(supported: {', '.join(checkpoints.SUPPORTED_TARGETS)})")
+    registry.for_model_type(hf.get("model_type"), os.path.join(folder, "config.json"))
+    cfg, params = registry.load(folder, hf.get("model_type"), dtype)
+    return cfg, jax.device_put(params)
 
 
 def init_cache(cfg, batch: int, max_len: int) -> KVCache:
-    """An empty cache for `batch` requests of up to `max_len` positions (the model's own
-    pytree: KVCache for Qwen3, Gemma4Cache for Gemma 4; both expose `.lengths`)."""
-    from dspark_jax.config_gemma4 import Gemma4Config
-
-    if isinstance(cfg, Gemma4Config):
-        from dspark_jax.models.gemma4 import Gemma4Cache
-
-        return Gemma4Cache.init(cfg, batch, max_len)
-    return KVCache.init(num_layers=cfg.num_hidden_layers, batch=batch, max_len=max_len,
-                        kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
-                        dtype=cfg.jnp_dtype)
+    """An empty cache for `batch` requests of up to `max_len` positions (the family's own
+    pytree: KVCache for Qwen3, Gemma4Cache for Gemma 4; each exposes `.lengths`)."""
+    return registry.for_config(cfg).cache(cfg, batch, max_len)
 
 
 def forward(cfg, params, tokens, q_lens, cache: KVCache | None = None, tap_layers=()):
@@ -165,19 +141,13 @@ def shard(cfg, params, mesh, rules=None):
 def shard_cache(cache, mesh, rules=None):
     """Place a target cache (any architecture's) on `mesh` by its logical axes."""
     from dspark_jax import mesh as mesh_lib
-    from dspark_jax.kv_cache import KV_CACHE_AXES
 
-    axes = KV_CACHE_AXES
-    if not isinstance(cache, KVCache):
-        from dspark_jax.models.gemma4 import GEMMA4_CACHE_AXES
-
-        axes = GEMMA4_CACHE_AXES
-    return mesh_lib.shard_tree(cache, axes, mesh, rules or mesh_lib.SERVING_RULES)
+    return mesh_lib.shard_tree(cache, registry.cache_axes(cache), mesh, rules or mesh_lib.SERVING_RULES)
 
 
 def supports_packed(cfg) -> bool:
     """Whether the target model offers the packed (ragged) verification pass."""
-    return hasattr(type(module_for(cfg)), "packed")
+    return registry.for_config(cfg).packed
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "tap_layers", "query_block", "tail"), donate_argnames=("cache",))

@@ -44,7 +44,9 @@ def test_profile_is_stored_reused_and_read_by_engines(pair, tmp_path, monkeypatc
     # an engine of that configuration reads it (any cache length will do when asked)
     costs = stored_costs(path, {**key, "max_len": 64}, (1, 2), any_length=True)
     assert stored_costs(path, {**key, "max_len": 64}, (1, 2)) is None
-    engine = Engine(tcfg, tparams, drafter, dparams, slots=1, max_len=32, policy="production", **costs)
+    assert costs["acceptance"] == rec["acceptance"] and costs["draft_time"] == rec["draft_seconds"]
+    engine = Engine(tcfg, tparams, drafter, dparams, slots=1, max_len=32, policy="production",
+                    **{**costs, "acceptance": None})  # (no survival to predict from: it drafts)
     np.testing.assert_allclose(engine.costs.sps[1:], [rec["table"]["1"], rec["table"]["2"]], rtol=1e-5)
     assert os.path.getsize(sps_profile.plot(rec, str(tmp_path / "sps.png"))) > 0
     # a scheduled engine without a profile is a clear error, never a hidden measurement

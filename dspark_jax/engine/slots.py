@@ -151,10 +151,11 @@ def paged_cache(tcfg, slots: int, positions: int, page_size: int, num_pages: int
                 interpret: bool) -> tuple[PageAllocator, PagedKVCache]:
     """A paged target cache for `slots` rows of up to `positions` positions, and its page
     allocator (num_pages None: room for every slot at full length, plus the NULL page)."""
-    from dspark_jax.config import Qwen3Config
+    from dspark_jax.models import registry
 
-    if not isinstance(tcfg, Qwen3Config):
-        raise DSparkError(f"the paged engine supports Qwen3 targets only; got {type(tcfg).__name__}")
+    family = registry.for_config(tcfg)
+    if not family.paged:
+        raise DSparkError(f"the paged engine does not support {family.name} targets yet (use paged=False)")
     if page_size < 1:
         raise DSparkError(f"page_size must be >= 1; got {page_size}")
     pages_per_seq = pages_needed(positions, page_size)
