@@ -83,11 +83,13 @@ def generate(tcfg, tparams, prompts: Sequence[Sequence[int]], *, max_new_tokens:
         raise DSparkError(f"prompt + max_new_tokens needs {max_len} positions; the model has "
                           f"{tcfg.max_position_embeddings}")
     b = len(prompts)
-    # one budget bucket: a batch run compiles one round program (two with plain rounds), not one per bucket
+    # one budget bucket and one round per call: a batch run compiles one round program (two with plain
+    # rounds), not one per bucket and count
     drafted = verify_depth if policy == "fixed" and verify_depth and verify_depth < gamma else gamma
     full = b * (1 + drafted)
     engine = Engine(tcfg, tparams, drafter, dparams, slots=b, max_len=max_len, policy=policy, depth=verify_depth,
                     max_stop_ids=max(1, len(stop_ids)), trace=trace, mesh=mesh, prefill_chunk=0, buckets=(full,),
+                    rounds_per_call=1,
                     **(costs or {}))
     temp, top_k, top_p = (np.broadcast_to(np.asarray(x), (b,)) for x in
                           (sampling.temperature, sampling.top_k, sampling.top_p))

@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     p.add_argument("--prefill-chunk", type=int, default=64,
                    help="prompt tokens per round that ride along in the verification pass while other "
                         "slots decode (0: a separate prefill pass per admission)")
-    p.add_argument("--rounds-per-call", type=int, default=1,
+    p.add_argument("--rounds-per-call", type=int, default=4,
                    help="rounds per dispatch when nothing waits for admission")
     p.add_argument("--lag", type=int, default=1, help="rounds in flight before the host reads one back")
     p.add_argument("--no-device-time", action="store_true",

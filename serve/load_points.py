@@ -11,9 +11,9 @@ c slots) and every arrival mode:
 Each point first runs its workload once untimed on its own engine (compiling what the
 timed runs use), then its timed runs, interleaved across policies. Rows report aggregate
 tokens/s, mean per-user tokens/s, mean verified budget B per round, tau, and the exposed
-host time: the timed run's wall time minus its device time (each compiled program the
-run called, timed back to back on device-resident inputs, times its calls), over the wall
-time (`host_exposed_frac`). `plot` draws throughput vs per-user tokens/s (the paper's
+host time (`host_exposed_frac`): over the run's decode steps (steps without a prefill
+pass), their wall time minus their device time (each round program they called, timed
+back to back on device-resident inputs, times its calls), over their wall time. `plot` draws throughput vs per-user tokens/s (the paper's
 Figure 7 shape) and the verified budget vs concurrency (Figure 8).
 """
 
@@ -59,7 +59,7 @@ class LoadSettings:
     repeats: int = 1            # timed runs per point, interleaved across policies; the median is reported
     length_spread: float = 0.0  # request i asks for max_new_tokens x U[1 - s, 1 + s] (seeded, same for all policies)
     prefill_chunk: int = 64     # chunked-prefill tokens per round (0: a separate prefill pass per admission)
-    rounds_per_call: int = 1    # rounds per dispatch when nothing waits for admission
+    rounds_per_call: int = 4    # rounds per dispatch when nothing waits for admission
     lag: int = 1                # rounds in flight before the host reads one back
     device_time: bool = True    # replay the run's programs for host_exposed_frac
 
@@ -114,8 +114,8 @@ class LoadRow:
     errors: int = 0
     plain_rounds: int = 0       # rounds run without drafting
     rounds: int = 0             # the engine's rounds
-    device_seconds: float = 0.0  # the run's programs replayed back to back
-    host_exposed_frac: float = 0.0  # (wall - device) / wall
+    device_seconds: float = 0.0  # the decode steps' round programs replayed back to back
+    host_exposed_frac: float = 0.0  # (decode steps' wall - device) / wall
     runs: int = 1               # timed runs behind the row (the median-throughput one is reported)
     throughput_min: float = 0.0
     throughput_max: float = 0.0
@@ -196,10 +196,13 @@ def make_engine(tcfg, tparams, drafter, dparams, policy: str, clients: int, sett
                   **(costs if policy in SCHEDULED_POLICIES else {}), **engine_options(policy, gamma, settings.threshold))
 
 
-def device_seconds(engine: Engine, repeats: int = 5) -> float:
-    """The device time of everything an (idle) engine ran: each compiled program's time,
-    replayed back to back, times its calls."""
-    return sum(n * engine.program_seconds(key, repeats) for key, n in engine.metrics.programs.items())
+def host_exposed(engine: Engine, repeats: int = 5) -> tuple[float, float]:
+    """(device seconds, exposed host fraction) of an (idle) engine's decode steps: each
+    round program they dispatched, replayed back to back on device-resident inputs, times
+    its calls, against the steps' wall time (prefill passes excluded)."""
+    m = engine.metrics
+    dev = sum(n * engine.program_seconds(key, repeats) for key, n in m.decode_programs.items())
+    return dev, (m.decode_seconds - dev) / m.decode_seconds if m.decode_seconds > 0 else 0.0
 
 
 def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: int, settings: LoadSettings,
@@ -224,7 +227,7 @@ def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: 
         secs = clock() - t0
     finally:
         gc.enable()
-    dev = device_seconds(engine) if settings.device_time else 0.0
+    dev, exposed = host_exposed(engine) if settings.device_time else (0.0, 0.0)
     ok = [r for r in results if r.error is None]
     tokens = sum(len(r.token_ids) for r in ok)
     rounds = sum(r.rounds for r in ok)
@@ -235,7 +238,7 @@ def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: 
                   mean_verified=m.mean_verified, mean_budget=m.mean_budget,
                   tau=sum(len(r.token_ids) - 1 for r in ok) / rounds if rounds else 0.0,
                   errors=len(results) - len(ok), plain_rounds=m.plain_rounds, rounds=m.rounds,
-                  device_seconds=dev, host_exposed_frac=(secs - dev) / secs if secs > 0 and dev else 0.0,
+                  device_seconds=dev, host_exposed_frac=exposed,
                   throughput_min=tokens / secs if secs > 0 else 0.0, throughput_max=tokens / secs if secs > 0 else 0.0)
     return row, engine
 

@@ -58,14 +58,14 @@ class Engine:
     position) and `rounds` (measured round times) as the profile holds them; see
     `costs.stored_costs`). prefill_chunk: prompt tokens per round riding in the
     verification pass (0: prefill passes only). rounds_per_call: rounds per dispatch
-    when nothing waits for admission. lag: rounds in flight before the host reads one
+    when nothing waits for admission (4: the CPU load bench's best of 1, 4 and 8). lag: rounds in flight before the host reads one
     back (0: synchronous). trace: record each round's drafts and confidences per request.
     """
 
     def __init__(self, tcfg, tparams, drafter=None, dparams=None, *, slots: int = 4, max_len: int = 256,
                  policy: str = "fixed", depth: int | None = None, threshold: float = 0.5, sps=None,
                  draft_time: float = 0.0, acceptance=None, rounds: dict | None = None,
-                 buckets: Sequence[int] | None = None, prefill_chunk: int = 64, rounds_per_call: int = 1,
+                 buckets: Sequence[int] | None = None, prefill_chunk: int = 64, rounds_per_call: int = 4,
                  lag: int = 1, max_stop_ids: int = 4, paged: bool = False, page_size: int = 16,
                  num_pages: int | None = None, attention_impl: str = "auto", attention_interpret: bool = False,
                  mesh=None, trace: bool = False, clock=time.perf_counter):
@@ -138,6 +138,7 @@ class Engine:
                                live=jnp.zeros((slots,), bool))
         self._live_sent = np.zeros(slots, bool)
         self._pages_dirty = False
+        self._last_key: tuple | None = None  # the program the latest dispatch called
         self._inflight: collections.deque[InFlight] = collections.deque()
         self._lock = threading.Lock()
         self._inbox: collections.deque[PendingRequest] = collections.deque()
@@ -223,14 +224,20 @@ class Engine:
     def step(self) -> bool:
         """Dispatch the next call (admission and rounds) if any slot is held, then read
         back calls until at most `lag` stay in flight. Returns whether anything ran."""
+        start = self.clock()
         self._take_inbox()
-        if self._inflight and self._may_all_finish():
+        if self._inflight and self._may_finish(all_rows=True):
             self.stream.consume(self._inflight.popleft())  # a round that would idle every row is not worth sending
+        prefills = self.metrics.prefills
         dispatched = self._dispatch()
         keep = self.lag if dispatched else 0
         consumed = len(self._inflight) > keep
         while len(self._inflight) > keep:
             self.stream.consume(self._inflight.popleft())
+        if dispatched and self.metrics.prefills == prefills:  # a decode step: its wall time and its program
+            m = self.metrics
+            m.decode_seconds += self.clock() - start
+            m.decode_programs[self._last_key] += 1
         return dispatched or consumed
 
     def run_until_done(self, max_steps: int | None = None) -> list[RequestResult]:
@@ -260,14 +267,17 @@ class Engine:
                 self._pages_dirty = self.paged
             self.stream.finish(req, "cancelled", now)
 
-    def _may_all_finish(self) -> bool:
-        """Whether every decoding row may end in the rounds in flight (by max_new_tokens)
-        with nothing left to admit after them: then the host reads them back first."""
+    def _may_finish(self, all_rows: bool, more: int = 0) -> bool:
+        """Whether every decoding row (all_rows) or any may reach max_new_tokens in the
+        rounds in flight and `more` rounds after them. Every row may end in flight: the
+        host reads back first rather than send a round that would idle them all; every row
+        may end in the next call: it is one round, not `rounds_per_call`."""
         rows = self.table.decoding()
         if not rows or self.table.prefilling:
             return False
-        ahead = sum(f.summary.ints.shape[0] for f in self._inflight if f.summary is not None) * (self.gamma + 1)
-        return bool(np.all(self.table.seen[rows] + ahead >= self.table.max_new[rows]))
+        rounds = sum(f.summary.ints.shape[0] for f in self._inflight if f.summary is not None) + more
+        ends = self.table.seen[rows] + rounds * (self.gamma + 1) >= self.table.max_new[rows]
+        return bool(ends.all() if all_rows else ends.any())
 
     def _dispatch(self) -> bool:
         t = self.table
@@ -304,10 +314,14 @@ class Engine:
             budget = self.costs.budget(n, t.limits(idx), self._stale_host[1, idx] if self.gamma else None)
         else:
             budget = self.costs.bucket(max(n, 1))
-        count = 1 if (admission is not None or t.waiting or t.prefilling) else self.rounds_per_call
+        count = self.rounds_per_call
+        if count > 1 and (admission is not None or t.waiting or t.prefilling
+                          or self._may_finish(all_rows=True, more=count)):
+            count = 1
         self._sync_live()
         summary = self.call_rounds(budget, draft, count, greedy, admission)
-        self.metrics.programs[("round", budget, draft, admission is not None, greedy, count)] += 1
+        self._last_key = ("round", budget, draft, admission is not None, greedy, count)
+        self.metrics.programs[self._last_key] += 1
         self._inflight.append(InFlight(summary, first, list(t.req), prefilled, draft, budget))
         return True
 
