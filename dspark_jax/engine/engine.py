@@ -58,7 +58,7 @@ class Engine:
     position) and `rounds` (measured round times) as the profile holds them; see
     `costs.stored_costs`). prefill_chunk: prompt tokens per round riding in the
     verification pass (0: prefill passes only). rounds_per_call: rounds per dispatch
-    when nothing waits for admission (4: the CPU load bench's best of 1, 4 and 8). lag: rounds in flight before the host reads one
+    when nothing waits for admission. lag: rounds in flight before the host reads one
     back (0: synchronous). trace: record each round's drafts and confidences per request.
     """
 
