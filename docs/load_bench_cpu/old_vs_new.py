@@ -1,8 +1,8 @@
 """Old engine against new on this machine: the load bench of two checkouts, run in
 alternating subprocesses, one concurrency level at a time; prints new / old per cell.
 
-    git worktree add /tmp/old <commit>
-    python docs/load_bench_cpu/old_vs_new.py --old /tmp/old --old-sps OLD.json --new-sps NEW.json \
+    git worktree add ../old <commit>
+    python docs/load_bench_cpu/old_vs_new.py --old ../old --old-sps OLD.json --new-sps NEW.json \
         --concurrency 1 2 4 8 --rounds 3 --out work/old_vs_new
 
 Each subprocess runs `python -m serve.load_bench` in its checkout with the same workload

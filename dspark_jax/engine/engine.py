@@ -226,7 +226,7 @@ class Engine:
         back calls until at most `lag` stay in flight. Returns whether anything ran."""
         start = self.clock()
         self._take_inbox()
-        if self._inflight and self._may_finish(all_rows=True):
+        if self._inflight and self._may_all_finish():
             self.stream.consume(self._inflight.popleft())  # a round that would idle every row is not worth sending
         prefills = self.metrics.prefills
         dispatched = self._dispatch()
@@ -267,17 +267,15 @@ class Engine:
                 self._pages_dirty = self.paged
             self.stream.finish(req, "cancelled", now)
 
-    def _may_finish(self, all_rows: bool, more: int = 0) -> bool:
-        """Whether every decoding row (all_rows) or any may reach max_new_tokens in the
-        rounds in flight and `more` rounds after them. Every row may end in flight: the
-        host reads back first rather than send a round that would idle them all; every row
-        may end in the next call: it is one round, not `rounds_per_call`."""
+    def _may_all_finish(self, more: int = 0) -> bool:
+        """Whether every decoding row may reach max_new_tokens in the rounds in flight and
+        `more` rounds after them: then the host reads back before sending a round that
+        would idle them all, and a call is one round, not `rounds_per_call`."""
         rows = self.table.decoding()
         if not rows or self.table.prefilling:
             return False
         rounds = sum(f.summary.ints.shape[0] for f in self._inflight if f.summary is not None) + more
-        ends = self.table.seen[rows] + rounds * (self.gamma + 1) >= self.table.max_new[rows]
-        return bool(ends.all() if all_rows else ends.any())
+        return bool(np.all(self.table.seen[rows] + rounds * (self.gamma + 1) >= self.table.max_new[rows]))
 
     def _dispatch(self) -> bool:
         t = self.table
@@ -311,12 +309,12 @@ class Engine:
         draft = self.gamma > 0 and n > 0 and bool(self.costs.drafts_at[n])
         if draft:
             idx = np.asarray(rows)
-            budget = self.costs.budget(n, t.limits(idx), self._stale_host[1, idx] if self.gamma else None)
+            budget = self.costs.budget(n, t.limits(idx), self._stale_host[1, idx])
         else:
             budget = self.costs.bucket(max(n, 1))
         count = self.rounds_per_call
         if count > 1 and (admission is not None or t.waiting or t.prefilling
-                          or self._may_finish(all_rows=True, more=count)):
+                          or self._may_all_finish(more=count)):
             count = 1
         self._sync_live()
         summary = self.call_rounds(budget, draft, count, greedy, admission)
