@@ -11,10 +11,11 @@ c slots) and every arrival mode:
 Each point first runs its workload once untimed on its own engine (compiling what the
 timed runs use), then its timed runs, interleaved across policies. Rows report aggregate
 tokens/s, mean per-user tokens/s, mean verified budget B per round, tau, and the exposed
-host time (`host_exposed_frac`): over the run's decode steps (steps without a prefill
-pass), their wall time minus their device time (each round program they called, timed
-back to back on device-resident inputs, times its calls), over their wall time. `plot` draws throughput vs per-user tokens/s (the paper's
-Figure 7 shape) and the verified budget vs concurrency (Figure 8).
+host time (`host_exposed_frac`): the run's wall time minus its device time (every program
+it called, timed back to back on device-resident inputs, times its calls), over the run's
+wall time less its prefill passes' device time: the share of the decoding time in which
+the device waited for the host. `plot` draws throughput vs per-user tokens/s (the
+paper's Figure 7 shape) and the verified budget vs concurrency (Figure 8).
 """
 
 from __future__ import annotations
@@ -114,8 +115,8 @@ class LoadRow:
     errors: int = 0
     plain_rounds: int = 0       # rounds run without drafting
     rounds: int = 0             # the engine's rounds
-    device_seconds: float = 0.0  # the decode steps' round programs replayed back to back
-    host_exposed_frac: float = 0.0  # (decode steps' wall - device) / wall
+    device_seconds: float = 0.0  # the run's programs replayed back to back
+    host_exposed_frac: float = 0.0  # (wall - device) / (wall - prefill passes' device time)
     runs: int = 1               # timed runs behind the row (the median-throughput one is reported)
     throughput_min: float = 0.0
     throughput_max: float = 0.0
@@ -196,13 +197,15 @@ def make_engine(tcfg, tparams, drafter, dparams, policy: str, clients: int, sett
                   **(costs if policy in SCHEDULED_POLICIES else {}), **engine_options(policy, gamma, settings.threshold))
 
 
-def host_exposed(engine: Engine, repeats: int = 5) -> tuple[float, float]:
-    """(device seconds, exposed host fraction) of an (idle) engine's decode steps: each
-    round program they dispatched, replayed back to back on device-resident inputs, times
-    its calls, against the steps' wall time (prefill passes excluded)."""
-    m = engine.metrics
-    dev = sum(n * engine.program_seconds(key, repeats) for key, n in m.decode_programs.items())
-    return dev, (m.decode_seconds - dev) / m.decode_seconds if m.decode_seconds > 0 else 0.0
+def host_exposed(engine: Engine, seconds: float, repeats: int = 5) -> tuple[float, float]:
+    """(device seconds, exposed host fraction) of a run of `seconds` wall time that left
+    `engine` idle: every program it called, replayed back to back on device-resident
+    inputs, times its calls; the fraction is (wall - device) / (wall - the prefill
+    passes' device time)."""
+    dev = {key: n * engine.program_seconds(key, repeats) for key, n in engine.metrics.programs.items()}
+    total = sum(dev.values())
+    decoding = seconds - sum(t for key, t in dev.items() if key[0] == "prefill")
+    return total, (seconds - total) / decoding if decoding > 0 else 0.0
 
 
 def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: int, settings: LoadSettings,
@@ -227,7 +230,7 @@ def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: 
         secs = clock() - t0
     finally:
         gc.enable()
-    dev, exposed = host_exposed(engine) if settings.device_time else (0.0, 0.0)
+    dev, exposed = host_exposed(engine, secs) if settings.device_time else (0.0, 0.0)
     ok = [r for r in results if r.error is None]
     tokens = sum(len(r.token_ids) for r in ok)
     rounds = sum(r.rounds for r in ok)

@@ -138,7 +138,6 @@ class Engine:
                                live=jnp.zeros((slots,), bool))
         self._live_sent = np.zeros(slots, bool)
         self._pages_dirty = False
-        self._last_key: tuple | None = None  # the program the latest dispatch called
         self._inflight: collections.deque[InFlight] = collections.deque()
         self._lock = threading.Lock()
         self._inbox: collections.deque[PendingRequest] = collections.deque()
@@ -224,20 +223,15 @@ class Engine:
     def step(self) -> bool:
         """Dispatch the next call (admission and rounds) if any slot is held, then read
         back calls until at most `lag` stay in flight. Returns whether anything ran."""
-        start = self.clock()
         self._take_inbox()
-        if self._inflight and self._may_all_finish():
+        needed = self._rounds_needed()
+        if self._inflight and needed is not None and needed <= 0:
             self.stream.consume(self._inflight.popleft())  # a round that would idle every row is not worth sending
-        prefills = self.metrics.prefills
         dispatched = self._dispatch()
         keep = self.lag if dispatched else 0
         consumed = len(self._inflight) > keep
         while len(self._inflight) > keep:
             self.stream.consume(self._inflight.popleft())
-        if dispatched and self.metrics.prefills == prefills:  # a decode step: its wall time and its program
-            m = self.metrics
-            m.decode_seconds += self.clock() - start
-            m.decode_programs[self._last_key] += 1
         return dispatched or consumed
 
     def run_until_done(self, max_steps: int | None = None) -> list[RequestResult]:
@@ -267,15 +261,17 @@ class Engine:
                 self._pages_dirty = self.paged
             self.stream.finish(req, "cancelled", now)
 
-    def _may_all_finish(self, more: int = 0) -> bool:
-        """Whether every decoding row may reach max_new_tokens in the rounds in flight and
-        `more` rounds after them: then the host reads back before sending a round that
-        would idle them all, and a call is one round, not `rounds_per_call`."""
+    def _rounds_needed(self) -> int | None:
+        """Rounds after those in flight that some decoding row surely needs: a row with r
+        tokens left takes at least ceil(r / (gamma + 1)) rounds. None when no row decodes
+        or a prompt is half sent. At 0 the host reads back before sending a round that
+        could idle every row."""
         rows = self.table.decoding()
         if not rows or self.table.prefilling:
-            return False
-        rounds = sum(f.summary.ints.shape[0] for f in self._inflight if f.summary is not None) + more
-        return bool(np.all(self.table.seen[rows] + rounds * (self.gamma + 1) >= self.table.max_new[rows]))
+            return None
+        left = self.table.max_new[rows] - self.table.seen[rows]
+        flying = sum(f.summary.ints.shape[0] for f in self._inflight if f.summary is not None)
+        return int(-(-left.max() // (self.gamma + 1))) - flying
 
     def _dispatch(self) -> bool:
         t = self.table
@@ -312,14 +308,12 @@ class Engine:
             budget = self.costs.budget(n, t.limits(idx), self._stale_host[1, idx])
         else:
             budget = self.costs.bucket(max(n, 1))
-        count = self.rounds_per_call
-        if count > 1 and (admission is not None or t.waiting or t.prefilling
-                          or self._may_all_finish(more=count)):
-            count = 1
+        needed = self._rounds_needed()  # a call of k > 1 rounds only when some row surely needs them all
+        count = self.rounds_per_call if admission is None and not t.waiting and (needed or 0) >= self.rounds_per_call \
+            else 1
         self._sync_live()
         summary = self.call_rounds(budget, draft, count, greedy, admission)
-        self._last_key = ("round", budget, draft, admission is not None, greedy, count)
-        self.metrics.programs[self._last_key] += 1
+        self.metrics.programs[("round", budget, draft, admission is not None, greedy, count)] += 1
         self._inflight.append(InFlight(summary, first, list(t.req), prefilled, draft, budget))
         return True
 
@@ -388,8 +382,8 @@ class Engine:
         slots and change nothing a request sees)."""
         self.programs.warmup(prompt_lens, greedy)
 
-    def program_seconds(self, key: tuple, repeats: int = 8) -> float:
-        """Seconds per call of one compiled program (a key of `metrics.programs`), called
-        `repeats` times back to back on device-resident inputs, blocking once at the end
-        (only while idle)."""
-        return self.programs.seconds(key, repeats)
+    def program_seconds(self, key: tuple, repeats: int = 8, trials: int = 3) -> float:
+        """Seconds per call of one compiled program (a key of `metrics.programs`): the
+        median over `trials` of `repeats` calls back to back on device-resident inputs,
+        blocking once at the end of each (only while idle)."""
+        return self.programs.seconds(key, repeats, trials)

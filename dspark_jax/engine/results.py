@@ -62,9 +62,6 @@ class EngineMetrics:
     # calls of each compiled program: ("round", budget, draft, chunk line, greedy, count) or
     # ("prefill", width, budget, greedy) -> calls (what a device-time replay multiplies)
     programs: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    # decode steps (no prefill pass): their wall time in `step` and the round program each dispatched
-    decode_seconds: float = 0.0
-    decode_programs: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     started_at: float | None = None
     last_at: float | None = None
 
