@@ -4,6 +4,9 @@ Same calling convention as `models/qwen3.py`: `tokens` [B, T] with `q_lens` [B] 
 tokens per row (padding inert); without a cache a causal forward over positions
 0..T-1; with a `Gemma4Cache` row b's tokens sit at positions lengths[b] .. +T-1, their
 K/V are written (padded slots dropped) and every token attends to what precedes it.
+`packed` is the ragged form (tokens of different cache rows in one pass, as
+`Qwen3LM.packed`). Both run the one layer loop `_forward` over an attention view
+(models/kv_views.py) that writes the K/V and masks the keys.
 `tap_layers`: raw decoder-layer outputs (i = output of layer i, after its
 `layer_scalar`; -1 = the embeddings after the sqrt(d) scaling).
 
@@ -36,9 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from dspark_jax.attention import attend, causal_mask
 from dspark_jax.config_gemma4 import FULL, SLIDING, Gemma4Config
-from dspark_jax.kv_cache import storage_dtype, write_index, write_layer
+from dspark_jax.kv_cache import storage_dtype
+from dspark_jax.models import kv_views
 from dspark_jax.models.gemma4_layers import (Attention, Experts, GatedMLP, RMSNorm, Router,
                                              activation, logical_param)
 from dspark_jax.models.layers import Proj, embedding
@@ -177,50 +180,56 @@ class Gemma4LM(nn.Module):
     def __call__(self, tokens: jax.Array, q_lens: jax.Array, cache: Gemma4Cache | None = None,
                  tap_layers: tuple[int, ...] = ()):
         """Returns (hidden [B, T, E] after the final norm, new cache or None, taps)."""
-        cfg = self.cfg
-        b, t = tokens.shape
-        steps = jnp.arange(t, dtype=jnp.int32)
-        q_valid = steps[None, :] < q_lens[:, None]
-        start = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
-        positions = start[:, None] + steps[None, :]
-        if cache is None:
-            k_pos, k_valid = positions, q_valid
-        else:
-            k_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
-            k_valid = jnp.ones((b, cache.max_len), bool)
-            index = write_index(positions, q_valid, cache.max_len)
-        masks = {FULL: causal_mask(positions, q_valid, k_pos, k_valid),
-                 SLIDING: causal_mask(positions, q_valid, k_pos, k_valid, window=cfg.sliding_window)}
+        view = kv_views.dense(cache, q_lens, tokens.shape[1], scale=1.0, fields=self._fields)
+        hidden, cache, taps = self._forward(tokens, view, tap_layers)
+        if cache is not None:
+            cache = cache.replace(lengths=cache.lengths + q_lens.astype(jnp.int32))
+        return hidden, cache, taps
 
+    def packed(self, tokens: jax.Array, rows: jax.Array, positions: jax.Array, valid: jax.Array,
+               cache: Gemma4Cache, tap_layers: tuple[int, ...] = (), query_block: int | None = None,
+               tail: tuple[int, int] | None = None):
+        """Ragged verification / prefill of N tokens of different cache rows, as
+        `Qwen3LM.packed`: token n at position positions[n] of cache row rows[n]; valid
+        tokens write their K/V (KV-shared layers write none) and attend to their own row's
+        keys s <= positions[n], on sliding layers only to s > positions[n] - window.
+        `query_block` and `tail` pick the attention layout as there.
+
+        Returns (hidden [N, E] after the final norm, cache with lengths unchanged: the
+        caller commits, taps: one [N, E] per entry of `tap_layers`).
+        """
+        view = kv_views.packed(cache, rows, positions, valid, query_block, tail, scale=1.0, fields=self._fields)
+        hidden, cache, taps = self._forward(tokens[:, None], view, tap_layers)
+        return hidden[:, 0], cache, tuple(t[:, 0] for t in taps)
+
+    def _fields(self, layer: int) -> tuple[str, str, int]:
+        """Where layer's K/V live in a Gemma4Cache: its type's fields, its source's slot."""
+        group = "sliding" if self.cfg.layer_types[layer] == SLIDING else "full"
+        return f"{group}_k", f"{group}_v", self.cfg.cache_slot(layer)
+
+    def _forward(self, tokens: jax.Array, view: kv_views.View, tap_layers: tuple[int, ...]):
+        """The one layer loop: tokens [Q, T] laid out as `view` says -> (hidden [Q, T, E]
+        after the final norm, the view's cache, taps [Q, T, E] each). A layer that owns
+        K/V writes them; a KV-shared layer reads the keys its type's last writer left."""
+        cfg = self.cfg
         x = self.embed(tokens)
         per_layer = self._per_layer_inputs(tokens, x) if cfg.hidden_size_per_layer_input else None
         layer_out = {-1: x}
-        latest = {}  # layer type -> K/V (whole cache rows) of the last layer that made them
+        latest = {}  # layer type -> keys of the last layer of that type that wrote K/V
         for i, layer in enumerate(self.layers):
             kind = cfg.layer_types[i]
+            window = cfg.sliding_window if kind == SLIDING else None
 
-            def mix(q, kv, i=i, kind=kind):
-                nonlocal cache
+            def mix(q, kv, i=i, kind=kind, window=window):
                 if kv is not None:
-                    k, v = kv
-                    if cache is not None:
-                        slot, group = cfg.cache_slot(i), "sliding" if kind == SLIDING else "full"
-                        ck = write_layer(getattr(cache, f"{group}_k"), slot, k, index)
-                        cv = write_layer(getattr(cache, f"{group}_v"), slot, v, index)
-                        cache = cache.replace(**{f"{group}_k": ck, f"{group}_v": cv})
-                        k, v = ck[slot], cv[slot]
-                    latest[kind] = (k, v)
-                k, v = latest[kind]
-                return attend(q, k, v, masks[kind], scale=1.0)
+                    latest[kind] = view.write(i, *kv)
+                return view.read(q, latest[kind], window)
 
-            x = layer(x, positions, None if per_layer is None else per_layer[:, :, i], mix)
+            x = layer(x, view.positions, None if per_layer is None else per_layer[:, :, i], mix)
             layer_out[i] = x
         if self.is_initializing():
             self.logits(x)  # create lm_head parameters
-        taps = tuple(layer_out[i] for i in tap_layers)
-        if cache is not None:
-            cache = cache.replace(lengths=cache.lengths + q_lens.astype(jnp.int32))
-        return self.norm(x), cache, taps
+        return self.norm(x), view.cache, tuple(layer_out[i] for i in tap_layers)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[..., E] -> [..., V] float32, soft-capped (in float32) if the config says so."""

@@ -13,7 +13,9 @@ tokens in each row (the rest is padding and stays inert):
   static fields; "auto" is the jnp reference on CPU, the Pallas kernel on GPU / TPU).
 
 `tap_layers` picks raw decoder-layer outputs (i = output of layer i, -1 = embeddings),
-the drafter's context features.
+the drafter's context features. `packed` is the ragged form of the same forward (tokens
+of different cache rows in one pass). Every call runs the one layer loop `_forward`;
+where K/V go and which keys a query sees is the call's attention view (models/kv_views.py).
 """
 
 from __future__ import annotations
@@ -22,10 +24,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dspark_jax import paged_cache
-from dspark_jax.attention import attend, causal_mask
 from dspark_jax.config import Qwen3Config
-from dspark_jax.kv_cache import KVCache, write_index, write_layer
+from dspark_jax.kv_cache import KVCache
+from dspark_jax.models import kv_views
 from dspark_jax.models.layers import MLP, Attention, Proj, RMSNorm, embedding
 from dspark_jax.paged_cache import PagedKVCache
 
@@ -69,54 +70,29 @@ class Qwen3LM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = Proj((cfg.vocab_size,), ("embed", "vocab"), dtype=dt)
 
-    def __call__(self, tokens: jax.Array, q_lens: jax.Array, cache: KVCache | None = None,
+    def __call__(self, tokens: jax.Array, q_lens: jax.Array, cache: KVCache | PagedKVCache | None = None,
                  tap_layers: tuple[int, ...] = ()):
         """Returns (hidden [B, T, E] after the final norm, new cache or None, taps).
 
         taps: tuple of [B, T, E] arrays, one per entry of `tap_layers`.
         """
-        b, t = tokens.shape
-        steps = jnp.arange(t, dtype=jnp.int32)
-        q_valid = steps[None, :] < q_lens[:, None]
-        start = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
-        positions = start[:, None] + steps[None, :]
-        scale = self.cfg.head_dim ** -0.5
+        view = kv_views.dense(cache, q_lens, tokens.shape[1], scale=self.cfg.head_dim ** -0.5)
+        hidden, cache, taps = self._forward(tokens, view, tap_layers)
+        if cache is not None:
+            cache = cache.replace(lengths=cache.lengths + q_lens.astype(jnp.int32))
+        return hidden, cache, taps
 
-        paged = isinstance(cache, PagedKVCache)
-        if cache is None:
-            mask = causal_mask(positions, q_valid, positions, q_valid)
-        elif not paged:
-            slots = jnp.arange(cache.max_len, dtype=jnp.int32)
-            mask = causal_mask(positions, q_valid, jnp.broadcast_to(slots, (b, cache.max_len)),
-                               jnp.ones((b, cache.max_len), bool))
-            index = write_index(positions, q_valid, cache.max_len)
-
+    def _forward(self, tokens: jax.Array, view: kv_views.View, tap_layers: tuple[int, ...]):
+        """The one layer loop: tokens [Q, T] laid out as `view` says -> (hidden [Q, T, E]
+        after the final norm, the view's cache, taps [Q, T, E] each)."""
         x = self.embed_tokens(tokens)
         layer_out = {-1: x}
         for i, layer in enumerate(self.layers):
-            if cache is None:
-                def mix(q, k, v):
-                    return attend(q, k, v, mask, scale=scale), None
-            elif paged:
-                def mix(q, k, v, i=i):
-                    nonlocal cache
-                    cache = paged_cache.write(cache, i, k, v, positions, q_valid)
-                    return _paged_attend(cache, i, q, cache.lengths + q_lens, q_lens, cache.page_table,
-                                         scale), None
-            else:
-                def mix(q, k, v, i=i):
-                    nonlocal cache
-                    cache = cache.replace(k=write_layer(cache.k, i, k, index),
-                                          v=write_layer(cache.v, i, v, index))
-                    return attend(q, cache.k[i], cache.v[i], mask, scale=scale), None
-            x, _ = layer(x, positions, mix)
+            x, _ = layer(x, view.positions, lambda q, k, v, i=i: (view(i, q, k, v), None))
             layer_out[i] = x
         if self.is_initializing():
             self.logits(x)  # create lm_head parameters
-        taps = tuple(layer_out[i] for i in tap_layers)
-        if cache is not None:
-            cache = cache.replace(lengths=cache.lengths + q_lens.astype(jnp.int32))
-        return self.norm(x), cache, taps
+        return self.norm(x), view.cache, tuple(layer_out[i] for i in tap_layers)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[..., E] -> [..., V] float32."""
@@ -130,7 +106,7 @@ class Qwen3LM(nn.Module):
         return self.embed_tokens(tokens)
 
     def packed(self, tokens: jax.Array, rows: jax.Array, positions: jax.Array, valid: jax.Array,
-               cache: KVCache, tap_layers: tuple[int, ...] = (), query_block: int | None = None,
+               cache: KVCache | PagedKVCache, tap_layers: tuple[int, ...] = (), query_block: int | None = None,
                tail: tuple[int, int] | None = None):
         """Ragged verification: N packed query tokens that belong to different cache rows.
 
@@ -150,99 +126,9 @@ class Qwen3LM(nn.Module):
         Returns (hidden [N, E] after the final norm, cache with lengths unchanged: the
         caller commits, taps: one [N, E] per entry of `tap_layers`).
 
-        A `PagedKVCache` takes the same call; attention then runs on its pages with
-        `pallas_kernels.verify_attention` (see `_packed_paged`).
+        A `PagedKVCache` takes the same call (no tail lines); attention then runs on its
+        pages with `pallas_kernels.verify_attention`.
         """
-        if isinstance(cache, PagedKVCache):
-            if tail is not None:
-                raise ValueError("a paged cache takes no tail lines (chunked prefill needs the slot cache)")
-            return self._packed_paged(tokens, rows, positions, valid, cache, tap_layers, query_block)
-        scale = self.cfg.head_dim ** -0.5
-        slots = jnp.arange(cache.max_len, dtype=jnp.int32)
-        index = write_index(positions, valid, cache.max_len)
-        n_head = tokens.shape[0] - (tail[0] * tail[1] if tail else 0)
-        h_rows, h_pos, h_ok = rows[:n_head], positions[:n_head], valid[:n_head]
-        if query_block is None:
-            mask = ((slots[None, :] <= h_pos[:, None]) & h_ok[:, None])[:, None, :]  # [N, 1, S]
-        else:
-            b = cache.batch
-            cols = h_pos - cache.lengths[h_rows]
-            grid_rows = jnp.where(h_ok, h_rows, b)  # invalid tokens scatter nowhere
-            grid_cols = jnp.clip(cols, 0, query_block - 1)
-            grid_pos = jnp.zeros((b, query_block), jnp.int32).at[grid_rows, cols].set(h_pos, mode="drop")
-            grid_ok = jnp.zeros((b, query_block), bool).at[grid_rows, cols].set(True, mode="drop")
-            mask = causal_mask(grid_pos, grid_ok, jnp.broadcast_to(slots, (b, cache.max_len)),
-                               jnp.ones((b, cache.max_len), bool))
-        if tail:
-            lines, width = tail
-            t_rows = rows[n_head::width]
-            t_mask = causal_mask(positions[n_head:].reshape(lines, width), valid[n_head:].reshape(lines, width),
-                                 jnp.broadcast_to(slots, (lines, cache.max_len)), jnp.ones((lines, cache.max_len), bool))
-
-        x = self.embed_tokens(tokens)[:, None]  # [N, 1, E]
-        layer_out = {-1: x}
-        for i, layer in enumerate(self.layers):
-            def mix(q, k, v, i=i):
-                nonlocal cache
-                kc = cache.k.at[i, rows, index].set(k[:, 0].astype(cache.k.dtype), mode="drop")
-                vc = cache.v.at[i, rows, index].set(v[:, 0].astype(cache.v.dtype), mode="drop")
-                cache = cache.replace(k=kc, v=vc)
-                qh = q[:n_head]
-                if query_block is None:
-                    o = attend(qh, kc[i][h_rows], vc[i][h_rows], mask, scale=scale)
-                else:
-                    grid_q = jnp.zeros((cache.batch, query_block) + q.shape[2:], q.dtype)
-                    grid_q = grid_q.at[grid_rows, cols].set(qh[:, 0], mode="drop")
-                    o = attend(grid_q, kc[i], vc[i], mask, scale=scale)[h_rows, grid_cols][:, None]
-                if tail:
-                    qt = q[n_head:, 0].reshape((lines, width) + q.shape[2:])
-                    ot = attend(qt, kc[i][t_rows], vc[i][t_rows], t_mask, scale=scale)
-                    o = jnp.concatenate([o, ot.reshape((lines * width, 1) + ot.shape[2:])], axis=0)
-                return o, None
-            x, _ = layer(x, positions[:, None], mix)
-            layer_out[i] = x
-        taps = tuple(layer_out[i][:, 0] for i in tap_layers)
-        return self.norm(x[:, 0]), cache, taps
-
-    def _packed_paged(self, tokens, rows, positions, valid, cache: PagedKVCache, tap_layers, query_block):
-        """`packed` over a paged cache: every valid token writes its K/V into its row's pages,
-        then attends with verify_attention, one query per token (`query_block=None`: the
-        token's own page-table row, kv_len = position + 1) or on the [rows, W] grid."""
-        scale = self.cfg.head_dim ** -0.5
-        tok_table = cache.page_table[rows]  # [N, pages_per_seq]
-        valid_i = valid.astype(jnp.int32)
-        if query_block is not None:
-            b = cache.batch
-            cols = positions - cache.lengths[rows]
-            grid_rows = jnp.where(valid, rows, b)  # invalid tokens scatter nowhere
-            grid_cols = jnp.clip(cols, 0, query_block - 1)
-            grid_q_lens = jnp.zeros((b,), jnp.int32).at[grid_rows].add(1, mode="drop")
-
-        x = self.embed_tokens(tokens)[:, None]  # [N, 1, E]
-        layer_out = {-1: x}
-        for i, layer in enumerate(self.layers):
-            def mix(q, k, v, i=i):
-                nonlocal cache
-                table = cache.page_table
-                cache = paged_cache.write(cache.replace(page_table=tok_table), i, k, v, positions[:, None],
-                                          valid[:, None]).replace(page_table=table)
-                if query_block is None:
-                    return _paged_attend(cache, i, q, jnp.where(valid, positions + 1, 0), valid_i, tok_table,
-                                         scale), None
-                grid_q = jnp.zeros((cache.batch, query_block) + q.shape[2:], q.dtype)
-                grid_q = grid_q.at[grid_rows, cols].set(q[:, 0], mode="drop")
-                o = _paged_attend(cache, i, grid_q, cache.lengths + grid_q_lens, grid_q_lens, table, scale)
-                return o[rows, grid_cols][:, None], None
-            x, _ = layer(x, positions[:, None], mix)
-            layer_out[i] = x
-        taps = tuple(layer_out[i][:, 0] for i in tap_layers)
-        return self.norm(x[:, 0]), cache, taps
-
-
-def _paged_attend(cache: PagedKVCache, layer: int, q, kv_lens, q_lens, page_table, scale: float):
-    """verify_attention over `layer`'s pages with the cache's static impl / interpret."""
-    from pallas_kernels import verify_attention
-
-    return verify_attention(q, cache.k_pages[layer], cache.v_pages[layer], kv_lens.astype(jnp.int32),
-                            q_lens.astype(jnp.int32), page_table, sm_scale=scale, impl=cache.impl,
-                            interpret=cache.interpret)
+        view = kv_views.packed(cache, rows, positions, valid, query_block, tail, scale=self.cfg.head_dim ** -0.5)
+        hidden, cache, taps = self._forward(tokens[:, None], view, tap_layers)
+        return hidden[:, 0], cache, tuple(t[:, 0] for t in taps)

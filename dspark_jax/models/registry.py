@@ -54,7 +54,7 @@ FAMILIES = (
     ModelFamily("gemma4", ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text"),
                 "dspark_jax.config_gemma4:Gemma4Config", "dspark_jax.models.gemma4:Gemma4LM",
                 "dspark_jax.checkpoints:load_gemma4", _gemma4_cache, "dspark_jax.models.gemma4:GEMMA4_CACHE_AXES",
-                packed=False, paged=False),
+                packed=True, paged=False),
 )
 MODEL_TYPES = tuple(t for f in FAMILIES for t in f.model_types)
 
