@@ -236,6 +236,26 @@ def test_cancel_during_chunked_prefill(setup):
         stream.check(res)
 
 
+def test_slot_of_a_cancelled_decoding_request_waits_for_its_new_prompt(setup):
+    """Two decoding requests cancelled at once, two new ones seated in their slots while a
+    third keeps decoding: the second new prompt's first chunk waits a round behind the
+    first's, and its row must not decode the cancelled request's state meanwhile: both
+    new requests get exactly greedy, never more than max_new_tokens."""
+    tcfg, tparams, full, drafter, dparams = setup
+    engine = Engine(tcfg, tparams, drafter, dparams, slots=3, max_len=MAX_LEN, policy="fixed", prefill_chunk=4,
+                    lag=1)
+    a, b, c = (engine.submit(PROMPTS[i], LONG - 2) for i in (0, 1, 3))
+    for _ in range(3):
+        engine.step()
+    engine.cancel(a)
+    engine.cancel(c)
+    d, f = engine.submit(PROMPTS[2], 8), engine.submit(PROMPTS[4], 8)
+    engine.run_until_done()
+    assert engine.result(a).finish_reason == engine.result(c).finish_reason == "cancelled"
+    for rid, i, n in ((b, 1, LONG - 2), (d, 2, 8), (f, 4, 8)):
+        assert engine.result(rid).token_ids == full[i][:n], rid
+
+
 # ------------------------------------------------------------------ no compilation after warm-up
 
 def test_warm_engine_compiles_nothing(setup):

@@ -210,6 +210,22 @@ class Engine:
             limit = min(limit, int(max_depth))
         return prompt, stops, limit
 
+    def forget(self, request_id: int) -> None:
+        """Drop a finished request's result (a long-running server keeps only what it reads)."""
+        res = self.results.get(request_id)
+        if res is not None and res.finished:
+            del self.results[request_id]
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet holding a slot."""
+        return len(self._inbox) + len(self.table.waiting)
+
+    @property
+    def running(self) -> int:
+        """Requests holding a slot."""
+        return sum(r is not None for r in self.table.req)
+
     @property
     def idle(self) -> bool:
         """Nothing queued, seated or in flight."""
@@ -347,6 +363,7 @@ class Engine:
         lengths, seeds = np.ones(s, np.int32), np.zeros(s, np.uint32)
         for r in rows_in:
             req = t.req[r]
+            t.start(r)
             rows[r], lengths[r], seeds[r] = True, len(req.prompt), req.seed
             prompts[r, :len(req.prompt)] = req.prompt
         budget = prefill_budget(int(lengths[rows].sum()), width, s)

@@ -57,6 +57,7 @@ class EngineMetrics:
     budget: int = 0           # sum over rounds of the compiled bucket N_b
     active: int = 0           # sum over rounds of active rows
     plain_rounds: int = 0     # rounds run without drafting (row counts where drafting does not pay)
+    drafts: int = 0           # sum over drafting rounds of active rows (each proposed gamma tokens)
     prefill_chunks: int = 0   # prompt chunks that rode along in rounds (chunked prefill)
     prefills: int = 0         # prefill passes
     # calls of each compiled program: ("round", budget, draft, chunk line, greedy, count) or
@@ -90,7 +91,7 @@ class EngineMetrics:
         return {"rounds": self.rounds, "tokens": self.tokens, "seconds": round(self.seconds, 4),
                 "throughput": round(self.throughput, 3), "mean_verified": round(self.mean_verified, 3),
                 "mean_budget": round(self.mean_budget, 3), "mean_active": round(self.mean_active, 3),
-                "plain_rounds": self.plain_rounds, "prefill_chunks": self.prefill_chunks, "prefills": self.prefills}
+                "plain_rounds": self.plain_rounds, "drafts": self.drafts, "prefill_chunks": self.prefill_chunks, "prefills": self.prefills}
 
 
 @dataclasses.dataclass

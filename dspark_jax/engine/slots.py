@@ -42,7 +42,7 @@ class SlotTable:
         self.max_new = np.ones(slots, np.int32)
         self.max_depth = np.zeros(slots, np.int32)
         self.stops = np.full((slots, max_stop_ids), -1, np.int32)
-        self.live = np.zeros(slots, bool)            # seated and not cancelled (the rounds' `live` mask)
+        self.live = np.zeros(slots, bool)            # the rounds' `live` mask: the row is its request's
         self.allocator = allocator
 
     # ------------------------------------------------------------------ queries
@@ -93,6 +93,11 @@ class SlotTable:
         self.stops[s] = -1
         self.stops[s, :len(req.stop_ids)] = req.stop_ids
         self.prefill_at[s] = 0
+        self.live[s] = False  # until its prompt starts entering the cache: the row may hold a cancelled request
+
+    def start(self, s: int) -> None:
+        """Slot s's prompt enters the cache in the call being dispatched (a prefill pass or
+        its first chunk): from then on the row is the new request's."""
         self.live[s] = True
 
     def unseat(self, s: int) -> PendingRequest:
@@ -121,6 +126,8 @@ class SlotTable:
         s = self.prefilling[0]
         p, at = self.req[s].prompt, int(self.prefill_at[s])
         n = min(len(p) - at, width)
+        if at == 0:
+            self.start(s)
         tokens, nxt = np.zeros(width, np.int32), np.zeros(width, np.int32)
         tokens[:n] = p[at:at + n]
         follow = p[at + 1:at + n + 1]

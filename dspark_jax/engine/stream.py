@@ -49,6 +49,7 @@ class Streamer:
             done = ints[:, 2 * g + 3].astype(bool)
             m.rounds += 1
             m.plain_rounds += not item.draft
+            m.drafts += int(active.sum()) if item.draft else 0
             m.verified += int(totals[0])
             m.budget += item.budget
             m.active += int(active.sum())
