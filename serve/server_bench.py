@@ -75,7 +75,7 @@ def _pct(xs, q):
 
 def _server_point(args, policy: str, c: int, cache_len: int, prompts, lengths) -> dict:
     cmd = [sys.executable, "-m", "serve.server", "--port", "0", "--slots", str(min(c, MAX_SLOTS)), "--max-len",
-           str(cache_len), "--policy", policy, "--buckets", "pow2", "--max-queue", str(max(c, 1))]
+           str(cache_len), "--policy", policy, "--buckets", "pow2", "--max-queue", str(max(c, 1)), "--warmup", "full"]
     if args.sps_file:
         cmd += ["--sps-file", args.sps_file]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
