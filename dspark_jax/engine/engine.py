@@ -212,8 +212,7 @@ class Engine:
 
     def forget(self, request_id: int) -> None:
         """Drop a finished request's result (a long-running server keeps only what it reads)."""
-        res = self.results.get(request_id)
-        if res is not None and res.finished:
+        if getattr(self.results.get(request_id), "finished", False):
             del self.results[request_id]
 
     @property
@@ -387,20 +386,15 @@ class Engine:
             sampling=self._sampling(greedy), max_new=t.max_new.copy(), max_depth=t.max_depth.copy(),
             stop_ids=t.stops.copy()))
 
-    # ---------------------------------------------------------------- warm-up and replay
-
     def program_keys(self, prompt_lens: Sequence[int] = (1,), greedy: Sequence[bool] = (True, False)) -> list:
-        """Every program this engine can run for prompts of these lengths (the keys of
-        `metrics.programs`)."""
+        """Every program (a `metrics.programs` key) this engine can run for these prompt lengths."""
         return self.programs.keys(prompt_lens, greedy)
 
     def warmup(self, prompt_lens: Sequence[int] = (1,), greedy: Sequence[bool] = (True, False)) -> None:
-        """Compile every program of `program_keys` (only while idle: they run over empty
-        slots and change nothing a request sees)."""
+        """Compile every program of `program_keys` (idle only: over empty slots, nothing changes)."""
         self.programs.warmup(prompt_lens, greedy)
 
     def program_seconds(self, key: tuple, repeats: int = 8, trials: int = 3) -> float:
-        """Seconds per call of one compiled program (a key of `metrics.programs`): the
-        median over `trials` of `repeats` calls back to back on device-resident inputs,
-        blocking once at the end of each (only while idle)."""
+        """Seconds per call of a program (a `metrics.programs` key), idle only: the median over
+        `trials` of `repeats` calls back to back on device-resident inputs."""
         return self.programs.seconds(key, repeats, trials)
