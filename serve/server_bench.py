@@ -99,6 +99,22 @@ def _server_point(args, policy: str, c: int, cache_len: int, prompts, lengths) -
             "tokens": tokens, "requests": len(reqs)}
 
 
+def _write(args, rows) -> str:
+    """results.json and results.md under --out-dir -> the markdown table."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+        json.dump({"settings": vars(args), "rows": rows}, f, indent=1)
+    lines = ["| policy | c | server tok/s | per-user tok/s | TTFT p50 / p99 (ms) | token gap p50 / p99 (ms) | "
+             "engine tok/s | server / engine |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['policy']} | {r['concurrency']} | {r['throughput']:.0f} | {r['per_user']:.0f} | "
+                     f"{1e3 * r['ttft_p50']:.0f} / {1e3 * r['ttft_p99']:.0f} | {1e3 * r['gap_p50']:.1f} / "
+                     f"{1e3 * r['gap_p99']:.1f} | {r['engine_throughput']:.0f} | {r['server_over_engine']:.2f} |")
+    with open(os.path.join(args.out_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m serve.server_bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -144,20 +160,10 @@ def main(argv=None) -> None:
                 rows.append({"policy": policy, "concurrency": c, **best,
                              "engine_throughput": statistics.median(engine_rows),
                              "server_over_engine": statistics.median(ratios)})
+                _write(args, rows)  # after every point: a stopped run keeps what it measured
                 print(f"{policy} c={c}: server {best['throughput']:.0f} tok/s, engine "
                       f"{statistics.median(engine_rows):.0f}, ratio {statistics.median(ratios):.2f}", flush=True)
-        os.makedirs(args.out_dir, exist_ok=True)
-        with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-            json.dump({"settings": vars(args), "rows": rows}, f, indent=1)
-        lines = ["| policy | c | server tok/s | per-user tok/s | TTFT p50 / p99 (ms) | token gap p50 / p99 (ms) | "
-                 "engine tok/s | server / engine |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for r in rows:
-            lines.append(f"| {r['policy']} | {r['concurrency']} | {r['throughput']:.0f} | {r['per_user']:.0f} | "
-                         f"{1e3 * r['ttft_p50']:.0f} / {1e3 * r['ttft_p99']:.0f} | {1e3 * r['gap_p50']:.1f} / "
-                         f"{1e3 * r['gap_p99']:.1f} | {r['engine_throughput']:.0f} | {r['server_over_engine']:.2f} |")
-        with open(os.path.join(args.out_dir, "results.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-        print("\n".join(lines))
+        print(_write(args, rows))
 
 
 if __name__ == "__main__":
