@@ -62,6 +62,12 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="extension: do not stop at the tokenizer's end-of-sequence ids")
     user: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    # accepted by the schema so that a request using them gets a 400 naming the parameter
+    logprobs: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
     metadata: dict | None = None
 
     def stop_strings(self) -> list[str]:
@@ -75,12 +81,7 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = Field(None, ge=1)
-    logprobs: Any = None
     echo: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    logit_bias: Any = None
     best_of: Any = None
     suffix: Any = None
 
@@ -103,13 +104,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Any = None
     top_logprobs: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    logit_bias: Any = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
