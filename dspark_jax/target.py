@@ -40,13 +40,23 @@ def param_shapes_and_axes(cfg):
     return checkpoints.param_template(module_for(cfg), *_dummy_inputs())
 
 
+def compute_dtype(dtype: str | None = None) -> str | None:
+    """The compute dtype `load` uses: `dtype` when given, else float32 on a CPU backend
+    (its bfloat16 arithmetic is converted, not native: a round costs nearly twice as
+    much) and the checkpoint's own (None) on an accelerator."""
+    if dtype is not None:
+        return dtype
+    return "float32" if jax.default_backend() == "cpu" else None
+
+
 def load(folder: str, dtype: str | None = None):
-    """(config, params) from a Hugging Face folder, dispatching on `model_type`. The
-    params are device arrays: a jitted call given host (numpy) arrays copies every one
-    of them to the device on every call (on the CPU demo about half of a decoding step)."""
+    """(config, params) from a Hugging Face folder, dispatching on `model_type`, computing
+    in `compute_dtype(dtype)` (drafters loaded for it follow). The params are device
+    arrays: a jitted call given host (numpy) arrays copies every one of them to the
+    device on every call (on the CPU demo about half of a decoding step)."""
     hf = checkpoints.read_config(folder)
     registry.for_model_type(hf.get("model_type"), os.path.join(folder, "config.json"))
-    cfg, params = registry.load(folder, hf.get("model_type"), dtype)
+    cfg, params = registry.load(folder, hf.get("model_type"), compute_dtype(dtype))
     return cfg, jax.device_put(params)
 
 

@@ -25,7 +25,8 @@ def main(argv=None) -> None:
     p.add_argument("--gamma", type=int, default=None)
     p.add_argument("--verify-depth", type=int, default=None)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="compute dtype (default: float32 on a CPU, else the checkpoint's)")
     p.add_argument("--json", action="store_true", help="print rows as JSON lines instead of Markdown")
     args = p.parse_args(argv)
     with cli_errors("serve.bench"):

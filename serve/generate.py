@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sps-file", default=None, help="profile file (default: ~/.cache/dspark_jax/sps.json)")
     p.add_argument("--mesh", default="1x1", help="DATAxMODEL device mesh, e.g. 8x1 or 4x2")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="compute dtype (default: the checkpoint's)")
+                   help="compute dtype (default: float32 on a CPU, else the checkpoint's)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's stop tokens")
     p.add_argument("--json", action="store_true", help="one JSON object per completion per line")
     p.add_argument("--trace", action="store_true", help="with --json: per-round draft/verify trace")

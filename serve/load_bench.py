@@ -53,7 +53,8 @@ def main(argv=None) -> None:
     p.add_argument("--lag", type=int, default=1, help="rounds in flight before the host reads one back")
     p.add_argument("--no-device-time", action="store_true",
                    help="skip replaying the run's programs (no host_exposed_frac)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="compute dtype (default: float32 on a CPU, else the checkpoint's)")
     p.add_argument("--out-dir", default="load_bench_out")
     p.add_argument("--merge", nargs="+", metavar="RESULTS",
                    help="run nothing: merge earlier runs' results.json files (or their folders), one level "
@@ -61,11 +62,11 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     with cli_errors("serve.load_bench"):
         if args.merge:
-            from serve import load_points as load_bench
+            from serve import load_report
 
-            rows, settings, meta = load_bench.read(args.merge)
+            rows, settings, meta = load_report.read(args.merge)
             settings["concurrency"] = sorted({r.concurrency for r in rows})
-            _report(load_bench.write(rows, settings, args.out_dir, meta))
+            _report(load_report.write(rows, settings, args.out_dir, meta))
             return
         import jax
         from tqdm import tqdm
@@ -108,7 +109,9 @@ def main(argv=None) -> None:
                 "device_kind": jax.devices()[0].device_kind,
                 "title": f"{getattr(drafter, 'kind', 'none')} gamma {getattr(drafter, 'gamma', 0)} on "
                          f"{jax.devices()[0].device_kind}"}
-        _report(load_bench.write(rows, settings, args.out_dir, meta))
+        from serve import load_report
+
+        _report(load_report.write(rows, settings, args.out_dir, meta))
 
 
 def _report(paths: dict) -> None:

@@ -10,20 +10,25 @@ c slots) and every arrival mode:
 
 Each point first runs its workload once untimed on its own engine (compiling what the
 timed runs use), then its timed runs, interleaved across policies. Rows report aggregate
-tokens/s, mean per-user tokens/s, mean verified budget B per round, tau, and the exposed
-host time (`host_exposed_frac`): the run's wall time minus its device time (every program
-it called, timed back to back on device-resident inputs, times its calls), over the run's
-wall time less its prefill passes' device time: the share of the decoding time in which
-the device waited for the host. `plot` draws throughput vs per-user tokens/s (the
-paper's Figure 7 shape) and the verified budget vs concurrency (Figure 8).
+tokens/s, mean per-user tokens/s, mean verified budget B per round, tau, and two measures
+of the host on the critical path:
+
+- `host_exposed_frac`: the run's wall time minus its device time (every program it
+  called, timed back to back on device-resident inputs over as many decoding rows as the
+  call had, times its calls), over the wall time less the prefill passes' device time:
+  the share of the decoding time in which the device waited for the host or ran slower
+  for sharing the machine with it;
+- `device_idle_frac`: the share of the wall time with no call on the device, measured
+  directly (device_watch.py).
+
+load_report.py writes the table, the plots and results.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
-import json
-import os
 import statistics
 import time
 from typing import Callable, Sequence
@@ -34,6 +39,7 @@ from dspark_jax.engine import SCHEDULED as SCHEDULED_POLICIES, Engine, profiles
 from dspark_jax.engine.costs import stored_costs
 from dspark_jax.errors import DSparkError
 from serve import speedup
+from serve.device_watch import DeviceWatch
 
 POLICIES = ("none", "mtp1", "fixed", "threshold", "algorithm1", "production")
 MODES = ("closed", "poisson")
@@ -117,6 +123,7 @@ class LoadRow:
     rounds: int = 0             # the engine's rounds
     device_seconds: float = 0.0  # the run's programs replayed back to back
     host_exposed_frac: float = 0.0  # (wall - device) / (wall - prefill passes' device time)
+    device_idle_frac: float = 0.0   # share of the wall time with no call on the device (device_watch.py)
     runs: int = 1               # timed runs behind the row (the median-throughput one is reported)
     throughput_min: float = 0.0
     throughput_max: float = 0.0
@@ -200,11 +207,12 @@ def make_engine(tcfg, tparams, drafter, dparams, policy: str, clients: int, sett
 def host_exposed(engine: Engine, seconds: float, repeats: int = 5) -> tuple[float, float]:
     """(device seconds, exposed host fraction) of a run of `seconds` wall time that left
     `engine` idle: every program it called, replayed back to back on device-resident
-    inputs, times its calls; the fraction is (wall - device) / (wall - the prefill
-    passes' device time)."""
-    dev = {key: n * engine.program_seconds(key, repeats) for key, n in engine.metrics.programs.items()}
+    inputs over as many rows as took part in the call, times its calls; the fraction is
+    (wall - device) / (wall - the prefill passes' device time)."""
+    dev = {(key, rows): n * engine.program_seconds(key, repeats, rows=rows)
+           for (key, rows), n in engine.metrics.calls.items()}
     total = sum(dev.values())
-    decoding = seconds - sum(t for key, t in dev.items() if key[0] == "prefill")
+    decoding = seconds - sum(t for (key, _), t in dev.items() if key[0] == "prefill")
     return total, (seconds - total) / decoding if decoding > 0 else 0.0
 
 
@@ -225,9 +233,10 @@ def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: 
     gc.collect()
     gc.disable()  # a collection pause inside a 1-s run reads as a slower policy
     try:
-        t0 = clock()
-        results = _drive(engine, prompts, settings, mode, clients, clock, sleep)
-        secs = clock() - t0
+        with DeviceWatch(engine, clock) if settings.device_time else contextlib.nullcontext() as watch:
+            t0 = clock()
+            results = _drive(engine, prompts, settings, mode, clients, clock, sleep)
+            secs = clock() - t0
     finally:
         gc.enable()
     dev, exposed = host_exposed(engine, secs) if settings.device_time else (0.0, 0.0)
@@ -242,6 +251,7 @@ def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: 
                   tau=sum(len(r.token_ids) - 1 for r in ok) / rounds if rounds else 0.0,
                   errors=len(results) - len(ok), plain_rounds=m.plain_rounds, rounds=m.rounds,
                   device_seconds=dev, host_exposed_frac=exposed,
+                  device_idle_frac=watch.idle_seconds / secs if watch is not None and secs > 0 else 0.0,
                   throughput_min=tokens / secs if secs > 0 else 0.0, throughput_max=tokens / secs if secs > 0 else 0.0)
     return row, engine
 
@@ -302,136 +312,3 @@ def median_row(runs: Sequence[LoadRow]) -> LoadRow:
     return dataclasses.replace(mid, runs=len(runs), throughput_min=ordered[0].throughput,
                                throughput_max=ordered[-1].throughput,
                                repeat_throughputs=tuple(r.throughput for r in runs))
-
-
-def frontier(rows: Sequence[LoadRow]) -> list[dict]:
-    """Per (mode, concurrency): the best scheduled policy's median throughput against the
-    best fixed policy's (no speculation, MTP-1, fixed gamma, threshold), as a ratio of
-    medians and as the range of per-repeat ratios (repeat i of both ran back to back)."""
-    by: dict[tuple[str, int], dict[str, LoadRow]] = {}
-    for r in rows:
-        by.setdefault((r.mode, r.concurrency), {})[r.policy] = r
-    out = []
-    for (mode, c), pol in sorted(by.items()):
-        sched = [r for p, r in pol.items() if p in SCHEDULED_POLICIES]
-        fixed = [r for p, r in pol.items() if p not in SCHEDULED_POLICIES]
-        if not sched or not fixed:
-            continue
-        best_s, best_f = (max(group, key=lambda r: r.throughput) for group in (sched, fixed))
-        paired = [a / b for a, b in zip(best_s.repeat_throughputs, best_f.repeat_throughputs) if b > 0]
-        out.append({"mode": mode, "concurrency": c, "scheduled": best_s.policy, "scheduled_tps": best_s.throughput,
-                    "fixed": best_f.policy, "fixed_tps": best_f.throughput,
-                    "ratio": best_s.throughput / best_f.throughput if best_f.throughput > 0 else 0.0,
-                    "paired_min": min(paired, default=0.0), "paired_max": max(paired, default=0.0)})
-    return out
-
-
-def markdown(rows: Sequence[LoadRow], title: str = "Load benchmark") -> str:
-    lines = [f"### {title}", "",
-             "| mode | policy | concurrency | throughput tok/s | per-user tok/s | mean verified B | "
-             "mean bucket | tau | host exposed | requests |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        spread = f" ({r.throughput_min:.0f}-{r.throughput_max:.0f})" if r.runs > 1 else ""
-        lines.append(f"| {r.mode} | {LABELS.get(r.policy, r.policy)} | {r.concurrency} | {r.throughput:.1f}{spread} | "
-                     f"{r.per_user:.1f} | {r.mean_verified:.2f} | {r.mean_budget:.2f} | {r.tau:.2f} | "
-                     f"{r.host_exposed_frac:.3f} | "
-                     f"{r.requests}{f' ({r.errors} failed)' if r.errors else ''} |")
-    check = frontier(rows)
-    if check:
-        lines += ["", "Scheduled vs fixed policies (best of each group at each point; ratio of medians, "
-                      "and the range of per-repeat ratios):", "",
-                  "| mode | concurrency | best scheduled | tok/s | best fixed | tok/s | ratio | per-repeat |",
-                  "| --- | ---: | --- | ---: | --- | ---: | ---: | ---: |"]
-        for f in check:
-            lines.append(f"| {f['mode']} | {f['concurrency']} | {LABELS[f['scheduled']]} | {f['scheduled_tps']:.1f} | "
-                         f"{LABELS[f['fixed']]} | {f['fixed_tps']:.1f} | {f['ratio']:.3f} | "
-                         f"{f['paired_min']:.3f}-{f['paired_max']:.3f} |")
-    return "\n".join(lines)
-
-
-def plot(rows: Sequence[LoadRow], out_dir: str) -> list[str]:
-    """throughput_vs_per_user.png (Figure 7 shape) and budget_vs_concurrency.png (Figure 8)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    series = {}
-    for r in rows:
-        series.setdefault((r.mode, r.policy), []).append(r)
-    styles = {"closed": "-o", "poisson": "--s"}
-    colors = {p: plt.get_cmap("tab10")(i) for i, p in enumerate(POLICIES)}
-    for name, x_of, y_of, xlabel, ylabel in (
-            ("throughput_vs_per_user.png", lambda r: r.per_user, lambda r: r.throughput,
-             "per-user tokens/s", "aggregate throughput (tokens/s)"),
-            ("budget_vs_concurrency.png", lambda r: r.concurrency, lambda r: r.mean_verified,
-             "concurrency", "mean verification budget B (tokens/round)")):
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for (mode, policy), pts in series.items():
-            pts = sorted(pts, key=lambda r: r.concurrency)
-            ax.plot([x_of(r) for r in pts], [y_of(r) for r in pts], styles.get(mode, "-o"),
-                    color=colors.get(policy), label=f"{LABELS.get(policy, policy)} ({mode})")
-            if name.startswith("throughput"):
-                for r in pts:
-                    ax.annotate(str(r.concurrency), (x_of(r), y_of(r)), fontsize=7, xytext=(3, 3),
-                                textcoords="offset points")
-        if name.startswith("budget"):
-            ax.set_xticks(sorted({r.concurrency for r in rows}))
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(out_dir, name)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def read(paths: Sequence[str]) -> tuple[list[LoadRow], dict, dict]:
-    """The rows of earlier runs' results.json files (a folder stands for its results.json),
-    for one table and one pair of plots: a sweep run one level per process, say. Returns
-    the rows, the first file's settings and its meta; a point found twice is an error."""
-    rows, seen, first = [], set(), None
-    for path in paths:
-        file = os.path.join(path, "results.json") if os.path.isdir(path) else path
-        try:
-            with open(file) as f:
-                data = json.load(f)
-            names = {f.name for f in dataclasses.fields(LoadRow)}
-            found = [LoadRow(**{**{k: v for k, v in r.items() if k in names},
-                                "repeat_throughputs": tuple(r.get("repeat_throughputs", ()))}) for r in data["rows"]]
-        except FileNotFoundError:
-            raise DSparkError(f"no load-bench results at {file}") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DSparkError(f"{file} is not a load-bench results.json ({type(e).__name__}: {e})") from None
-        for r in found:
-            if (r.mode, r.policy, r.concurrency) in seen:
-                raise DSparkError(f"{file}: {r.mode} {r.policy} c={r.concurrency} is already in an earlier file")
-            seen.add((r.mode, r.policy, r.concurrency))
-        rows += found
-        first = first or data
-    order = {p: i for i, p in enumerate(POLICIES)}
-    rows.sort(key=lambda r: (r.mode, order.get(r.policy, len(order)), r.concurrency))
-    return rows, first.get("settings", {}) if first else {}, first.get("meta", {}) if first else {}
-
-
-def write(rows: Sequence[LoadRow], settings: LoadSettings | dict, out_dir: str, meta: dict | None = None) -> dict:
-    """results.json, results.md and the two plots under out_dir; returns their paths and,
-    under "table", the markdown written to results.md."""
-    os.makedirs(out_dir, exist_ok=True)
-    title = "Load benchmark" + (f": {meta.get('title')}" if meta and meta.get("title") else "")
-    md = markdown(rows, title)
-    paths = {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md")}
-    with open(paths["json"], "w") as f:
-        fields = settings if isinstance(settings, dict) else dataclasses.asdict(settings)
-        json.dump({"settings": fields, "meta": meta or {}, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
-    with open(paths["markdown"], "w") as f:
-        f.write(md + "\n")
-    paths["plots"] = plot(rows, out_dir)
-    paths["table"] = md
-    return paths

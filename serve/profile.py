@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
                      "for targets under 12 layers)")
     p.add_argument("--mesh", default="1x1", help="DATAxMODEL (default 1x1)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="run dtype (default: the checkpoint's; bfloat16 for presets)")
+                   help="run dtype (default: float32 on a CPU, else the checkpoint's; bfloat16 for presets)")
     p.add_argument("--batch", help="comma-separated batch sizes (default 1,8,64,256; --quick 1,8)")
     p.add_argument("--context", help="comma-separated cache lengths (default 512,4096,32768; --quick 512)")
     p.add_argument("--q-len", help="verification query lengths (default 1..1+gamma; --quick 1,2,mid,1+gamma)")

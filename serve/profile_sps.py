@@ -39,7 +39,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--force", action="store_true", help="measure even when a matching record exists")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="compute dtype (default: float32 on a CPU, else the checkpoint's)")
     p.add_argument("--json", action="store_true", help="print the stored record as JSON")
     args = p.parse_args(argv)
     with cli_errors("serve.profile_sps"):

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256,
                    help="completion choices that may wait for a slot; past it requests get 429")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="compute dtype (default: the checkpoint's)")
+                   help="compute dtype (default: float32 on a CPU, else the checkpoint's)")
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients use (default: dspark-demo for the bundled pair, else the target "
                         "folder's name)")

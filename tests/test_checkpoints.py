@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -66,8 +67,11 @@ def test_bfloat16_checkpoint_and_dtype_override(folder):
     os.remove(os.path.join(folder, "model.safetensors"))
     save_file(tensors, os.path.join(folder, "model.safetensors"))
     _edit_config(folder, dtype="bfloat16")
-    cfg, params = target.load(folder)
+    cfg, params = target.load(folder, dtype="bfloat16")
     assert cfg.dtype == "bfloat16" and params["norm"]["weight"].dtype == jnp.bfloat16
+    cfg32, params32 = target.load(folder)  # on a CPU backend the default computes in float32
+    assert jax.default_backend() != "cpu" or (cfg32.dtype == "float32"
+                                              and params32["norm"]["weight"].dtype == np.float32)
     cfg32, params32 = target.load(folder, dtype="float32")
     assert params32["norm"]["weight"].dtype == np.float32
     h, _, _ = target.forward(cfg, params, jnp.array([[1, 2, 3]]), jnp.array([3]))

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from dspark_jax import target
+from dspark_jax.errors import DSparkError
 from dspark_jax.engine import Engine
 from dspark_jax.engine import round as rnd
 from tests.test_engine import ADAPTIVE, FULL, MAX_LEN, PROMPTS, SLOTS, SPS, TARGET, slot_oracle
@@ -277,6 +278,17 @@ def test_warm_engine_compiles_nothing(setup):
     m = engine.metrics
     assert set(m.programs) <= set(engine.program_keys(lengths, greedy=(True,))), m.programs
     assert m.prefill_chunks > 0, m.programs
+    # timing each program over the rows it ran with (what a benchmark's replay does)
+    # compiles nothing and leaves the engine as it was: the workload again gives the same
+    assert sum(m.calls.values()) == sum(m.programs.values())
+    assert {key for key, _ in m.calls} == set(m.programs)
+    for key, rows in m.calls:
+        assert engine.program_seconds(key, repeats=2, trials=1, rows=rows) > 0
+    with pytest.raises(DSparkError, match="rows must be in"):
+        engine.program_seconds(next(iter(m.programs)), rows=4)
+    again = staggered(engine, requests, arrivals={0: [0, 1, 2], 3: [3, 4, 5]})
+    assert (rnd.rounds._cache_size(), rnd.prefill._cache_size()) == before
+    assert [r.token_ids for r in again] == [f[:n] for f, n in zip(full, NEW)]
 
 
 # ------------------------------------------------------------------ other threads

@@ -13,6 +13,7 @@ from dspark_jax.engine.costs import stored_costs
 from dspark_jax.errors import DSparkError
 from serve import load_bench as load_bench_cli
 from serve import load_points as load_bench
+from serve import load_report
 from serve import profile_sps as profile_sps_cli
 from serve import sps_profile
 from tests.conftest import FIXTURES
@@ -101,13 +102,40 @@ def test_load_bench_cli_end_to_end(pair, tmp_path, capsys):
     for row in data["rows"]:
         assert row["requests"] == 2 and row["errors"] == 0 and row["tokens"] == 12 and row["throughput"] > 0
         assert row["mean_verified"] >= 1 and 0 <= row["plain_rounds"]
-        assert row["device_seconds"] > 0 and row["host_exposed_frac"] < 1
+        assert row["device_seconds"] > 0 and row["host_exposed_frac"] < 1 and 0 <= row["device_idle_frac"] < 1
     none = [r for r in data["rows"] if r["policy"] == "none"]
     assert all(r["tau"] == 1.0 and r["mean_verified"] <= 2 for r in none)
     assert (out / "results.md").read_text().startswith("### Load benchmark")
     for name in ("throughput_vs_per_user.png", "budget_vs_concurrency.png"):
         assert (out / name).stat().st_size > 0
     assert len(json.loads(open(sps_file).read())["profiles"]) == 1
+
+
+def test_device_watch_counts_the_gaps_between_calls():
+    """A host that sleeps 30 ms before each of three calls leaves the device idle at least
+    that long; calls made after the block are not stamped (the engine is unwrapped)."""
+    import time
+
+    import jax.numpy as jnp
+
+    from serve.device_watch import DeviceWatch
+
+    class Calls:
+        def call_rounds(self, *args):
+            return jnp.ones(4) + 1
+
+        def call_prefill(self, *args):
+            return jnp.zeros(2)
+
+    engine = Calls()
+    with DeviceWatch(engine) as watch:
+        for call in (engine.call_prefill, engine.call_rounds, engine.call_rounds):
+            time.sleep(0.03)
+            call()
+    engine.call_rounds()
+    wall = watch.stopped - watch.started
+    assert len(watch.calls) == 3 and all(a <= b for a, b in watch.calls)
+    assert 0.09 <= watch.idle_seconds <= wall
 
 
 def test_request_lengths_spread_is_seeded_and_bounded():
@@ -146,7 +174,7 @@ def test_merge_joins_levels_run_apart(tmp_path, capsys):
     pair of plots; the frontier is computed per level; a point found twice is refused."""
     for c, (none, prod) in {1: (100.0, 120.0), 4: (300.0, 290.0)}.items():
         settings = load_bench.LoadSettings(concurrency=(c,), policies=("none", "production"))
-        load_bench.write([_row("production", c, prod), _row("none", c, none)], settings, str(tmp_path / f"c{c}"),
+        load_report.write([_row("production", c, prod), _row("none", c, none)], settings, str(tmp_path / f"c{c}"),
                          {"title": "demo"})
     out = tmp_path / "all"
     load_bench_cli.main(["--merge", str(tmp_path / "c4"), str(tmp_path / "c1" / "results.json"),

@@ -29,10 +29,10 @@ CHAT = [{"role": "user", "content": "A shop has 12 boxes with 7 apples each. How
 
 @pytest.fixture(scope="module")
 def server():
-    """One server process: 4 slots, 128 positions, programs compiled on first use."""
+    """One server process: 4 slots, 384 positions, programs compiled on first use."""
     env = dict(os.environ, XLA_FLAGS=re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                                             os.environ.get("XLA_FLAGS", "")).strip())
-    proc = subprocess.Popen([sys.executable, "-m", "serve.server", "--port", "0", "--slots", "4", "--max-len", "128",
+    proc = subprocess.Popen([sys.executable, "-m", "serve.server", "--port", "0", "--slots", "4", "--max-len", "384",
                              "--max-queue", "64", "--warmup", "none"], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     lines, ready = [], threading.Event()
@@ -194,7 +194,7 @@ BAD = [
     ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 500}, 400, "max_tokens"),
-    ("/v1/completions", {"prompt": [5] * 200}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [5] * 400}, 400, "prompt"),
     ("/v1/completions", {"prompt": [1, 99999]}, 400, "prompt"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
@@ -209,7 +209,7 @@ BAD = [
      400, "messages[0].content"),
     ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
     ("/v1/chat/completions", {"messages": CHAT, "frequency_penalty": 1}, 400, "frequency_penalty"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 200}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 400}]}, 400, "messages"),
     ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 1000}, 400, "max_completion_tokens"),
 ]
 
@@ -253,9 +253,10 @@ def test_metrics_move(server, client):
 
 
 def test_sigterm_drains_then_exits_0(server):
-    """Last: a stream in flight finishes after SIGTERM, a new request gets 503, exit 0."""
+    """Last: a stream in flight finishes after SIGTERM, a new request gets 503, exit 0.
+    (The stream is long enough to be in flight after the signal's 0.3 s.)"""
     url, proc = server["url"], server["proc"]
-    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 60, "temperature": 0, "stream": True,
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 360, "temperature": 0, "stream": True,
             "ignore_eos": True}
     with httpx.Client(base_url=url, timeout=60) as http, http.stream("POST", "/v1/completions", json=body) as r:
         lines = r.iter_lines()

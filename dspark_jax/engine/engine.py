@@ -323,12 +323,11 @@ class Engine:
             budget = self.costs.budget(n, t.limits(idx), self._stale_host[1, idx])
         else:
             budget = self.costs.bucket(max(n, 1))
-        needed = self._rounds_needed()  # a call of k > 1 rounds only when some row surely needs them all
-        count = self.rounds_per_call if admission is None and not t.waiting and (needed or 0) >= self.rounds_per_call \
-            else 1
+        k = self.rounds_per_call  # k > 1 rounds a call only when some row surely needs them all
+        count = k if admission is None and not t.waiting and (self._rounds_needed() or 0) >= k else 1
         self._sync_live()
         summary = self.call_rounds(budget, draft, count, greedy, admission)
-        self.metrics.programs[("round", budget, draft, admission is not None, greedy, count)] += 1
+        self.metrics.count_call(("round", budget, draft, admission is not None, greedy, count), n)
         self._inflight.append(InFlight(summary, first, list(t.req), prefilled, draft, budget))
         return True
 
@@ -368,7 +367,7 @@ class Engine:
         budget = prefill_budget(int(lengths[rows].sum()), width, s)
         first = self.call_prefill(rows, prompts, lengths, seeds, budget, greedy)
         self.metrics.prefills += 1
-        self.metrics.programs[("prefill", width, budget, greedy)] += 1
+        self.metrics.count_call(("prefill", width, budget, greedy), len(rows_in))
         return first
 
     def _sampling(self, greedy: bool) -> SamplingParams:
@@ -394,7 +393,8 @@ class Engine:
         """Compile every program of `program_keys` (idle only: over empty slots, nothing changes)."""
         self.programs.warmup(prompt_lens, greedy)
 
-    def program_seconds(self, key: tuple, repeats: int = 8, trials: int = 3) -> float:
+    def program_seconds(self, key: tuple, repeats: int = 8, trials: int = 3, rows: int | None = None) -> float:
         """Seconds per call of a program (a `metrics.programs` key), idle only: the median over
-        `trials` of `repeats` calls back to back on device-resident inputs."""
-        return self.programs.seconds(key, repeats, trials)
+        `trials` of `repeats` calls back to back on device-resident inputs, over `rows` rows
+        that decode (or are prefilled); default: as many as its budget holds."""
+        return self.programs.seconds(key, repeats, trials, rows)

@@ -63,8 +63,14 @@ class EngineMetrics:
     # calls of each compiled program: ("round", budget, draft, chunk line, greedy, count) or
     # ("prefill", width, budget, greedy) -> calls (what a device-time replay multiplies)
     programs: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    # the same calls by the rows taking part (decoding, or prefilled): (key, rows) -> calls
+    calls: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     started_at: float | None = None
     last_at: float | None = None
+
+    def count_call(self, key: tuple, rows: int) -> None:
+        self.programs[key] += 1
+        self.calls[key, rows] += 1
 
     @property
     def seconds(self) -> float:
