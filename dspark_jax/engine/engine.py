@@ -11,8 +11,9 @@ before back: the device never waits for the host's streaming, retiring and admis
 which happen one round late while the next round runs. Everything a round needs from the
 one before stays on the device; a request that finished in round n idles through round
 n + 1 (its row is `done` on the device), so nothing past a stop id or max_new_tokens is
-ever emitted. With nothing waiting for admission, `rounds_per_call` rounds run in one
-compiled call. Admission (slots.py) is a prefill pass when no slot is held, else
+ever emitted. With every slot decoding and nothing waiting, `rounds_per_call` rounds run
+in one compiled call (a free slot keeps calls to one round, so a request arriving for it
+waits at most a round). Admission (slots.py) is a prefill pass when no slot is held, else
 chunked prefill riding in the rounds' verification passes.
 
 The host makes two choices per dispatch, both from what it has read back, never from the
@@ -58,7 +59,7 @@ class Engine:
     position) and `rounds` (measured round times) as the profile holds them; see
     `costs.stored_costs`). prefill_chunk: prompt tokens per round riding in the
     verification pass (0: prefill passes only). rounds_per_call: rounds per dispatch
-    when nothing waits for admission. lag: rounds in flight before the host reads one
+    when every slot decodes. lag: rounds in flight before the host reads one
     back (0: synchronous). trace: record each round's drafts and confidences per request.
     """
 
@@ -115,12 +116,9 @@ class Engine:
         else:  # on the device once, not copied there by every call
             tparams, dparams = jax.device_put((tparams, dparams))
         self.tparams, self.dparams, self.mesh = tparams, dparams, mesh
-        allocator, cache = None, None
-        if self.paged:
-            allocator, cache = paged_cache(tcfg, slots, max_len + self.gamma + 1, page_size, num_pages,
-                                           attention_impl, attention_interpret)
-        else:
-            cache = target.init_cache(tcfg, slots, max_len)
+        allocator, cache = (paged_cache(tcfg, slots, max_len + self.gamma + 1, page_size, num_pages, attention_impl,
+                                        attention_interpret) if self.paged
+                            else (None, target.init_cache(tcfg, slots, max_len)))
         if mesh is not None:
             cache = target.shard_cache(cache, mesh)
         self.table = SlotTable(slots, self.gamma, max_stop_ids, allocator)
@@ -323,8 +321,8 @@ class Engine:
             budget = self.costs.budget(n, t.limits(idx), self._stale_host[1, idx])
         else:
             budget = self.costs.bucket(max(n, 1))
-        k = self.rounds_per_call  # k > 1 rounds a call only when some row surely needs them all
-        count = k if admission is None and not t.waiting and (self._rounds_needed() or 0) >= k else 1
+        k = self.rounds_per_call  # k > 1 rounds only with every slot decoding and some row needing them all
+        count = k if n == self.slots and not t.waiting and (self._rounds_needed() or 0) >= k else 1
         self._sync_live()
         summary = self.call_rounds(budget, draft, count, greedy, admission)
         self.metrics.count_call(("round", budget, draft, admission is not None, greedy, count), n)
