@@ -66,7 +66,9 @@ def resolve_folders(req: GenerateRequest) -> tuple[str, str | None, str]:
     return tfolder, dfolder, kind or "auto"
 
 
-def _encode(req: GenerateRequest, tokenizer) -> list[list[int]]:
+def _encode(req: GenerateRequest, tokenizer) -> tuple[list[list[int]], list[bool]]:
+    """Every prompt's token ids, and for each whether it was plain text (a prompt that
+    --chat would have put in the chat template)."""
     items: list = list(req.prompt)
     if req.prompt_file:
         items += prompts_lib.read_prompt_file(req.prompt_file)
@@ -79,7 +81,21 @@ def _encode(req: GenerateRequest, tokenizer) -> list[list[int]]:
     ids += [prompts_lib.parse_ids(s) for s in req.prompt_ids]
     if not ids:
         raise DSparkError("no prompt given: use --prompt, --prompt-file or --prompt-ids")
-    return ids
+    return ids, [isinstance(x, str) for x in items] + [False] * len(req.prompt_ids)
+
+
+def chat_hint(req: GenerateRequest, tokenizer, completions, plain: list[bool]) -> str | None:
+    """The line to say once when completions of plain-text prompts ended at their first
+    token (a stop token) while the target folder has a chat template and --chat was not
+    given: a chat-trained target answers a bare prompt with end-of-turn. None otherwise."""
+    if req.chat or tokenizer is None or not tokenizer.chat_template:
+        return None
+    empty = sum(1 for c, p in zip(completions, plain) if p and c.finish_reason == "stop" and len(c.token_ids) == 1)
+    if not empty:
+        return None
+    lead = ("the completion ended at its first token" if len(completions) == 1
+            else f"{empty} of {len(completions)} completions ended at their first token")
+    return f"{lead} (a stop token) and the target folder has a chat template: did you mean --chat?"
 
 
 def run_generate(req: GenerateRequest, emit: Callable[[dict], None], stream: bool = True):
@@ -96,7 +112,7 @@ def run_generate(req: GenerateRequest, emit: Callable[[dict], None], stream: boo
     tcfg, tparams = target.load(tfolder, req.dtype)
     has_tok = os.path.exists(os.path.join(tfolder, "tokenizer.json"))
     tokenizer = Tokenizer(tfolder) if has_tok else None
-    prompt_ids = _encode(req, tokenizer)
+    prompt_ids, plain = _encode(req, tokenizer)
     drafter, dparams, gamma = None, None, 0
     if dfolder is not None:
         drafter, dparams = drafters.load(dfolder, tcfg, kind=kind, gamma=req.gamma, dtype=req.dtype)
@@ -145,6 +161,9 @@ def run_generate(req: GenerateRequest, emit: Callable[[dict], None], stream: boo
         elif streaming and text is not None and len(text) > len(shown[0]) and text.startswith(shown[0]):
             emit({"kind": "text", "text": text[len(shown[0]):]})
         emit({"kind": "completion", "record": rec})
+    hint = chat_hint(req, tokenizer, comps, [plain[pi] for pi, _ in batch])
+    if hint is not None:
+        emit({"kind": "notice", "line": hint})
     rounds = sum(c.rounds for c in comps)
     steady_tok = sum(c.steady_tokens for c in comps)
     steady_secs = max(c.steady_seconds for c in comps)

@@ -8,22 +8,25 @@ from __future__ import annotations
 import argparse
 import json
 
-from dspark_jax.errors import DSparkError, cli_errors
+from dspark_jax.errors import DefaultsFormatter, DSparkError, cli_errors
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m serve.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--target", help="target folder (default: bundled demo target)")
-    p.add_argument("--draft", help="drafter folder (default: bundled drafter for --drafter)")
-    p.add_argument("--drafter", default=None, choices=("dspark", "dflash", "eagle3", "mtp1"))
-    p.add_argument("--batch", type=int, action="append", help="batch size (repeatable; default 1 and 8)")
-    p.add_argument("--prompt-file", help="prompts (one per line); default: random token prompts")
+    p = argparse.ArgumentParser(prog="python -m serve.bench", description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsFormatter)
+    p.add_argument("--target", help="target folder (default: the bundled demo target)")
+    p.add_argument("--draft", help="drafter folder (default: the bundled drafter for --drafter)")
+    p.add_argument("--drafter", default=None, choices=("dspark", "dflash", "eagle3", "mtp1"),
+                   help="drafter kind (default: what --draft holds; dspark for the bundled pair)")
+    p.add_argument("--batch", type=int, action="append", help="batch size (repeatable; default: 1 and 8)")
+    p.add_argument("--prompt-file", help="prompts, one per line (default: random token prompts)")
     p.add_argument("--prompt-len", type=int, default=32, help="length of random prompts")
-    p.add_argument("--chat", action="store_true")
+    p.add_argument("--chat", action="store_true", help="apply the chat template to text prompts")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--gamma", type=int, default=None)
-    p.add_argument("--verify-depth", type=int, default=None)
+    p.add_argument("--gamma", type=int, default=None, help="draft tokens per round (default: the drafter's)")
+    p.add_argument("--verify-depth", type=int, default=None,
+                   help="the fixed policy's verification depth (default: gamma)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="compute dtype (default: float32 on a CPU, else the checkpoint's)")

@@ -19,7 +19,7 @@ import argparse
 import dataclasses
 import json
 
-from dspark_jax.errors import DSparkError, cli_errors
+from dspark_jax.errors import DefaultsFormatter, DSparkError, cli_errors
 
 
 def _int_list(text: str) -> list[int]:
@@ -38,23 +38,27 @@ def _merge(values: list[list[int]] | None, default: list[int]) -> list[int]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m serve.bench_kernels", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+                                formatter_class=DefaultsFormatter, epilog=__doc__.split("\n", 2)[2])
     p.add_argument("--kernel", action="append", choices=("verify", "block"),
-                   help="which attention (repeatable; default verify)")
+                   help="which attention (repeatable; default: verify)")
     p.add_argument("--impl", action="append", choices=("reference", "kernel", "tpu", "gpu", "shipped"),
                    help="implementations (repeatable; default: reference on CPU, reference+kernel+shipped on "
                         "GPU/TPU, all with --interpret)")
-    p.add_argument("--batch", action="append", type=_int_list, help="batch sizes, e.g. 1,8,64 (repeatable)")
+    p.add_argument("--batch", action="append", type=_int_list,
+                   help="batch sizes, e.g. 1,8,64 (repeatable; default: 1,8,64,256 on GPU/TPU, 1,8,32 on CPU, "
+                        "2 with --interpret on CPU)")
     p.add_argument("--context", action="append", type=_int_list,
-                   help="context lengths (kv_len incl. the new tokens), e.g. 512,2048")
+                   help="context lengths (kv_len incl. the new tokens), e.g. 512,2048 (default: 512,2048,8192,32768 on "
+                        "GPU/TPU, 512,2048,8192 on CPU, 256 with --interpret on CPU)")
     p.add_argument("--q-len", action="append", type=_int_list,
-                   help="query tokens per sequence (verify: 1 = decode, 1+gamma = verification; block: block size)")
+                   help="query tokens per sequence (verify: 1 = decode, 1+gamma = verification; block: block size; "
+                        "default: 1,8,16 on GPU/TPU, 1,8 on CPU)")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="default: bfloat16 on GPU/TPU, float32 on CPU")
+                   help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls (the first one compiles)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls; the median is reported")
     p.add_argument("--interpret", action="store_true",
@@ -62,7 +66,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-pool-gib", type=float, default=None,
                    help="skip shapes whose K/V pool is larger (default: 40%% of device memory, 2 GiB on CPU)")
     p.add_argument("--hbm-gib", type=float, default=None,
-                   help="size of the bandwidth-probe copy (default 1 GiB, CPU 0.25)")
+                   help="size of the bandwidth-probe copy (default: 1 GiB, 0.25 on CPU)")
     p.add_argument("--json", action="store_true", help="print rows as JSON lines instead of Markdown")
     args = p.parse_args(argv)
     with cli_errors("serve.bench_kernels"):

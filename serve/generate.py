@@ -11,19 +11,20 @@ import argparse
 import json
 import sys
 
-from dspark_jax.errors import DSparkError, cli_errors
+from dspark_jax.errors import DefaultsFormatter, DSparkError, cli_errors
 
 DRAFTERS = ("dspark", "dflash", "eagle3", "mtp1", "none")
 POLICIES = ("none", "fixed", "threshold", "algorithm1", "production")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m serve.generate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m serve.generate", description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--target", help="Hugging Face target folder (default: the bundled demo target)")
     p.add_argument("--draft", help="DeepSpec drafter folder (default: the bundled drafter for --drafter)")
     p.add_argument("--drafter", default=None, choices=DRAFTERS,
-                   help="dspark | dflash | eagle3 | mtp1 (one draft token) | none (plain decoding); "
-                        "default: what --draft holds, or none without a drafter")
+                   help="drafter kind; mtp1 drafts one token, none decodes plainly (default: what --draft holds, "
+                        "dspark for the bundled pair, none without a drafter)")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     p.add_argument("--prompt-file", help="one prompt per line: plain text or a JSON chat")
     p.add_argument("--prompt-ids", action="append", default=[], help="comma-separated token ids (repeatable)")

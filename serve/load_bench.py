@@ -12,30 +12,32 @@ from __future__ import annotations
 
 import argparse
 
-from dspark_jax.errors import cli_errors
+from dspark_jax.errors import DefaultsFormatter, cli_errors
 
 
 def main(argv=None) -> None:
     from serve.load_points import MODES, POLICIES
 
     p = argparse.ArgumentParser(prog="python -m serve.load_bench", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--target", help="target folder (default: bundled demo target)")
-    p.add_argument("--draft", help="drafter folder (default: bundled drafter for --drafter)")
-    p.add_argument("--drafter", default=None, choices=("dspark", "dflash", "eagle3", "mtp1"))
+                                formatter_class=DefaultsFormatter)
+    p.add_argument("--target", help="target folder (default: the bundled demo target)")
+    p.add_argument("--draft", help="drafter folder (default: the bundled drafter for --drafter)")
+    p.add_argument("--drafter", default=None, choices=("dspark", "dflash", "eagle3", "mtp1"),
+                   help="drafter kind (default: what --draft holds; dspark for the bundled pair)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2], help="concurrency levels (slots)")
-    p.add_argument("--policy", nargs="+", default=list(POLICIES), choices=POLICIES, dest="policies")
+    p.add_argument("--policy", nargs="+", default=list(POLICIES), choices=POLICIES, dest="policies",
+                   help="verification policies")
     p.add_argument("--mode", nargs="+", default=["closed"], choices=MODES, dest="modes",
                    help="closed loop and/or Poisson arrivals")
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=16, help="random prompt length (tokens)")
-    p.add_argument("--prompt-file", help="real prompts (one per line: text or JSON chat) instead of random tokens")
+    p.add_argument("--prompt-file", help="real prompts, one per line: text or JSON chat (default: random tokens)")
     p.add_argument("--chat", action="store_true", help="apply the chat template to text prompts")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals per second per slot")
     p.add_argument("--threshold", type=float, default=0.5, help="confidence threshold of the threshold policy")
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--gamma", type=int, default=None)
+    p.add_argument("--gamma", type=int, default=None, help="draft tokens per round (default: the drafter's)")
     p.add_argument("--max-len", type=int, default=None, help="cache length per slot (default: just enough)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--buckets", default="auto", choices=("auto", "pow2", "full"),

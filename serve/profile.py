@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 
-from dspark_jax.errors import DSparkError, cli_errors
+from dspark_jax.errors import DefaultsFormatter, DSparkError, cli_errors
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -36,7 +36,8 @@ def _ints(text: str, flag: str) -> list[int]:
 def parser() -> argparse.ArgumentParser:
     from serve.profiling.pairs import PRESET_NAMES
 
-    p = argparse.ArgumentParser(prog="python -m serve.profile", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m serve.profile", description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsFormatter)
     src = p.add_argument_group("what to profile (default: the bundled pair)")
     src.add_argument("--target", help="target folder (Hugging Face layout)")
     src.add_argument("--draft", help="DSpark/DFlash drafter folder (default with --target: a random drafter)")
@@ -44,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
                      help="full-size shapes with random weights (target and a DSpark drafter)")
     src.add_argument("--draft-layers", type=int, default=None, help="layers of a random drafter (default 5; 1 "
                      "for targets under 12 layers)")
-    p.add_argument("--mesh", default="1x1", help="DATAxMODEL (default 1x1)")
+    p.add_argument("--mesh", default="1x1", help="DATAxMODEL device mesh")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="run dtype (default: float32 on a CPU, else the checkpoint's; bfloat16 for presets)")
     p.add_argument("--batch", help="comma-separated batch sizes (default 1,8,64,256; --quick 1,8)")
@@ -59,7 +60,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed calls after compiling (default 2; --quick 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 10; --quick 3)")
     p.add_argument("--time-budget", type=float, default=None,
-                   help="stop starting new measurements after this many seconds (the file stays valid)")
+                   help="stop starting new measurements after this many seconds; the file stays valid (default: no "
+                        "limit)")
     p.add_argument("--quick", action="store_true", help="a small grid and few repeats (minutes, not hours)")
     p.add_argument("--out", default=None, help="profile JSON (default profile_<device>_<model>.json)")
     p.add_argument("--quiet", action="store_true", help="no per-measurement log lines (the progress bar stays)")

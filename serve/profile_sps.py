@@ -16,17 +16,18 @@ import argparse
 import json
 import os
 
-from dspark_jax.errors import DSparkError, cli_errors
+from dspark_jax.errors import DefaultsFormatter, DSparkError, cli_errors
 
 DEMO_PROMPTS = os.path.join("artifacts", "demo", "prompts")
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m serve.profile_sps", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--target", help="target folder (default: bundled demo target)")
-    p.add_argument("--draft", help="drafter folder (default: bundled drafter)")
-    p.add_argument("--drafter", default=None, choices=("dspark", "dflash", "eagle3", "mtp1"))
+                                formatter_class=DefaultsFormatter)
+    p.add_argument("--target", help="target folder (default: the bundled demo target)")
+    p.add_argument("--draft", help="drafter folder (default: the bundled drafter for --drafter)")
+    p.add_argument("--drafter", default=None, choices=("dspark", "dflash", "eagle3", "mtp1"),
+                   help="drafter kind (default: what --draft holds; dspark for the bundled pair)")
     p.add_argument("--slots", type=int, required=True, help="engine slots (concurrent requests)")
     p.add_argument("--gamma", type=int, default=None, help="draft tokens per round (default: the drafter's)")
     p.add_argument("--max-len", type=int, default=256, help="engine cache length per slot")
@@ -34,8 +35,9 @@ def main(argv=None) -> None:
     p.add_argument("--prompt-file", default=None,
                    help="prompts for the acceptance measurement (default: the bundled pair's test prompts)")
     p.add_argument("--chat", action="store_true", help="apply the chat template to text prompts")
-    p.add_argument("--out", default=None, help="profile file (JSON, several records by key)")
-    p.add_argument("--plot", default=None, help="write a PNG of the SPS curve here")
+    p.add_argument("--out", default=None,
+                   help="profile file, JSON, several records by key (default: ~/.cache/dspark_jax/sps.json)")
+    p.add_argument("--plot", default=None, help="write a PNG of the SPS curve here (default: no plot)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--force", action="store_true", help="measure even when a matching record exists")

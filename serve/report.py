@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 
-from dspark_jax.errors import cli_errors
+from dspark_jax.errors import DefaultsFormatter, cli_errors
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m serve.report", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m serve.report", description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsFormatter)
     p.add_argument("profiles", nargs="+", metavar="PROFILE.json", help="files written by python -m serve.profile")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md and the PNGs")
     p.add_argument("--tau", type=float, default=3.2,

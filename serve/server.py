@@ -18,7 +18,7 @@ import sys
 import prometheus_client
 import uvicorn
 
-from dspark_jax.errors import EXIT_USAGE, DSparkError, cli_errors
+from dspark_jax.errors import EXIT_USAGE, DefaultsFormatter, DSparkError, cli_errors
 
 PROG = "python -m serve.server"
 
@@ -29,16 +29,6 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         print(f"{PROG}: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
-
-
-class DefaultsFormatter(argparse.HelpFormatter):
-    """Show each flag's default unless its help already describes it or it has none."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default not in (None, argparse.SUPPRESS, False) and "default" not in text:
-            text += " (default: %(default)s)"
-        return text
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from dspark_jax.errors import cli_errors
+from dspark_jax.errors import DefaultsFormatter, cli_errors
 
 MAX_SLOTS = 8
 
@@ -117,13 +117,14 @@ def _write(args, rows) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m serve.server_bench", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--policy", nargs="+", default=["none", "production"])
     p.add_argument("--prompt-file", default="docs/load_bench_cpu/prompts.jsonl")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--length-spread", type=float, default=0.5)
-    p.add_argument("--sps-file", default=None, help="profile for the scheduled policies")
+    p.add_argument("--sps-file", default=None,
+                   help="profile for the scheduled policies (default: ~/.cache/dspark_jax/sps.json)")
     p.add_argument("--repeats", type=int, default=2, help="server / engine alternations per point")
     p.add_argument("--out-dir", default="server_bench_out")
     args = p.parse_args(argv)

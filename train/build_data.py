@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from dspark_jax.errors import DSparkError, cli_errors
+from dspark_jax.errors import DefaultsFormatter, DSparkError, cli_errors
 
 
 def parse_splits(items: list[str]) -> dict[str, list[str]]:
@@ -22,7 +22,8 @@ def parse_splits(items: list[str]) -> dict[str, list[str]]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m train.build_data", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m train.build_data", description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--tokenizer", required=True, help="folder with tokenizer.json and the chat template")
     p.add_argument("--name", required=True, help="dataset name (the builder config)")
     p.add_argument("--data-dir", required=True)

@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 
-from dspark_jax.errors import DSparkError, cli_errors
+from dspark_jax.errors import DefaultsFormatter, DSparkError, cli_errors
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m train.calibrate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m train.calibrate", description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsFormatter)
     from train import evaluation
 
     evaluation.add_rollout_args(p)

@@ -12,16 +12,17 @@ from __future__ import annotations
 import argparse
 import os
 
-from dspark_jax.errors import cli_errors
+from dspark_jax.errors import DefaultsFormatter, cli_errors
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsFormatter)
     from train import evaluation
 
     evaluation.add_rollout_args(p)
     p.add_argument("--gamma", type=int, help="draft tokens per round (default: the drafter's block size)")
-    p.add_argument("--out", default="eval", help="output folder (default: ./eval)")
+    p.add_argument("--out", default="eval", help="output folder")
     args = p.parse_args(argv)
     with cli_errors("train.evaluate"):
         import numpy as np

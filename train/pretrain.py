@@ -20,7 +20,7 @@ import optax
 
 from dspark_jax import checkpoints, mesh as mesh_lib, target
 from dspark_jax.config import Qwen3Config
-from dspark_jax.errors import DSparkError, cli_errors
+from dspark_jax.errors import DefaultsFormatter, DSparkError, cli_errors
 from train import data
 from train.checkpointing import Checkpointer
 from train.config import _coerce, import_config
@@ -168,10 +168,13 @@ def load_pretrain_config(path: str | None, sets: list[str]) -> PretrainConfig:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.split("\n")[0])
-    p.add_argument("--config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--no-progress", action="store_true")
+    p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsFormatter)
+    p.add_argument("--config",
+                   help="a Python file defining CONFIG = PretrainConfig(...) (default: PretrainConfig's defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, model.* for the target's shape (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     with cli_errors("train.pretrain"):
         pc = load_pretrain_config(args.config, args.set)

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import argparse
 
-from dspark_jax.errors import cli_errors
+from dspark_jax.errors import DefaultsFormatter, cli_errors
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m train.train", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="a configs/*.py file defining CONFIG = TrainConfig(...)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p = argparse.ArgumentParser(prog="python -m train.train", description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsFormatter)
+    p.add_argument("--config",
+                   help="a configs/*.py file defining CONFIG = TrainConfig(...) (default: TrainConfig's defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() (pods; or with the flags below)")
     p.add_argument("--coordinator", help="host:port of process 0 (explicit multi-process setup)")
-    p.add_argument("--num-processes", type=int)
-    p.add_argument("--process-id", type=int)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--num-processes", type=int, help="processes in all (with --coordinator)")
+    p.add_argument("--process-id", type=int, help="this process's index (with --coordinator)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     with cli_errors("train.train"):
         from train.config import load_config

@@ -18,7 +18,7 @@ import json
 import os
 import time
 
-from dspark_jax.errors import DSparkError, cli_errors
+from dspark_jax.errors import DefaultsFormatter, DSparkError, cli_errors
 
 
 def parse_caps(items: list[str] | None):
@@ -97,13 +97,14 @@ def _read(path: str) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m train.demo.build_corpus", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m train.demo.build_corpus", description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--data-dir", required=True, help="where the TFDS corpus is built")
     p.add_argument("--out", required=True, help="where JSONL files, prompt files and the tokenizer go")
     p.add_argument("--caps", action="append", metavar="[DOMAIN=]TRAIN,VAL,TEST",
-                   help="examples per domain and split (default 6000,300,300; repeatable, per domain)")
+                   help="examples per domain and split (repeatable, per domain; default: 6000,300,300)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE tokenizer vocabulary")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     with cli_errors("train.demo.build_corpus"):

@@ -21,7 +21,7 @@ import os
 import shutil
 import types
 
-from dspark_jax.errors import cli_errors
+from dspark_jax.errors import DefaultsFormatter, cli_errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARTIFACTS = os.path.join(REPO, "artifacts", "demo")
@@ -134,27 +134,52 @@ def stage_calibrate(work: str, args) -> None:
                     "--temperature", "1", "--out", os.path.join(work, "calibration")])
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m train.demo.recipe", description=__doc__.split("\n")[0])
-    p.add_argument("--work", default=os.path.join(REPO, "work", "demo"), help="scratch folder (not committed)")
-    p.add_argument("--stage", action="append", choices=STAGES, help="run only these stages (repeatable)")
+def repo_relative(value):
+    """A path inside the repository as a path relative to its root (so a recorded recipe
+    reads the same on every machine); anything else unchanged."""
+    if isinstance(value, str) and os.path.isabs(value):
+        rel = os.path.relpath(value, REPO)
+        if rel != ".." and not rel.startswith(".." + os.sep):
+            return rel
+    return value
+
+
+def recipe_record(args) -> dict:
+    """What RECIPE.json records: the command, the settings and both configs, with paths
+    inside the repository written relative to its root."""
+    drafter = json.loads(drafter_config(args.work, "dspark", args.drafter_steps).to_json())
+    return {"command": "python -m train.demo.recipe", "gamma": GAMMA, "vocab": VOCAB, "taps": TAPS,
+            "target_steps": args.target_steps, "drafter_steps": args.drafter_steps,
+            "regen_prompts": args.regen_prompts,
+            "target": dataclasses.asdict(target_config(args.work, "", args.target_steps).model),
+            "drafter": {k: repo_relative(v) for k, v in drafter.items()}}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with --work defaulting to work/demo in the repository."""
+    p = argparse.ArgumentParser(prog="python -m train.demo.recipe", description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsFormatter)
+    p.add_argument("--work", default=None,
+                   help="scratch folder, not committed (default: work/demo in the repository)")
+    p.add_argument("--stage", action="append", choices=STAGES, help="run only these stages (repeatable; default: every stage)")
     p.add_argument("--target-steps", type=int, default=800)
     p.add_argument("--drafter-steps", type=int, default=300)
     p.add_argument("--regen-prompts", type=int, default=1500)
     p.add_argument("--force", action="store_true", help="rebuild artifacts that exist")
     args = p.parse_args(argv)
+    args.work = os.path.abspath(args.work) if args.work else os.path.join(REPO, "work", "demo")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     with cli_errors("train.demo.recipe"):
         os.makedirs(args.work, exist_ok=True)
         for stage in args.stage or STAGES:
             print(f"== stage {stage}", flush=True)
             globals()[f"stage_{stage}"](args.work, args)
         with open(os.path.join(ARTIFACTS, "RECIPE.json"), "w") as f:
-            json.dump({"command": "python -m train.demo.recipe", "gamma": GAMMA, "vocab": VOCAB, "taps": TAPS,
-                       "target_steps": args.target_steps, "drafter_steps": args.drafter_steps,
-                       "regen_prompts": args.regen_prompts,
-                       "target": dataclasses.asdict(target_config(args.work, "", args.target_steps).model),
-                       "drafter": json.loads(drafter_config(args.work, "dspark", args.drafter_steps).to_json())},
-                      f, indent=2)
+            json.dump(recipe_record(args), f, indent=2)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import platform
 
 import numpy as np
 
-from dspark_jax.errors import DSparkError, cli_errors
+from dspark_jax.errors import DefaultsFormatter, DSparkError, cli_errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ART = os.path.join(REPO, "artifacts", "demo")
@@ -71,13 +71,15 @@ def plot_acceptance(path: str, results: dict) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m train.demo.report", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m train.demo.report", description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--per-domain", type=int, default=48, help="held-out test prompts per domain")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", default=os.path.join(REPO, "docs"))
-    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--out", default=None, help="folder for the report and figures/ (default: docs/ in the repository)")
+    p.add_argument("--skip-speed", action="store_true", help="skip the plain vs speculative timing")
     args = p.parse_args(argv)
+    args.out = args.out or os.path.join(REPO, "docs")
     with cli_errors("train.demo.report"):
         from tqdm import tqdm
 
