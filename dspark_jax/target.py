@@ -42,8 +42,8 @@ def param_shapes_and_axes(cfg):
 
 def compute_dtype(dtype: str | None = None) -> str | None:
     """The compute dtype `load` uses: `dtype` when given, else float32 on a CPU backend
-    (its bfloat16 arithmetic is converted, not native: a round costs nearly twice as
-    much) and the checkpoint's own (None) on an accelerator."""
+    (where bfloat16 arithmetic is converted, not native, and slower) and the checkpoint's
+    own (None) on an accelerator."""
     if dtype is not None:
         return dtype
     return "float32" if jax.default_backend() == "cpu" else None
