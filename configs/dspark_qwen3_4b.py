@@ -1,7 +1,11 @@
-"""DSpark drafter for Qwen3-4B with the DeepSpec defaults (a TPU-pod scale run).
+"""DSpark drafter for Qwen3-4B with the DeepSpec defaults, sized for a TPU v5p pod slice of
+hundreds of chips (95 GiB HBM each): the global batch of 512 sequences of 4096 tokens is
+split over the `data` axis, so set `mesh` to the slice's chip count (e.g. mesh=512x1, one
+sequence per chip). The 8x1 below is one host's 8 devices; there, train with a smaller
+batch_size / seq_len, and the memory check before the first step says whether it fits.
 
     python -m train.train --config configs/dspark_qwen3_4b.py --set target=/path/Qwen3-4B \
-        --set data_dir=/path/data --set dataset=regen --distributed
+        --set data_dir=/path/data --set dataset=regen --set mesh=512x1 --distributed
 """
 
 from train.config import TrainConfig

@@ -1,4 +1,7 @@
-"""The Eagle3 baseline for Qwen3-4B: one chain-drafting layer, training-time test over 7 steps."""
+"""The Eagle3 baseline for Qwen3-4B: one chain-drafting layer, training-time test over 7 steps.
+Sized like configs/dspark_qwen3_4b.py for a TPU v5p pod slice of hundreds of chips (set
+`mesh` to the slice's chip count); its loss reads the target's full vocabulary at every
+position of every step, so it needs more memory per sequence than DSpark's."""
 
 from configs.dspark_qwen3_4b import CONFIG as DSPARK
 

@@ -3,6 +3,10 @@
 Each checkpoint holds the TrainState (step, float32 params, optimizer state, RNG) and a
 JSON item with the data position and the config; the data position is the step (see
 loader.py), stored explicitly so a reader needs no code to know where a run stands.
+
+Restoring under a config whose parameter shapes differ from the checkpoint's is refused
+in one line naming the fields that differ (read from the checkpoint's own config record
+before the state is touched), instead of Orbax's structure-mismatch traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+
+from dspark_jax.errors import DSparkError
 
 
 class Checkpointer:
@@ -27,13 +33,38 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)))
 
-    def restore(self, step: int, like_state):
-        """Restore into the shapes, dtypes and shardings of `like_state`."""
+    def restore(self, step: int, like_state, *, config: dict | None = None, shape_fields=()):
+        """Restore into the shapes, dtypes and shardings of `like_state`; returns (state, meta).
+
+        With `config` (the run's config as JSON data), a checkpoint whose recorded config
+        differs in any of `shape_fields`, or whose arrays do not fit `like_state`, raises
+        a one-line DSparkError naming the differing fields and how to start fresh."""
+        saved = {}
+        if config is not None:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            saved = meta.get("config") or {}
+            changed = [f for f in shape_fields if f in saved and saved[f] != config.get(f)]
+            if changed:
+                raise self._mismatch(step, changed, saved, config)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like_state)
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                 meta=ocp.args.JsonRestore()))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                     meta=ocp.args.JsonRestore()))
+        except Exception as e:  # Orbax raises several types for trees that do not match
+            if config is None:
+                raise
+            changed = sorted(f for f in set(saved) | set(config) if saved.get(f) != config.get(f))
+            raise self._mismatch(step, changed, saved, config, str(e).strip().splitlines()[0]) from None
         return out["state"], out["meta"]
+
+    def _mismatch(self, step, changed, saved, config, detail="") -> DSparkError:
+        diffs = ", ".join(f"{f} {saved.get(f)!r} there, {config.get(f)!r} now" for f in changed) or "no config field differs: was the target changed?"
+        why = f" ({detail[:160]})" if detail else ""
+        return DSparkError(
+            f"the checkpoint at step {step} in {self.directory} holds another drafter architecture than this config "
+            f"({diffs}){why}; to start fresh use a new out_dir or delete {self.directory}, "
+            "or resume with the checkpoint's values")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

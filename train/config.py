@@ -57,12 +57,20 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     async_checkpoint: bool = True
+    memory_limit_mb: int = 0              # per device; 0: the device's (CPU: available host RAM); < 0: no check
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+# Fields that define the drafter's architecture for a given target (its parameter shapes,
+# and which target layers its inputs come from): a checkpoint made under other values is
+# not resumed.
+SHAPE_FIELDS = ("drafter", "draft_layers", "draft_intermediate_size", "target_layer_ids",
+                "markov_rank", "markov_head_type", "confidence_head", "confidence_with_markov")
 
 
 def _coerce(name: str, value: str, typ):

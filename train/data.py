@@ -9,13 +9,22 @@ the assistant answers. Output: a TFDS dataset (array_record files) read back thr
 
     build(name="chat", sources={"train": [...], "validation": [...]}, tokenizer_dir=T, data_dir=D)
     splits = load(D, "chat")          # {"train": source, "validation": source}
+
+Each build records the tokenizer it used (`tokenizer_record.json` beside the TFDS
+files: the vocabulary size and a hash of tokenizer.json); `check_tokenizer` refuses a
+target whose tokenizer differs. A validation split under `MIN_VALIDATION` examples is
+reported as a warning when built and when evaluated on. TFDS's own download messages and
+progress bars are kept quiet.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -24,6 +33,8 @@ from dspark_jax.errors import DSparkError
 from dspark_jax.prompts import messages_of
 
 VERSION = "1.0.0"
+RECORD = "tokenizer_record.json"
+MIN_VALIDATION = 32     # examples; fewer give tau and calibration estimates too noisy to act on
 
 
 def read_jsonl(path: str):
@@ -81,6 +92,14 @@ class ChatDataset(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version(VERSION)
     BUILDER_CONFIGS = []
 
+    # TFDS prints "Downloading and preparing dataset ..." and "... downloaded and
+    # prepared ..." for every build; nothing is downloaded here.
+    def _log_download_bytes(self):
+        pass
+
+    def _log_download_done(self):
+        pass
+
     def _info(self):
         return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
             "input_ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),
@@ -106,6 +125,40 @@ class ChatDataset(tfds.core.GeneratorBasedBuilder):
                                                        "prompt_len": min(prompt_len, len(ids)), "domain": domain}
 
 
+def tokenizer_record(tokenizer_dir: str) -> dict:
+    """What identifies a tokenizer: its folder, vocabulary size and tokenizer.json hash."""
+    from dspark_jax.tokenizer import Tokenizer
+
+    with open(os.path.join(tokenizer_dir, "tokenizer.json"), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return {"tokenizer_dir": tokenizer_dir, "vocab_size": Tokenizer(tokenizer_dir).vocab_size,
+            "tokenizer_sha256": digest}
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """No TFDS progress bars, and its absl INFO lines (split and config dumps) muted."""
+    from absl import logging as absl_logging
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    was_bar, was_level = getattr(tqdm_utils, "_active", True), absl_logging.get_verbosity()
+    tfds.display_progress_bar(False)
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(was_bar)
+        absl_logging.set_verbosity(was_level)
+
+
+def warn_small_split(count: int, what: str) -> None:
+    """One warning line on stderr when a validation split is under MIN_VALIDATION."""
+    if count < MIN_VALIDATION:
+        print(f"warning: {what} has {count} example(s), fewer than {MIN_VALIDATION}: tau, acceptance and "
+              "calibration measured on it are noise; give it more prompts (e.g. a larger --val-fraction)",
+              file=sys.stderr)
+
+
 def build(*, name: str, sources: dict[str, list[str]], tokenizer_dir: str, data_dir: str,
           max_len: int = 4096) -> str:
     """Tokenise JSONL files into a TFDS dataset under data_dir; returns its directory."""
@@ -115,16 +168,63 @@ def build(*, name: str, sources: dict[str, list[str]], tokenizer_dir: str, data_
         for p in paths:
             if not os.path.exists(p):
                 raise DSparkError(f"data file {p} does not exist")
+    record = tokenizer_record(tokenizer_dir)
     cfg = ChatConfig(name=name, sources=tuple((k, tuple(v)) for k, v in sources.items()),
                      tokenizer_dir=tokenizer_dir, max_len=max_len, version=VERSION)
     builder = ChatDataset(config=cfg, data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare()
-    return str(builder.data_dir)
+    out = str(builder.data_dir)
+    if os.path.exists(os.path.join(out, "dataset_info.json")):   # TFDS reuses a built dataset as it is
+        old = os.path.join(out, RECORD)
+        if os.path.exists(old):
+            with open(old) as f:
+                if json.load(f)["tokenizer_sha256"] != record["tokenizer_sha256"]:
+                    raise DSparkError(f"dataset '{name}' already exists in {out}, tokenized by another tokenizer; "
+                                      "use another name or delete that folder")
+        print(f"dataset '{name}' already exists in {out}: reused as it is (delete that folder to rebuild it)",
+              file=sys.stderr)
+        return out
+    with _quiet_tfds():
+        builder.download_and_prepare()
+    with open(os.path.join(out, RECORD), "w") as f:
+        json.dump(record, f, indent=2)
+    if "validation" in builder.info.splits:
+        warn_small_split(builder.info.splits["validation"].num_examples, f"the validation split of '{name}'")
+    return out
+
+
+def dataset_path(data_dir: str, name: str) -> str:
+    return os.path.join(data_dir, "chat_dataset", name, VERSION)
 
 
 def load(data_dir: str, name: str) -> dict:
     """{split: random-access source} of a dataset built by `build` (no TensorFlow)."""
-    path = os.path.join(data_dir, "chat_dataset", name, VERSION)
+    path = dataset_path(data_dir, name)
     if not os.path.isdir(path):
         raise DSparkError(f"no dataset '{name}' under {data_dir} (expected {path}); build it with train.build_data")
-    return tfds.builder_from_directory(path).as_data_source()
+    with _quiet_tfds():
+        return tfds.builder_from_directory(path).as_data_source()
+
+
+def check_tokenizer(data_dir: str, name: str, target_dir: str, target_vocab: int) -> bool:
+    """Refuse (DSparkError) a dataset built with another tokenizer than the target's.
+
+    Returns False for datasets built before the record existed: their token ids are then
+    checked against the vocabulary as they are read (`loader.check_ids`)."""
+    path = os.path.join(dataset_path(data_dir, name), RECORD)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        rec = json.load(f)
+    hint = f"rebuild the dataset with the target's tokenizer (--tokenizer {target_dir}) or train against its target"
+    if rec["vocab_size"] > target_vocab:
+        raise DSparkError(f"dataset '{name}' was tokenized by {rec['tokenizer_dir']} (vocabulary {rec['vocab_size']}), "
+                          f"larger than the target's vocabulary {target_vocab} ({target_dir}); {hint}")
+    tok = os.path.join(target_dir, "tokenizer.json")
+    if os.path.exists(tok):
+        with open(tok, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != rec["tokenizer_sha256"]:
+            raise DSparkError(f"dataset '{name}' was tokenized by {rec['tokenizer_dir']}, whose tokenizer.json "
+                              f"differs from the target's ({tok}); {hint}")
+    return True
+

@@ -360,6 +360,7 @@ def rollouts_from_args(args, desc: str, gamma: int | None = None) -> tuple[Rollo
     from dspark_jax.sampling import validate
     from dspark_jax.tokenizer import Tokenizer
     from train import data
+    from train.loader import check_ids
 
     validate(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 1:
@@ -373,11 +374,21 @@ def rollouts_from_args(args, desc: str, gamma: int | None = None) -> tuple[Rollo
         raise DSparkError(f"dataset '{args.dataset}' has no split '{args.split}' (it has: {', '.join(sorted(source))})")
     source = source[args.split]
     tcfg, tparams = target.load(args.target)
+    data.check_tokenizer(args.data_dir, args.dataset, args.target, tcfg.vocab_size)
     drafter, dparams = drafters.load(args.draft, tcfg, gamma=gamma)
     stop_ids = () if args.ignore_eos else Tokenizer(args.target).stop_ids
     n = len(source) if not args.max_examples else min(args.max_examples, len(source))
+    data.warn_small_split(n, f"split '{args.split}' of '{args.dataset}'"
+                          + (f" (--max-examples {args.max_examples})" if n < len(source) else ""))
+
+    def examples():
+        for i in range(n):
+            ex = source[i]
+            check_ids(np.asarray(ex["input_ids"]), tcfg.vocab_size, f"example {i} of split '{args.split}'")
+            yield ex
+
     with tqdm(total=n, desc=desc, unit="prompt") as bar:
-        ro = collect(tcfg, tparams, drafter, dparams, (source[i] for i in range(n)),
+        ro = collect(tcfg, tparams, drafter, dparams, examples(),
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                      top_p=args.top_p, batch_size=args.batch_size, seed=args.seed, stop_ids=stop_ids,
                      progress=bar.update)

@@ -13,10 +13,18 @@ import numpy as np
 from dspark_jax.errors import DSparkError
 
 
+def check_ids(ids: np.ndarray, vocab: int, where: str) -> None:
+    """Refuse token ids at or past the target's vocabulary (data built for another model)."""
+    if ids.size and int(ids.max()) >= vocab:
+        raise DSparkError(f"{where} holds token id {int(ids.max())}, outside the target's vocabulary [0, {vocab}): "
+                          "the dataset was tokenized for another model; rebuild it with the target's tokenizer")
+
+
 class BatchLoader:
     def __init__(self, source, *, global_batch: int, seq_len: int, seed: int = 0,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, vocab_size: int | None = None):
         self.source = source
+        self.vocab_size = vocab_size
         self.size = len(source)
         if global_batch % process_count:
             raise DSparkError(f"batch_size {global_batch} must be a multiple of the {process_count} hosts")
@@ -49,4 +57,6 @@ class BatchLoader:
             ids[row, :n] = ex["input_ids"][:n]
             mask[row, :n] = ex["loss_mask"][:n]
             lengths[row] = n
+        if self.vocab_size is not None:
+            check_ids(ids, self.vocab_size, f"the batch of step {step + 1}")
         return {"input_ids": ids, "loss_mask": mask, "lengths": lengths}

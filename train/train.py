@@ -1,6 +1,6 @@
 """Train a DSpark / DFlash drafter for a target (resumes from the latest checkpoint).
 
-    python -m train.train --config configs/dspark_tiny.py --set steps=200 --set out_dir=runs/x
+    python -m train.train --config configs/dspark_demo.py --set steps=200 --set out_dir=runs/x
 
 Multi-host (TPU pod): run the same command on every host with --distributed.
 """
