@@ -191,6 +191,18 @@ def load_qwen3(folder: str, dtype: str | None = None):
     return cfg, params
 
 
+def load_llama(folder: str, dtype: str | None = None):
+    """(LlamaConfig, params as numpy) from a Hugging Face Llama 3 folder (`model_type:
+    llama`); the decoder is Qwen3LM with Llama's attention, the tensor names are the same."""
+    from dspark_jax.config_llama import LlamaConfig
+    from dspark_jax.models.qwen3 import Qwen3LM
+
+    cfg = LlamaConfig.from_hf(read_config(folder), os.path.join(folder, "config.json"), dtype)
+    template, _ = param_template(Qwen3LM(cfg), jnp.zeros((1, 1), jnp.int32), jnp.ones((1,), jnp.int32))
+    params = load_tree(open_folder(folder), template, prefix="model.", dtype=cfg.jnp_dtype, folder=folder)
+    return cfg, params
+
+
 def load_gemma4(folder: str, dtype: str | None = None):
     """(Gemma4Config, params as numpy) from a Hugging Face Gemma 4 folder.
 

@@ -96,7 +96,7 @@ def test_rope_theta_top_level_or_rope_parameters(folder):
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(model_type="llama"), r"unknown model_type 'llama'"),
+    (dict(model_type="mistral"), r"unknown model_type 'mistral'"),
     (dict(hidden_size=None), r"missing field\(s\) hidden_size"),
     (dict(num_hidden_layers=3), r"tensor model.layers.2.input_layernorm.weight is missing"),
     (dict(intermediate_size=100), r"tensor model.layers.0.mlp.\w+_proj.weight in model.safetensors has shape \((96, 48|48, 96)\); the config implies"),

@@ -16,6 +16,10 @@ tokens in each row (the rest is padding and stays inert):
 the drafter's context features. `packed` is the ragged form of the same forward (tokens
 of different cache rows in one pass). Every call runs the one layer loop `_forward`;
 where K/V go and which keys a query sees is the call's attention view (models/kv_views.py).
+
+Llama 3 targets (`LlamaConfig`, a Qwen3Config subclass) run this same module: their
+attention (`PlainAttention`) has no per-head q/k RMSNorm and rotates with the config's
+own inverse frequencies (plain or Llama 3 scaled RoPE); everything else is shared.
 """
 
 from __future__ import annotations
@@ -24,18 +28,38 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dspark_jax.attention import apply_rope
 from dspark_jax.config import Qwen3Config
+from dspark_jax.config_llama import LlamaConfig
 from dspark_jax.kv_cache import KVCache
 from dspark_jax.models import kv_views
 from dspark_jax.models.layers import MLP, Attention, Proj, RMSNorm, embedding
 from dspark_jax.paged_cache import PagedKVCache
 
 
+class PlainAttention(Attention):
+    """Llama's attention projections: no q/k RMSNorm (its parameters are never created),
+    RoPE with the given inverse frequencies [head_dim // 2]."""
+
+    inv_freq: tuple[float, ...] = ()
+
+    def q(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        return apply_rope(self.q_proj(x), positions, jnp.asarray(self.inv_freq, jnp.float32))
+
+    def kv(self, x: jax.Array, positions: jax.Array):
+        k = apply_rope(self.k_proj(x), positions, jnp.asarray(self.inv_freq, jnp.float32))
+        return k, self.v_proj(x)
+
+
 def attention_module(cfg: Qwen3Config, name: str | None = None) -> Attention:
-    return Attention(hidden=cfg.hidden_size, num_heads=cfg.num_attention_heads,
-                     num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
-                     rope_theta=cfg.rope_theta, eps=cfg.rms_norm_eps, use_bias=cfg.attention_bias,
-                     dtype=cfg.jnp_dtype, name=name)
+    """The attention of one decoder layer: Qwen3's, or Llama's for a LlamaConfig."""
+    kw = dict(hidden=cfg.hidden_size, num_heads=cfg.num_attention_heads,
+              num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+              rope_theta=cfg.rope_theta, eps=cfg.rms_norm_eps, use_bias=cfg.attention_bias,
+              dtype=cfg.jnp_dtype, name=name)
+    if isinstance(cfg, LlamaConfig):
+        return PlainAttention(**kw, inv_freq=tuple(float(f) for f in cfg.inv_freq()))
+    return Attention(**kw)
 
 
 class DecoderLayer(nn.Module):
@@ -58,7 +82,8 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen3LM(nn.Module):
-    """Qwen3ForCausalLM. See the module docstring for the calling convention."""
+    """Qwen3ForCausalLM (and LlamaForCausalLM for a LlamaConfig). See the module
+    docstring for the calling convention."""
 
     cfg: Qwen3Config
 
