@@ -137,13 +137,14 @@ def tokenizer_record(tokenizer_dir: str) -> dict:
 
 @contextlib.contextmanager
 def _quiet_tfds():
-    """No TFDS progress bars, and its absl INFO lines (split and config dumps) muted."""
+    """No TFDS progress bars, and its absl lines below ERROR (the builder config dumped as
+    "Using custom data configuration", split notes) muted."""
     from absl import logging as absl_logging
     from tensorflow_datasets.core.utils import tqdm_utils
 
     was_bar, was_level = getattr(tqdm_utils, "_active", True), absl_logging.get_verbosity()
     tfds.display_progress_bar(False)
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    absl_logging.set_verbosity(absl_logging.ERROR)
     try:
         yield
     finally:
@@ -171,7 +172,8 @@ def build(*, name: str, sources: dict[str, list[str]], tokenizer_dir: str, data_
     record = tokenizer_record(tokenizer_dir)
     cfg = ChatConfig(name=name, sources=tuple((k, tuple(v)) for k, v in sources.items()),
                      tokenizer_dir=tokenizer_dir, max_len=max_len, version=VERSION)
-    builder = ChatDataset(config=cfg, data_dir=data_dir, file_format="array_record")
+    with _quiet_tfds():
+        builder = ChatDataset(config=cfg, data_dir=data_dir, file_format="array_record")
     out = str(builder.data_dir)
     if os.path.exists(os.path.join(out, "dataset_info.json")):   # TFDS reuses a built dataset as it is
         old = os.path.join(out, RECORD)
