@@ -1,4 +1,5 @@
-"""DeepSpec-layout drafter folders in and out (config.json + model.safetensors).
+"""DeepSpec-layout drafter folders in and out (config.json + model.safetensors); z-lab
+DFlash folders are recognised here and loaded by drafters/zlab.py.
 
 A drafter folder's config.json is the target's config copied (so `model_type` still
 says `qwen3`); `architectures` tells the drafter kind. Tensor names carry no `model.`
@@ -18,6 +19,7 @@ import numpy as np
 
 from dspark_jax import checkpoints
 from dspark_jax.drafters.config import DrafterConfig, check_fits_target
+from dspark_jax.drafters import zlab
 from dspark_jax.drafters.dspark import BlockDrafter
 from dspark_jax.errors import DSparkError
 from dspark_jax.safetensors_io import open_folder
@@ -36,7 +38,7 @@ def architecture_kind(hf: dict, path: str) -> str:
         return "dspark" if int(rank) > 0 else "dflash"
     raise DSparkError(f"{path}: architectures {hf.get('architectures')} is not a drafter "
                       "(expected Qwen3DSparkModel, Qwen3DFlashModel, Qwen3Eagle3Model, "
-                      "Gemma4DSparkModel, Gemma4DFlashModel or Gemma4Eagle3Model)")
+                      "Gemma4DSparkModel, Gemma4DFlashModel, Gemma4Eagle3Model or z-lab's DFlashDraftModel)")
 
 
 def block_config(hf: dict, path: str, dtype: str | None = None) -> DrafterConfig:
@@ -80,8 +82,8 @@ def check_gamma(gamma: int | None, block_size: int, path: str) -> int:
 
 
 def load(folder: str, tcfg, *, kind: str = "auto", gamma: int | None = None, dtype: str | None = None):
-    """(drafter, params) from a DeepSpec folder, checked against the target config; the
-    params are device arrays (see target.load).
+    """(drafter, params) from a DeepSpec or z-lab DFlash folder, checked against the
+    target config; the params are device arrays (see target.load).
 
     kind: "auto" (what the folder holds), "dspark", "dflash", "eagle3", or "mtp1" (any
     drafter folder used with one draft token per round).
@@ -93,6 +95,12 @@ def load(folder: str, tcfg, *, kind: str = "auto", gamma: int | None = None, dty
 def _load(folder: str, tcfg, *, kind: str, gamma: int | None, dtype: str | None):
     hf = checkpoints.read_config(folder)
     path = os.path.join(folder, "config.json")
+    if zlab.claims(hf, path):  # z-lab's layout: a DFlash drafter whatever else it says
+        if kind not in ("auto", "dflash", "mtp1"):
+            raise DSparkError(f"--drafter {kind} was asked for but {folder} holds a dflash drafter "
+                              f"({zlab.LAYOUT} layout)")
+        return zlab.load_zlab(folder, tcfg, gamma=1 if kind == "mtp1" else gamma, dtype=dtype or tcfg.dtype,
+                              hf=hf)
     held = architecture_kind(hf, path)
     if kind == "mtp1":
         gamma = 1
