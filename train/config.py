@@ -58,6 +58,7 @@ class TrainConfig:
     log_every: int = 10
     async_checkpoint: bool = True
     memory_limit_mb: int = 0              # per device; 0: the device's (CPU: available host RAM); < 0: no check
+    export_layout: str = "deepspec"       # deepspec (<out_dir>/drafter) | zlab (<out_dir>/drafter_zlab) | deepspec,zlab
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -135,6 +136,9 @@ def validate(cfg: TrainConfig) -> None:
             raise DSparkError(f"{name} must be >= 1; got {getattr(cfg, name)}")
     if cfg.compute_dtype not in ("float32", "bfloat16"):
         raise DSparkError(f"compute_dtype must be float32 or bfloat16; got '{cfg.compute_dtype}'")
+    from dspark_jax.drafters.zlab_export import parse_layouts
+
+    parse_layouts(cfg.export_layout)
     if not cfg.target:
         raise DSparkError("no target folder: set target=DIR (in the config or with --set)")
     if not cfg.data_dir or not cfg.dataset:

@@ -46,7 +46,11 @@ def main(argv=None) -> None:
         from train import trainer
 
         _, drafter = trainer.run(cfg, progress=not args.no_progress)
-        print(f"trained {drafter.kind} drafter exported to {cfg.out_dir}/drafter")
+        from dspark_jax.drafters.zlab_export import ZLAB_SUFFIX, parse_layouts
+
+        folders = [f"{cfg.out_dir}/drafter" + ("" if lay == "deepspec" else ZLAB_SUFFIX)
+                   for lay in parse_layouts(cfg.export_layout)]
+        print(f"trained {drafter.kind} drafter exported to {' and '.join(folders)}")
 
 
 if __name__ == "__main__":

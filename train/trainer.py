@@ -1,8 +1,9 @@
 """The training loop: mesh, sharded state, data, checkpoints, logs, export.
 
 `run(cfg)` trains (or resumes) a drafter and exports it in the DeepSpec layout to
-`<out_dir>/drafter`. The same code runs on one CPU and on every host of a pod: each host
-loads its own slice of every batch and the global arrays are assembled from those.
+`<out_dir>/drafter` and/or z-lab's to `<out_dir>/drafter_zlab` (cfg.export_layout). The
+same code runs on one CPU and on every host of a pod: each host loads its own slice of
+every batch and the global arrays are assembled from those.
 
 Guards before and during the run: the dataset's tokenizer must be the target's; the
 step's memory per device is checked before the drafter state is allocated and again,
@@ -25,7 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dspark_jax import checkpoints, mesh as mesh_lib, target
-from dspark_jax.drafters import loading
+from dspark_jax.drafters import loading, zlab_export
 from dspark_jax.errors import DSparkError
 from train import data, memory, step as step_lib
 from train.checkpointing import Checkpointer
@@ -115,6 +116,8 @@ def run(cfg, *, progress: bool = True, stop_after: int | None = None, export: bo
     os.makedirs(cfg.out_dir, exist_ok=True)
     log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     mesh, tcfg, tparams, drafter, state, train_step, loader = setup(cfg, limit)
+    if export:   # an export that cannot be faithful is refused before training, not after
+        zlab_export.check_exportable(drafter, zlab_export.parse_layouts(cfg.export_layout))
     ckpt = Checkpointer(cfg.out_dir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
     start = 0
     latest = ckpt.latest_step()
@@ -192,7 +195,9 @@ def set_aside_sts(folder: str) -> None:
 
 
 def export_drafter(cfg, drafter, params, tparams=None) -> str:
-    """Write the trained drafter to <out_dir>/drafter in the DeepSpec layout.
+    """Write the trained drafter in each layout of cfg.export_layout: DeepSpec to
+    <out_dir>/drafter, z-lab to <out_dir>/drafter_zlab (refused in one line when not
+    faithful). Returns the first folder written.
 
     Collective on multi-host runs (every process gathers the sharded parameters);
     process 0 writes. The target's embedding and LM head copies are read from its folder.
@@ -201,11 +206,16 @@ def export_drafter(cfg, drafter, params, tparams=None) -> str:
 
     from dspark_jax.safetensors_io import open_folder
 
+    layouts = zlab_export.parse_layouts(cfg.export_layout)
+    zlab_export.check_exportable(drafter, layouts)
     folder = os.path.join(cfg.out_dir, "drafter")
+    folders = [folder + ("" if lay == "deepspec" else zlab_export.ZLAB_SUFFIX) for lay in layouts]
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
     host_params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and "zlab" in layouts:
+        zlab_export.save_zlab(folder + zlab_export.ZLAB_SUFFIX, drafter, host_params)
+    if jax.process_index() == 0 and "deepspec" in layouts:
         set_aside_sts(folder)
         index = open_folder(cfg.target)
         head = {"embed_tokens": {"embedding": np.asarray(index["model.embed_tokens.weight"], np.float32)}}
@@ -225,4 +235,4 @@ def export_drafter(cfg, drafter, params, tparams=None) -> str:
             if os.path.exists(src):
                 with open(src, "rb") as f, open(os.path.join(folder, name), "wb") as g:
                     g.write(f.read())
-    return folder
+    return folders[0]
