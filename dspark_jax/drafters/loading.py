@@ -1,5 +1,6 @@
 """DeepSpec-layout drafter folders in and out (config.json + model.safetensors); z-lab
-DFlash folders are recognised here and loaded by drafters/zlab.py.
+DFlash folders and EAGLE-3 folders are recognised here and loaded by drafters/zlab.py
+and drafters/eagle3_layout.py.
 
 A drafter folder's config.json is the target's config copied (so `model_type` still
 says `qwen3`); `architectures` tells the drafter kind. Tensor names carry no `model.`
@@ -19,7 +20,7 @@ import numpy as np
 
 from dspark_jax import checkpoints
 from dspark_jax.drafters.config import DrafterConfig, check_fits_target
-from dspark_jax.drafters import zlab
+from dspark_jax.drafters import eagle3_layout, zlab
 from dspark_jax.drafters.dspark import BlockDrafter
 from dspark_jax.errors import DSparkError
 from dspark_jax.safetensors_io import open_folder
@@ -38,7 +39,8 @@ def architecture_kind(hf: dict, path: str) -> str:
         return "dspark" if int(rank) > 0 else "dflash"
     raise DSparkError(f"{path}: architectures {hf.get('architectures')} is not a drafter "
                       "(expected Qwen3DSparkModel, Qwen3DFlashModel, Qwen3Eagle3Model, "
-                      "Gemma4DSparkModel, Gemma4DFlashModel, Gemma4Eagle3Model or z-lab's DFlashDraftModel)")
+                      "Gemma4DSparkModel, Gemma4DFlashModel, Gemma4Eagle3Model, z-lab's DFlashDraftModel "
+                      "or EAGLE-3's LlamaForCausalLMEagle3)")
 
 
 def block_config(hf: dict, path: str, dtype: str | None = None) -> DrafterConfig:
@@ -101,6 +103,12 @@ def _load(folder: str, tcfg, *, kind: str, gamma: int | None, dtype: str | None)
                               f"({zlab.LAYOUT} layout)")
         return zlab.load_zlab(folder, tcfg, gamma=1 if kind == "mtp1" else gamma, dtype=dtype or tcfg.dtype,
                               hf=hf)
+    if eagle3_layout.claims(hf, path):  # the EAGLE / SpecForge layout: an Eagle3 drafter
+        if kind not in ("auto", "eagle3", "mtp1"):
+            raise DSparkError(f"--drafter {kind} was asked for but {folder} holds an eagle3 drafter "
+                              f"({eagle3_layout.LAYOUT} layout)")
+        return eagle3_layout.load_eagle_layout(folder, tcfg, gamma=1 if kind == "mtp1" else gamma,
+                                               dtype=dtype or tcfg.dtype, hf=hf)
     held = architecture_kind(hf, path)
     if kind == "mtp1":
         gamma = 1
