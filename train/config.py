@@ -26,6 +26,8 @@ class TrainConfig:
     draft_layers: int = 1
     draft_intermediate_size: int = 0      # 0: the target's
     block_size: int = 7
+    block_convention: str = "deepspec"    # dflash: deepspec (block positions 0.. draft block_size tokens) | zlab
+                                          # (anchor + block_size-1 masks, drafts from positions 1..; gamma = block_size-1)
     target_layer_ids: tuple[int, ...] = ()  # () = spread evenly over the target
     markov_rank: int = 256
     markov_head_type: str = "vanilla"
@@ -58,7 +60,8 @@ class TrainConfig:
     log_every: int = 10
     async_checkpoint: bool = True
     memory_limit_mb: int = 0              # per device; 0: the device's (CPU: available host RAM); < 0: no check
-    export_layout: str = "deepspec"       # deepspec (<out_dir>/drafter) | zlab (<out_dir>/drafter_zlab) | deepspec,zlab
+    export_layout: str = "deepspec"       # deepspec | zlab | eagle3, or several: deepspec,eagle3
+                                          # (<out_dir>/drafter, drafter_zlab, drafter_eagle3)
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -71,7 +74,8 @@ class TrainConfig:
 # and which target layers its inputs come from): a checkpoint made under other values is
 # not resumed.
 SHAPE_FIELDS = ("drafter", "draft_layers", "draft_intermediate_size", "target_layer_ids",
-                "markov_rank", "markov_head_type", "confidence_head", "confidence_with_markov")
+                "markov_rank", "markov_head_type", "confidence_head", "confidence_with_markov",
+                "block_convention")
 
 
 def _coerce(name: str, value: str, typ):
@@ -134,9 +138,15 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("steps", "batch_size", "seq_len", "block_size", "num_anchors", "draft_layers"):
         if getattr(cfg, name) < 1:
             raise DSparkError(f"{name} must be >= 1; got {getattr(cfg, name)}")
+    if cfg.block_convention not in ("deepspec", "zlab"):
+        raise DSparkError(f"block_convention must be deepspec or zlab; got '{cfg.block_convention}'")
+    if cfg.block_convention == "zlab" and (cfg.drafter != "dflash" or cfg.block_size < 2):
+        raise DSparkError("block_convention=zlab trains a DFlash drafter (drafter=dflash) with block_size >= 2 "
+                          f"(the anchor then block_size - 1 mask tokens); got drafter={cfg.drafter}, "
+                          f"block_size={cfg.block_size}")
     if cfg.compute_dtype not in ("float32", "bfloat16"):
         raise DSparkError(f"compute_dtype must be float32 or bfloat16; got '{cfg.compute_dtype}'")
-    from dspark_jax.drafters.zlab_export import parse_layouts
+    from dspark_jax.drafters.eagle3_export import parse_layouts
 
     parse_layouts(cfg.export_layout)
     if not cfg.target:

@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dspark_jax import checkpoints, mesh as mesh_lib, target
-from dspark_jax.drafters import loading, zlab_export
+from dspark_jax.drafters import eagle3_export, loading, zlab_export
 from dspark_jax.errors import DSparkError
 from train import data, memory, step as step_lib
 from train.checkpointing import Checkpointer
@@ -117,7 +117,7 @@ def run(cfg, *, progress: bool = True, stop_after: int | None = None, export: bo
     log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     mesh, tcfg, tparams, drafter, state, train_step, loader = setup(cfg, limit)
     if export:   # an export that cannot be faithful is refused before training, not after
-        zlab_export.check_exportable(drafter, zlab_export.parse_layouts(cfg.export_layout))
+        eagle3_export.check_exportable(drafter, eagle3_export.parse_layouts(cfg.export_layout))
     ckpt = Checkpointer(cfg.out_dir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
     start = 0
     latest = ckpt.latest_step()
@@ -194,33 +194,45 @@ def set_aside_sts(folder: str) -> None:
               "run train.calibrate again for the new weights", flush=True)
 
 
+def tparams_head(cfg) -> dict:
+    """The target's embedding table (and untied LM head, [D, V]) read from its folder."""
+    from dspark_jax.safetensors_io import open_folder
+
+    index = open_folder(cfg.target)
+    head = {"embed_tokens": {"embedding": np.asarray(index["model.embed_tokens.weight"], np.float32)}}
+    if "lm_head.weight" in index:
+        head["lm_head"] = {"kernel": np.asarray(index["lm_head.weight"], np.float32).T}
+    return head
+
+
 def export_drafter(cfg, drafter, params, tparams=None) -> str:
     """Write the trained drafter in each layout of cfg.export_layout: DeepSpec to
-    <out_dir>/drafter, z-lab to <out_dir>/drafter_zlab (refused in one line when not
-    faithful). Returns the first folder written.
+    <out_dir>/drafter, z-lab to <out_dir>/drafter_zlab, EAGLE-3 to <out_dir>/drafter_eagle3
+    (refused in one line when not faithful). Returns the first folder written.
 
     Collective on multi-host runs (every process gathers the sharded parameters);
     process 0 writes. The target's embedding and LM head copies are read from its folder.
     """
     from jax.experimental import multihost_utils
 
-    from dspark_jax.safetensors_io import open_folder
-
-    layouts = zlab_export.parse_layouts(cfg.export_layout)
-    zlab_export.check_exportable(drafter, layouts)
+    layouts = eagle3_export.parse_layouts(cfg.export_layout)
+    eagle3_export.check_exportable(drafter, layouts)
     folder = os.path.join(cfg.out_dir, "drafter")
-    folders = [folder + ("" if lay == "deepspec" else zlab_export.ZLAB_SUFFIX) for lay in layouts]
+    suffix = {"deepspec": "", "zlab": zlab_export.ZLAB_SUFFIX, "eagle3": eagle3_export.EAGLE3_SUFFIX}
+    folders = [folder + suffix[lay] for lay in layouts]
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
     host_params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
     if jax.process_index() == 0 and "zlab" in layouts:
         zlab_export.save_zlab(folder + zlab_export.ZLAB_SUFFIX, drafter, host_params)
+    if jax.process_index() == 0 and "eagle3" in layouts:   # with the target's embedding and LM head
+        from train.eagle3_objective import with_target_head
+
+        eagle3_export.save_eagle3_layout(folder + eagle3_export.EAGLE3_SUFFIX, drafter,
+                                         with_target_head(host_params, tparams_head(cfg), drafter.tcfg))
     if jax.process_index() == 0 and "deepspec" in layouts:
         set_aside_sts(folder)
-        index = open_folder(cfg.target)
-        head = {"embed_tokens": {"embedding": np.asarray(index["model.embed_tokens.weight"], np.float32)}}
-        if "lm_head.weight" in index:
-            head["lm_head"] = {"kernel": np.asarray(index["lm_head.weight"], np.float32).T}
+        head = tparams_head(cfg)
         if drafter.kind == "eagle3":
             from dspark_jax.drafters.eagle3 import save_eagle3
             from train.eagle3_objective import with_target_head
