@@ -4,6 +4,10 @@ Per sequence, up to `num_anchors` anchors a are sampled where the anchor and its
 target are answer tokens. Each anchor forms one block [x_a, mask x (G-1)] at positions
 a..a+G-1 predicting x_{a+1}..x_{a+G}; all blocks share one drafter pass through a
 block-sparse mask (block i sees context strictly before a_i and its own block).
+In z-lab's convention (block_convention=zlab) the anchor's position predicts nothing:
+positions a+1..a+G-1 predict x_{a+1}..x_{a+G-1} against the target at a..a+G-2, so
+train/step.py drops position 0's hidden state and the last target and target
+distribution, and weights G - 1 drafts.
 Losses are weighted by w_k = exp(-(k-1)/decay) and by validity (a prefix of in-answer
 targets): DSpark = 0.1 CE + 0.9 TV + 1.0 BCE(c_k, 1 - TV_k/2); DFlash = CE.
 """

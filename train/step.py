@@ -22,6 +22,7 @@ from flax import struct
 from dspark_jax import target
 from dspark_jax.drafters.config import DrafterConfig, check_fits_target
 from dspark_jax.drafters.dspark import BlockDrafter
+from dspark_jax.drafters.zlab import ZlabDFlashDrafter
 from dspark_jax.errors import DSparkError
 from train import objective
 
@@ -72,6 +73,8 @@ def build_drafter(cfg, tcfg, mask_id: int) -> BlockDrafter:
                          confidence_head_with_markov=cfg.confidence_with_markov,
                          num_anchors=cfg.num_anchors, num_target_layers=tcfg.num_hidden_layers)
     check_fits_target(dcfg, tcfg, "training config")
+    if getattr(cfg, "block_convention", "deepspec") == "zlab":   # drafts from the mask positions 1..
+        return ZlabDFlashDrafter(dcfg, tcfg, cfg.block_size - 1)
     return BlockDrafter(dcfg, tcfg, cfg.block_size)
 
 
@@ -117,10 +120,15 @@ def block_forward(drafter: BlockDrafter, tcfg, dparams, tparams, batch, key, num
     positions = (anchors[..., None] + jnp.arange(g)[None, None, :]).reshape(b, n * g)
     attn_mask = objective.block_sparse_mask(anchors, valid, length, g)
     h = module.apply({"params": dparams}, x, positions, ctx_k, ctx_v, attn_mask, method="block")
-    q_logits = target.logits(tcfg, tparams, h).reshape(b, n, g, -1)
-    h = h.reshape(b, n, g, -1)
     # target distribution for x_{a+k} is its output at position a+k-1
     p_pos = jnp.minimum(positions, length - 1)
+    if isinstance(drafter, ZlabDFlashDrafter):
+        # z-lab: block position k (1..G-1) predicts x_{a+k}; position 0 (the anchor) predicts nothing
+        h = h.reshape(b, n, g, -1)[:, :, 1:].reshape(b, n * (g - 1), -1)
+        p_pos = p_pos.reshape(b, n, g)[:, :, :-1].reshape(b, n * (g - 1))
+        targets, tvalid, g = targets[..., :-1], tvalid[..., :-1], g - 1
+    q_logits = target.logits(tcfg, tparams, h).reshape(b, n, g, -1)
+    h = h.reshape(b, n, g, -1)
     p_hidden = jnp.take_along_axis(hidden, p_pos[..., None], axis=1)
     p_logits = jax.lax.stop_gradient(target.logits(tcfg, tparams, p_hidden)).reshape(b, n, g, -1)
     conf_logits = None
@@ -144,7 +152,7 @@ def loss_fn(params, tparams, batch, key, *, drafter, tcfg, cfg):
         return eagle3_objective.loss_fn(params, tparams, batch, key, drafter=drafter, tcfg=tcfg, cfg=cfg)
     dparams = jax.tree.map(lambda x: x.astype(drafter.cfg.arch.jnp_dtype), params)
     q, p, targets, tvalid, conf = block_forward(drafter, tcfg, dparams, tparams, batch, key, cfg.num_anchors)
-    weights = objective.position_weights(drafter.cfg.block_size, cfg.loss_decay)
+    weights = objective.position_weights(targets.shape[-1], cfg.loss_decay)   # G, or G - 1 drafts (z-lab)
     out = objective.losses(q, p, targets, tvalid, weights, conf, ce_weight=cfg.ce_weight,
                            tv_weight=cfg.tv_weight, conf_weight=cfg.conf_weight, kind=drafter.kind)
     return out["loss"], out

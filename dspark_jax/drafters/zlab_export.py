@@ -58,7 +58,7 @@ def zlab_refusal(drafter) -> str | None:
     if type(drafter) is not zlab.ZlabDFlashDrafter:
         return (f"it drafts from block positions 0..{cfg.block_size - 1} (draft 1 at the anchor's own position, "
                 f"DeepSpec's convention) but z-lab drafts from the mask positions 1..block_size-1, "
-                "a different computation")
+                "a different computation; train it with block_convention=zlab")
     if not isinstance(drafter.tcfg, Qwen3Config):
         return f"its target is a {type(drafter.tcfg).__name__} (z-lab drafters serve Qwen3 and Llama 3 targets)"
     if type(cfg.arch) is not Qwen3Config:
