@@ -40,6 +40,7 @@ from dspark_jax import checkpoints
 from dspark_jax.config import Qwen3Config
 from dspark_jax.config_llama import LlamaConfig
 from dspark_jax.drafters import eagle3
+from dspark_jax.drafters.zlab import looks_like  # the one classifier of drafter layouts by their fields
 from dspark_jax.errors import DSparkError
 from dspark_jax.models.layers import Proj, embedding
 from dspark_jax.safetensors_io import open_folder
@@ -58,19 +59,6 @@ _FOREIGN_TENSORS = (("layers.", "DeepSpec or z-lab DFlash"), ("markov_head.", "D
 
 def _neutral(value, neutral: tuple) -> bool:
     return any(value is v or (type(value) is type(v) and value == v) for v in neutral)
-
-
-def looks_like(hf: dict) -> str | None:
-    """The drafter layout a config.json's fields (not its `architectures`) point to."""
-    if "draft_vocab_size" in hf or isinstance(hf.get("eagle_config"), dict):
-        return LAYOUT
-    if isinstance(hf.get("dflash_config"), dict):
-        return "z-lab DFlash"
-    if "ttt_length" in hf:
-        return "DeepSpec Eagle3"
-    if "target_layer_ids" in hf or "markov_rank" in hf:
-        return "DeepSpec"
-    return None
 
 
 def claims(hf: dict, path: str) -> bool:

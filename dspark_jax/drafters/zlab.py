@@ -56,7 +56,9 @@ def _archs(hf: dict) -> list[str]:
 
 
 def looks_like(hf: dict) -> str | None:
-    """The drafter layout a config.json's fields (not its `architectures`) point to."""
+    """The drafter layout a config.json's fields (not its `architectures`) point to:
+    z-lab DFlash, EAGLE-3, DeepSpec Eagle3 or DeepSpec (None: none of them). Every
+    layout reader checks its `architectures` against this one classifier."""
     if isinstance(hf.get("dflash_config"), dict):
         return LAYOUT
     if "draft_vocab_size" in hf or "eagle_config" in hf:
