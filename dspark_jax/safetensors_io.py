@@ -21,7 +21,8 @@ from dspark_jax.errors import DSparkError
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
+    "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "F8_E8M0": ml_dtypes.float8_e8m0fnu,
 }
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
@@ -47,6 +48,9 @@ class TensorIndex(Mapping[str, np.ndarray]):
 
     def file_of(self, name: str) -> str:
         return os.path.basename(self._where[name])
+
+    def __contains__(self, name) -> bool:
+        return name in self._where
 
     def __getitem__(self, name: str) -> np.ndarray:
         path = self._where[name]
