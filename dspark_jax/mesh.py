@@ -32,6 +32,7 @@ SERVING_RULES: tuple[tuple[str, str | None], ...] = (
     ("heads", "model"),
     ("kv_heads", "model"),
     ("mlp", "model"),
+    ("expert", "model"),  # expert parallelism: the X axis of MoE expert weights
     ("embed", None),
     ("head_dim", None),
     ("seq", None),
