@@ -47,6 +47,12 @@ def _gemma4_cache(cfg, batch: int, max_len: int):
     return Gemma4Cache.init(cfg, batch, max_len)
 
 
+def _deepseek_v4_cache(cfg, batch: int, max_len: int):
+    from dspark_jax.models.deepseek_v4 import DeepseekV4Cache
+
+    return DeepseekV4Cache.init(cfg, batch, max_len)
+
+
 FAMILIES = (
     ModelFamily("qwen3", ("qwen3",), "dspark_jax.config:Qwen3Config", "dspark_jax.models.qwen3:Qwen3LM",
                 "dspark_jax.checkpoints:load_qwen3", _qwen3_cache, "dspark_jax.kv_cache:KV_CACHE_AXES",
@@ -58,6 +64,9 @@ FAMILIES = (
                 "dspark_jax.config_gemma4:Gemma4Config", "dspark_jax.models.gemma4:Gemma4LM",
                 "dspark_jax.checkpoints:load_gemma4", _gemma4_cache, "dspark_jax.models.gemma4:GEMMA4_CACHE_AXES",
                 packed=True, paged=False),
+    ModelFamily("deepseek_v4", ("deepseek_v4",), "dspark_jax.config_deepseek_v4:DeepseekV4Config",
+                "dspark_jax.models.deepseek_v4:DeepseekV4LM", "dspark_jax.checkpoints_deepseek_v4:load_deepseek_v4",
+                _deepseek_v4_cache, "dspark_jax.models.deepseek_v4:DEEPSEEK_V4_CACHE_AXES", packed=False, paged=False),
 )
 MODEL_TYPES = tuple(t for f in FAMILIES for t in f.model_types)
 
