@@ -89,9 +89,12 @@ class HyperConnection(nn.Module):
         comb = mix[..., 2 * n:].reshape(*mix.shape[:-1], n, n) * scale[2] + base[2 * n:].reshape(n, n)
         comb = jax.nn.softmax(comb, axis=-1) + cfg.hc_eps
         comb = comb / (comb.sum(-2, keepdims=True) + cfg.hc_eps)
-        for _ in range(cfg.hc_sinkhorn_iters - 1):
-            comb = comb / (comb.sum(-1, keepdims=True) + cfg.hc_eps)
-            comb = comb / (comb.sum(-2, keepdims=True) + cfg.hc_eps)
+
+        def sinkhorn(_, c):
+            c = c / (c.sum(-1, keepdims=True) + cfg.hc_eps)
+            return c / (c.sum(-2, keepdims=True) + cfg.hc_eps)
+
+        comb = jax.lax.fori_loop(0, cfg.hc_sinkhorn_iters - 1, sinkhorn, comb)  # a loop keeps compiles small
         collapsed = (pre[..., None] * streams).sum(-2).astype(streams.dtype)
         return post, comb, collapsed
 
