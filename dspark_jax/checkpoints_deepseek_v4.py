@@ -49,8 +49,6 @@ _RENAMES = (
     (r"\.shared_experts\.w3\.", ".shared_experts.up_proj."),
 )
 _EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(w[123])\.weight$")
-_FLOAT32 = ("attn_hc", "ffn_hc", "hc_head", "sinks", "position_bias", "e_score_correction_bias", "q_a_norm",
-            "kv_norm", "input_layernorm", "post_attention_layernorm", "norm")
 
 
 def canonical(name: str) -> str:
@@ -99,6 +97,8 @@ def load_deepseek_v4(folder: str, dtype: str | None = None):
             experts.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = n
         else:
             names[c] = n
+    if cfg.tie_word_embeddings:   # transformers ties lm_head to the embedding; a stored copy is unused
+        names.pop("lm_head.weight", None)
     template, _ = param_template(DeepseekV4LM(cfg), jnp.zeros((1, 1), jnp.int32), jnp.ones((1,), jnp.int32))
     used, out = set(), {}
     x_ = cfg.n_routed_experts
@@ -140,8 +140,7 @@ def load_deepseek_v4(folder: str, dtype: str | None = None):
                     arr = _check(arr, None, name, shape).T.reshape(shape)
             else:
                 arr = _check(arr, None, name, shape).reshape(shape)
-        keep32 = any(p in _FLOAT32 for p in path) and path[-1] != "tid2eid"
-        out[path] = arr.astype(spec.dtype if (keep32 or spec.dtype == jnp.int32) else cfg.jnp_dtype)
+        out[path] = arr.astype(spec.dtype)   # the template holds float32 where transformers keeps it
     extra = sorted(set(names) - used) + [f"{p}.*" for p in experts]
     if extra:
         raise DSparkError(f"{folder}: tensor {names.get(extra[0], extra[0])} is not used by a deepseek_v4 model "

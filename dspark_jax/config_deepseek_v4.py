@@ -13,10 +13,13 @@ included and folded the way its `__post_init__` folds them:
   `rope_type: yarn`, with `attention_factor` forced to 1.0 as transformers does); an
   already nested `rope_parameters: {main, compress}` is taken as written.
 
-Routing note: transformers' routers renormalise the top-k weights whatever
-`norm_topk_prob` says; we match transformers (the field is read and refused only when it
-is not a bool). Switches transformers reads but we do not model are refused in one line
-naming the field.
+Routing notes: transformers' routers renormalise the top-k weights whatever
+`norm_topk_prob` says, and build one shared expert whatever `n_shared_experts` says; we
+match the former (the field must be a bool) and refuse n_shared_experts != 1.
+`scoring_func: softmax` (softmax over the experts, as DeepSeek's reference) is
+implemented but unchecked against transformers, whose ACT2FN has no "softmax" and fails
+to build such a model. Switches transformers reads but we do not model are refused in
+one line naming the field.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from dspark_jax import checkpoints, target
 from dspark_jax.config_deepseek_v4 import DeepseekV4Config
 from dspark_jax.errors import DSparkError
 from dspark_jax.models.deepseek_v4 import DEEPSEEK_V4_CACHE_AXES, DeepseekV4Cache
+from dspark_jax.safetensors_io import save_file
 from tests.conftest import FIXTURES
 
 TOL = 1e-4
@@ -128,3 +129,39 @@ def test_legacy_fields_fold_as_transformers():
     assert cfg.mlp_layer_types == ("hash_moe", "moe", "moe", "moe", "moe")
     assert cfg.compress_rope.rope_type == "yarn" and cfg.compress_rope.attention_factor == 1.0
     assert cfg.main_rope.rope_type == "default" and cfg.main_rope.theta == 10000.0
+
+
+def _copy_with_index(tmp_path, name, edit):
+    folder = tmp_path / name
+    shutil.copytree(os.path.join(FIXTURES, name), folder)
+    path = folder / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    edit(folder, index["weight_map"])
+    path.write_text(json.dumps(index))
+    return str(folder)
+
+
+def test_missing_and_unexpected_tensors_are_one_line_errors(tmp_path):
+    def drop(folder, wm):
+        del wm["model.layers.1.self_attn.compressor.indexer.q_b_proj.weight"]
+
+    with pytest.raises(DSparkError) as e:
+        target.load(_copy_with_index(tmp_path / "a", "deepseek_v4_tiny_b", drop), "float32")
+    assert "\n" not in str(e.value) and "indexer.q_b_proj" in str(e.value) and "missing" in str(e.value)
+
+    def extra(folder, wm):
+        save_file({"layers.0.attn.wq_c.weight": np.zeros((2, 2), np.float32)}, str(folder / "extra.safetensors"))
+        wm["layers.0.attn.wq_c.weight"] = "extra.safetensors"
+
+    with pytest.raises(DSparkError) as e:
+        target.load(_copy_with_index(tmp_path / "b", "deepseek_v4_tiny_fp8", extra), "float32")
+    assert "\n" not in str(e.value) and "layers.0.attn.wq_c.weight" in str(e.value)
+
+
+def test_fp8_weight_without_its_scale_is_a_one_line_error(tmp_path):
+    def drop_scale(folder, wm):
+        del wm["layers.0.attn.wq_a.weight_scale_inv"]
+
+    with pytest.raises(DSparkError) as e:
+        target.load(_copy_with_index(tmp_path, "deepseek_v4_tiny_fp8", drop_scale), "float32")
+    assert "\n" not in str(e.value) and "layers.0.attn.wq_a.weight" in str(e.value)
