@@ -2,8 +2,7 @@
 
 Parameter names follow transformers' module tree (`q_proj`, `router.per_expert_scale`,
 `experts.gate_up_proj`, ...) so `checkpoints.tensor_name` maps them mechanically;
-every parameter carries logical axis names only (the expert axis is left unnamed, i.e.
-replicated: the mesh has no expert axis).
+every parameter carries logical axis names only (the experts' X axis is `expert`).
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 from dspark_jax.attention import apply_rope
 from dspark_jax.config_gemma4 import RopeSpec
 from dspark_jax.models.layers import INIT_STD, Proj
+from dspark_jax.models.moe import routed_experts
 
 Dtype = Any
 
@@ -100,8 +100,9 @@ class Experts(nn.Module):
     """The expert MLPs, stored as transformers does: gate_up_proj [X, 2I, d] (kept here as
     [X, 2, I, d], the same bytes) and down_proj [X, d, I].
 
-    Every expert runs on every token and the router weights (zero off the top-k) mix
-    the results: exact and simple, X / K times the FLOPs of a dispatching kernel.
+    Tokens run only their top-k experts (dspark_jax.models.moe.routed_experts: grouped
+    matmuls, expert-parallel over the `expert` axis under a mesh) and the router weights
+    mix the results.
     """
 
     num_experts: int
@@ -115,14 +116,13 @@ class Experts(nn.Module):
         """x [..., d]; weights, index [..., K] -> [..., d]."""
         n, d, f = self.num_experts, self.hidden, self.intermediate
         init = nn.initializers.normal(INIT_STD)
-        gate_up = logical_param(self, "gate_up_proj", init, (n, 2, f, d), (None, None, "mlp", "embed"),
+        gate_up = logical_param(self, "gate_up_proj", init, (n, 2, f, d), ("expert", None, "mlp", "embed"),
                                 self.dtype)
-        down = logical_param(self, "down_proj", init, (n, d, f), (None, "embed", "mlp"), self.dtype)
-        gu = jnp.einsum("...d,xgfd->...xgf", x.astype(self.dtype), gate_up)
-        h = activation(self.act)(gu[..., 0, :]) * gu[..., 1, :]            # [..., X, I]
-        y = jnp.einsum("...xf,xdf->...xd", h, down)                         # [..., X, d]
-        mix = (jax.nn.one_hot(index, n, dtype=jnp.float32) * weights[..., None]).sum(-2)  # [..., X]
-        return jnp.einsum("...x,...xd->...d", mix, y.astype(jnp.float32)).astype(x.dtype)
+        down = logical_param(self, "down_proj", init, (n, d, f), ("expert", "embed", "mlp"), self.dtype)
+        k = index.shape[-1]
+        y = routed_experts(x.reshape(-1, d), weights.reshape(-1, k), index.reshape(-1, k),
+                           gate_up, down, activation(self.act))
+        return y.reshape(x.shape)
 
 
 class Attention(nn.Module):

@@ -14,9 +14,10 @@ routed to them (tokens stay sharded over the batch axis) and a psum over the exp
 adds the partial outputs. Without such a mesh the single-device path runs; jit's sharding
 propagation still makes it correct for sharded parameters, only not sparse per device.
 
-The grouped matmul is `jax.lax.ragged_dot` except on CPU, where jax lowers ragged_dot to
-a dense masked product over every group (X times the work); there rows are padded per
-expert to whole tiles and each tile multiplies its own expert's weights.
+The grouped matmul is `jax.lax.ragged_dot` on TPU (a native grouped GEMM). On CPU jax
+lowers ragged_dot to a masked product over every group, and XLA:GPU by default rewrites
+it the same way (X times the work), so there rows are padded per expert to whole tiles
+and each tile multiplies its own expert's weights (a gather and one batched matmul).
 
 `dense_experts` (every expert on every token, router-weighted mix) is the reference.
 """
@@ -72,7 +73,7 @@ def dense_experts(x, weights, index, gate_up, down, act: Act, limit: float | Non
 
 
 def _tile_rows(rows: int, groups: int) -> int:
-    """Tile height of the CPU grouped matmul: about half the mean group size, 8..128."""
+    """Tile height of the tiled grouped matmul: about half the mean group size, 8..128."""
     t = 8
     while t < 128 and 4 * t <= rows // max(groups, 1):
         t *= 2
@@ -108,7 +109,7 @@ def _ragged_gmm(lhs: jax.Array, rhs: jax.Array, sizes: jax.Array) -> jax.Array:
 
 
 def _gmm(lhs: jax.Array, rhs: jax.Array, sizes: jax.Array) -> jax.Array:
-    return jax.lax.platform_dependent(lhs, rhs, sizes, cpu=_tiled_gmm, default=_ragged_gmm)
+    return jax.lax.platform_dependent(lhs, rhs, sizes, tpu=_ragged_gmm, default=_tiled_gmm)
 
 
 def _local_experts(x, weights, index, gate_up, down, act, limit, first) -> jax.Array:
