@@ -147,9 +147,7 @@ class CompressorBlock(nn.Module):
         score = jnp.where(visible, self.indexer(x, q_res, positions, idx_keys), -jnp.inf)
         if cfg.index_topk < entries.shape[1]:
             _, top = jax.lax.top_k(score, cfg.index_topk)
-            picked = jnp.zeros(score.shape, bool).at[
-                jnp.arange(score.shape[0])[:, None, None], jnp.arange(t)[None, :, None], top].set(True)
-            visible = visible & picked
+            visible = visible & (jax.nn.one_hot(top, score.shape[-1], dtype=jnp.int32).sum(-2) > 0)
         return rows.replace(raw=raw, entries=entries, idx_raw=idx_raw, idx_keys=idx_keys), visible
 
 
