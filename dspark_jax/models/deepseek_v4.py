@@ -25,6 +25,10 @@ slots. A rejected draft that completed a window left a wrong entry w and wrong r
 slots; both lie past the new length, and the real token written later at that window's
 last slot rebuilds entry w (and rewrites the raw slots first) before any query can see
 it. The same holds for the indexer's keys.
+Cost: the raw slots take 2cD values per token per compressed layer (CSA: 4D + 4Di),
+several times the K=V row, and every row is max_len long although only the last
+`sliding_window` K=V slots and the last 2m raw slots are ever read again; ring buffers
+of window + T slots would bound both (not done yet).
 
 Taps (PROVISIONAL, until V4 drafters exist): tap i is the mean over the N streams of
 layer i's output [B, T, E]; tap -1 is the token embedding.
