@@ -118,11 +118,17 @@ def test_unsupported_switch_is_a_one_line_error(tmp_path, field, value):
 
 
 def test_legacy_fields_fold_as_transformers():
+    """Legacy fields and a top-level `rope_scaling` (type yarn); the expected YaRN
+    frequencies are transformers' DeepseekV4RotaryEmbedding's for this config."""
     hf = {"model_type": "deepseek_v4", "num_hidden_layers": 5, "compress_ratios": [128, 4, 0, 4, 128],
           "compress_rate_csa": 8, "num_hash_layers": 1, "qk_rope_head_dim": 16, "head_dim": 64,
-          "index_head_dim": 32, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
-                                                 "original_max_position_embeddings": 64}}
+          "index_head_dim": 32, "compress_rope_theta": 160000, "max_position_embeddings": 4096,
+          "rope_scaling": {"type": "yarn", "factor": 16, "original_max_position_embeddings": 256,
+                           "beta_fast": 32, "beta_slow": 1}}
     cfg = DeepseekV4Config.from_hf(hf)
+    want = [1.0, 0.153729662, 0.0187499989, 0.00069877127, 0.000156249997, 3.49385627e-05, 7.81250037e-06,
+            1.74692821e-06]
+    np.testing.assert_allclose(cfg.compress_rope.inv_freq(), want, rtol=1e-6)
     assert cfg.layer_types == ("heavily_compressed_attention", "compressed_sparse_attention", "sliding_attention",
                                "compressed_sparse_attention", "heavily_compressed_attention")
     assert cfg.csa_rate == 8 and cfg.hca_rate == 128 and cfg.rope_dim == 16

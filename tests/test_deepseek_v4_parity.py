@@ -59,6 +59,8 @@ def test_logits_and_layers_match_transformers(name):
     for b, n in enumerate(g["prompt_lengths"]):
         diff = np.abs(logits[b, :n] - g[f"logits_{b}"]).max()
         assert diff <= TOL, f"{name} prompt {b}: max |logit diff| {diff}"
+    for spec, key in ((cfg.main_rope, "inv_freq_main"), (cfg.compress_rope, "inv_freq_compress")):
+        np.testing.assert_allclose(spec.inv_freq(), g[key], rtol=1e-6, err_msg=f"{name} {key}")
     n0 = g["prompt_lengths"][0]
     for i, want in enumerate(g["layer_out_0"]):   # taps are the mean of the streams
         diff = np.abs(np.asarray(taps[i])[0, :n0] - want.mean(axis=1)).max()
