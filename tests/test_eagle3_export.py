@@ -5,7 +5,8 @@ round-trips bit for bit: parameters, the first round's drafts and draft distribu
 engine's traced drafts; greedy speculative output equals plain greedy. Drafters the layout
 cannot hold (Qwen3-shaped draft layers with q/k norms, several draft layers, taps not 3 or
 not increasing, DFlash drafters) are refused in one line and nothing is written; a wrong
-rule (the taps written off by one) breaks the round trip.
+rule (the taps written off by one) breaks the round trip. The DeepSpec folder the trainer
+writes for a Llama target beside it loads back too (model_type llama).
 """
 
 import json
@@ -150,6 +151,11 @@ def test_trainer_export_step_writes_drafter_eagle3(llama, tmp_path):
     _, lparams = drafters.load(str(tmp_path / "drafter_eagle3"), tcfg, kind="eagle3", gamma=drafter.gamma)
     want = with_target_head(jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, tparams), tcfg)
     assert_same_params(as_layout(want), lparams)
+    # the DeepSpec folder of a Llama target (model_type llama, llama3 RoPE) loads back as it was
+    deep, dparams = drafters.load(str(tmp_path / "drafter"), tcfg)
+    assert type(deep) is eagle3.Eagle3Drafter and deep.cfg.arch == drafter.cfg.arch
+    assert deep.cfg.arch.rope_type == "llama3" and deep.tap_layers == TAPS
+    assert_same_params(want, dparams)
     cfg = cfg.replace(export_layout="eagle3", out_dir=str(tmp_path / "q"))
     qwen3_tcfg, _ = target.load(QWEN3_TARGET)
     with pytest.raises(DSparkError, match="Qwen3Config"):
@@ -171,4 +177,5 @@ def test_cli_refuses_in_one_line(llama, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "EAGLE-3 layout" in err and "Qwen3Config" in err
+    assert "eagle3_layer=llama" in err
     assert not os.path.exists(tmp_path / "o")

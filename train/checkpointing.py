@@ -33,16 +33,18 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)))
 
-    def restore(self, step: int, like_state, *, config: dict | None = None, shape_fields=()):
+    def restore(self, step: int, like_state, *, config: dict | None = None, shape_fields=(), absent=None):
         """Restore into the shapes, dtypes and shardings of `like_state`; returns (state, meta).
 
         With `config` (the run's config as JSON data), a checkpoint whose recorded config
         differs in any of `shape_fields`, or whose arrays do not fit `like_state`, raises
-        a one-line DSparkError naming the differing fields and how to start fresh."""
+        a one-line DSparkError naming the differing fields and how to start fresh. `absent`
+        maps a shape field to the value a checkpoint that does not record it was made with
+        (one written before the field existed); other unrecorded fields are not compared."""
         saved = {}
         if config is not None:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            saved = meta.get("config") or {}
+            saved = dict(absent or {}, **(meta.get("config") or {}))
             changed = [f for f in shape_fields if f in saved and saved[f] != config.get(f)]
             if changed:
                 raise self._mismatch(step, changed, saved, config)

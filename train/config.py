@@ -42,6 +42,9 @@ class TrainConfig:
     conf_weight: float = 1.0
     ttt_length: int = 7                   # eagle3 training-time test steps
     ttt_decay: float = 0.8
+    eagle3_layer: str = "auto"            # eagle3 draft layer: target (the target's own layer: Qwen3's has q/k norms)
+                                          # | llama (EAGLE-3's midlayer: no q/k norms, no bias, head_dim = hidden/heads)
+                                          # | auto (llama when export_layout has eagle3, else target)
     # optimisation
     seq_len: int = 256
     batch_size: int = 8                   # global, sequences
@@ -75,7 +78,9 @@ class TrainConfig:
 # not resumed.
 SHAPE_FIELDS = ("drafter", "draft_layers", "draft_intermediate_size", "target_layer_ids",
                 "markov_rank", "markov_head_type", "confidence_head", "confidence_with_markov",
-                "block_convention")
+                "block_convention", "eagle3_layer")
+# What a checkpoint written before a shape field existed was trained with.
+SHAPE_FIELDS_ABSENT = {"block_convention": "deepspec", "eagle3_layer": "target"}
 
 
 def _coerce(name: str, value: str, typ):
@@ -132,6 +137,22 @@ def load_config(path: str | None, sets: list[str] = ()) -> TrainConfig:
     return cfg
 
 
+def eagle3_layer(cfg: TrainConfig) -> str:
+    """The Eagle3 draft layer `cfg` asks for: "llama" (EAGLE-3's midlayer shape) or
+    "target" (the target's own decoder layer); `auto` is llama exactly when drafter=eagle3
+    and export_layout holds eagle3 (a layer that layout can hold)."""
+    from dspark_jax.drafters.eagle3_export import parse_layouts
+
+    if cfg.eagle3_layer != "auto":
+        return cfg.eagle3_layer
+    return "llama" if cfg.drafter == "eagle3" and "eagle3" in parse_layouts(cfg.export_layout) else "target"
+
+
+def resolved(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with eagle3_layer resolved (what checkpoints record and resumes compare)."""
+    return cfg.replace(eagle3_layer=eagle3_layer(cfg))
+
+
 def validate(cfg: TrainConfig) -> None:
     if cfg.drafter not in ("dspark", "dflash", "eagle3"):
         raise DSparkError(f"drafter must be dspark, dflash or eagle3; got '{cfg.drafter}'")
@@ -144,6 +165,11 @@ def validate(cfg: TrainConfig) -> None:
         raise DSparkError("block_convention=zlab trains a DFlash drafter (drafter=dflash) with block_size >= 2 "
                           f"(the anchor then block_size - 1 mask tokens); got drafter={cfg.drafter}, "
                           f"block_size={cfg.block_size}")
+    if cfg.eagle3_layer not in ("auto", "target", "llama"):
+        raise DSparkError(f"eagle3_layer must be auto, target or llama; got '{cfg.eagle3_layer}'")
+    if cfg.eagle3_layer == "llama" and cfg.drafter != "eagle3":
+        raise DSparkError("eagle3_layer=llama shapes an Eagle3 drafter's layer (drafter=eagle3); "
+                          f"got drafter={cfg.drafter}")
     if cfg.compute_dtype not in ("float32", "bfloat16"):
         raise DSparkError(f"compute_dtype must be float32 or bfloat16; got '{cfg.compute_dtype}'")
     from dspark_jax.drafters.eagle3_export import parse_layouts

@@ -33,10 +33,16 @@ from train.step import default_layer_ids
 
 
 def build_drafter(cfg, tcfg) -> Eagle3Drafter:
-    """The Eagle3 drafter a TrainConfig asks for (gamma = block_size)."""
+    """The Eagle3 drafter a TrainConfig asks for (gamma = block_size): the target's decoder
+    layer, or EAGLE-3's Llama midlayer shape when eagle3_layer resolves to llama."""
+    from dspark_jax.drafters.eagle3_export import midlayer_arch
+    from train.config import eagle3_layer
+
     arch = tcfg.replace(num_hidden_layers=cfg.draft_layers, dtype=cfg.compute_dtype,
                         intermediate_size=cfg.draft_intermediate_size or tcfg.intermediate_size,
                         tie_word_embeddings=False)
+    if eagle3_layer(cfg) == "llama":
+        arch = midlayer_arch(arch)
     layer_ids = tuple(cfg.target_layer_ids) or default_layer_ids(tcfg.num_hidden_layers)
     ecfg = Eagle3Config(arch=arch, target_layer_ids=layer_ids, ttt_length=cfg.ttt_length,
                         step_loss_decay=cfg.ttt_decay, block_size=cfg.block_size)

@@ -1,4 +1,4 @@
-"""Train a DSpark / DFlash drafter for a target (resumes from the latest checkpoint).
+"""Train a DSpark / DFlash / Eagle3 drafter for a target (resumes from the latest checkpoint).
 
     python -m train.train --config configs/dspark_demo.py --set steps=200 --set out_dir=runs/x
 
@@ -46,10 +46,11 @@ def main(argv=None) -> None:
         from train import trainer
 
         _, drafter = trainer.run(cfg, progress=not args.no_progress)
-        from dspark_jax.drafters.zlab_export import ZLAB_SUFFIX, parse_layouts
+        from dspark_jax.drafters.eagle3_export import EAGLE3_SUFFIX, parse_layouts
+        from dspark_jax.drafters.zlab_export import ZLAB_SUFFIX
 
-        folders = [f"{cfg.out_dir}/drafter" + ("" if lay == "deepspec" else ZLAB_SUFFIX)
-                   for lay in parse_layouts(cfg.export_layout)]
+        suffix = {"deepspec": "", "zlab": ZLAB_SUFFIX, "eagle3": EAGLE3_SUFFIX}
+        folders = [f"{cfg.out_dir}/drafter" + suffix[lay] for lay in parse_layouts(cfg.export_layout)]
         print(f"trained {drafter.kind} drafter exported to {' and '.join(folders)}")
 
 

@@ -1,7 +1,8 @@
 """The training loop: mesh, sharded state, data, checkpoints, logs, export.
 
 `run(cfg)` trains (or resumes) a drafter and exports it in the DeepSpec layout to
-`<out_dir>/drafter` and/or z-lab's to `<out_dir>/drafter_zlab` (cfg.export_layout). The
+`<out_dir>/drafter`, z-lab's to `<out_dir>/drafter_zlab`, EAGLE-3's to
+`<out_dir>/drafter_eagle3` (cfg.export_layout; eagle3_layer=auto resolved first). The
 same code runs on one CPU and on every host of a pod: each host loads its own slice of
 every batch and the global arrays are assembled from those.
 
@@ -30,7 +31,7 @@ from dspark_jax.drafters import eagle3_export, loading, zlab_export
 from dspark_jax.errors import DSparkError
 from train import data, memory, step as step_lib
 from train.checkpointing import Checkpointer
-from train.config import SHAPE_FIELDS
+from train.config import SHAPE_FIELDS, SHAPE_FIELDS_ABSENT, resolved
 from train.loader import BatchLoader
 
 STALE_STS = "sts_calibration.stale.json"
@@ -112,6 +113,7 @@ def _first_non_finite(first, metrics, step):
 def run(cfg, *, progress: bool = True, stop_after: int | None = None, export: bool = True):
     """Train to cfg.steps (resuming from the latest checkpoint). `stop_after` ends the
     loop early at that step without exporting, as a killed run would (tests)."""
+    cfg = resolved(cfg)     # eagle3_layer=auto as the layer it builds (recorded, compared on resume)
     limit = memory.device_limit(cfg, mesh_lib.make_mesh(cfg.mesh))   # before this run allocates
     os.makedirs(cfg.out_dir, exist_ok=True)
     log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
@@ -124,7 +126,8 @@ def run(cfg, *, progress: bool = True, stop_after: int | None = None, export: bo
     cfg_json = json.loads(cfg.to_json())
     try:
         if latest is not None:
-            state, meta = ckpt.restore(latest, state, config=cfg_json, shape_fields=SHAPE_FIELDS)
+            state, meta = ckpt.restore(latest, state, config=cfg_json, shape_fields=SHAPE_FIELDS,
+                                       absent=SHAPE_FIELDS_ABSENT)
             start = int(meta["data_position"])
         end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
         if start < end:

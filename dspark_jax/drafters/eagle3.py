@@ -11,7 +11,9 @@ token x_{t+1}:
 For context positions g_t = fc(concatenated target taps at t); for drafted positions g_t is
 the drafter's own previous output h (pre-norm). With several draft layers, layer i+1 takes
 layer i's output as its g (the token embedding is shared). DeepSpec Eagle3 checkpoints may
-lack `self_attn.{q,k}_norm.weight`; those then load as ones (an identity scale).
+lack `self_attn.{q,k}_norm.weight`; those then load as ones (an identity scale). A folder
+whose config says `model_type: llama` (written for a Llama 3 target, or with
+eagle3_layer=llama) has Llama-shaped draft layers: no q/k norms, the config's RoPE.
 
 The Gemma 4 Eagle3 drafter (gemma4_eagle3.py) reuses the module and the drafter through
 their hooks: `make_layer` / `make_norm` / `attention_scale` on the module, and `decode` /
@@ -33,6 +35,7 @@ from flax import struct, traverse_util
 from dspark_jax import checkpoints
 from dspark_jax.attention import attend, causal_mask
 from dspark_jax.config import Qwen3Config
+from dspark_jax.config_llama import LlamaConfig
 from dspark_jax.errors import DSparkError
 from dspark_jax.kv_cache import KVCache, write_index, write_layer
 from dspark_jax.models.layers import MLP, Proj, RMSNorm, embedding
@@ -71,7 +74,10 @@ class Eagle3Config:
                               f"['{ARCHITECTURE}'] (not an Eagle3 drafter)")
         if "target_layer_ids" not in hf:
             raise DSparkError(f"{path}: missing field target_layer_ids")
-        arch = checkpoints.qwen3_config(hf, path, dtype).replace(tie_word_embeddings=False)
+        if hf.get("model_type") == "llama":   # Llama-shaped draft layers (a Llama target's, or eagle3_layer=llama)
+            arch = LlamaConfig.from_hf(hf, path, dtype).replace(tie_word_embeddings=False)
+        else:
+            arch = checkpoints.qwen3_config(hf, path, dtype).replace(tie_word_embeddings=False)
         ttt = int(hf.get("ttt_length", 7))
         return cls(arch=arch, target_layer_ids=tuple(hf["target_layer_ids"]), ttt_length=ttt,
                    step_loss_decay=float(hf.get("step_loss_decay", 0.8)),
@@ -356,7 +362,11 @@ def save_eagle3(folder: str, drafter_or_cfg, params, target_hf_config: dict) -> 
         hf["torch_dtype"] = a.dtype
     if "layer_types" in hf:
         hf["layer_types"] = ["full_attention"] * a.num_hidden_layers
-    if isinstance(hf.get("rope_parameters"), dict):
+    if isinstance(a, LlamaConfig):   # read back as Llama layers (no q/k norms), with their own RoPE
+        hf.pop("rope_parameters", None)
+        hf.update(model_type="llama", rope_theta=a.rope_theta, rope_scaling=a.to_hf()["rope_scaling"],
+                  max_position_embeddings=a.max_position_embeddings)
+    elif isinstance(hf.get("rope_parameters"), dict):
         hf["rope_parameters"] = dict(hf["rope_parameters"], rope_theta=a.rope_theta)
     else:
         hf["rope_theta"] = a.rope_theta

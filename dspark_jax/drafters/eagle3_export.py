@@ -8,11 +8,13 @@ one Llama decoder layer (`midlayer`) whose q/k/v read [input_layernorm(embed);
 hidden_norm(g)], residual g, `fc` over the target features concatenated in layer order,
 `norm`, `lm_head`. So an Eagle3 drafter goes out unchanged when it has exactly that:
 
-- one draft layer of Llama shape (a `LlamaConfig` arch, what drafter=eagle3 trains on a
-  Llama 3 target): plain attention, no q/k norms, the draft's RoPE (plain or Llama 3
-  scaled) written as `rope_theta` / `rope_scaling`, `head_dim = hidden / heads`, no
-  attention bias. A Qwen3-shaped draft layer (a Qwen3 target) RMS-normalises each
-  query and key head, which `LlamaForCausalLMEagle3` has no tensor or switch for: refused;
+- one draft layer of Llama shape (a `LlamaConfig` arch: what drafter=eagle3 trains with
+  eagle3_layer=llama, `midlayer_arch`, for a Qwen3 or Llama 3 target, and on a Llama 3
+  target with the target's layer when that has this shape): plain attention, no q/k
+  norms, the draft's RoPE (plain or Llama 3 scaled) written as `rope_theta` /
+  `rope_scaling`, `head_dim = hidden / heads`, no attention bias. A Qwen3-shaped draft
+  layer (eagle3_layer=target on a Qwen3 target) RMS-normalises each query and key head,
+  which `LlamaForCausalLMEagle3` has no tensor or switch for: refused;
 - three taps, in increasing order (the serving systems capture features in layer order),
   written explicitly as `eagle_config.eagle_aux_hidden_state_layer_ids` (a tap id here is
   decoder layer k's output, which is what SGLang's layer id k reads; the default
@@ -24,6 +26,7 @@ hidden_norm(g)], residual g, `fc` over the target features concatenated in layer
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -31,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dspark_jax import checkpoints
+from dspark_jax.config import Qwen3Config
 from dspark_jax.config_llama import LlamaConfig
 from dspark_jax.drafters import eagle3, eagle3_layout, zlab_export
 from dspark_jax.errors import DSparkError
@@ -49,6 +53,24 @@ def parse_layouts(text: str) -> tuple[str, ...]:
     return names
 
 
+def midlayer_arch(arch) -> LlamaConfig:
+    """The draft-layer config `arch` (a Qwen3 or Llama 3 target's, reshaped for the draft)
+    as EAGLE-3's midlayer: a LlamaConfig without q/k norms or attention bias, head_dim =
+    hidden / heads, the target's RoPE (a Llama target's scaling kept; Qwen3's plain RoPE
+    at its rope_theta). What train.train builds for eagle3_layer=llama."""
+    if not isinstance(arch, Qwen3Config):
+        raise DSparkError(f"eagle3_layer=llama needs a Qwen3 or Llama 3 target; got a {type(arch).__name__} one")
+    heads = arch.num_attention_heads
+    if arch.hidden_size % heads:
+        raise DSparkError(f"eagle3_layer=llama: hidden_size {arch.hidden_size} is not a multiple of "
+                          f"{heads} heads (EAGLE-3's midlayer has head_dim = hidden / heads)")
+    shape = {f.name: getattr(arch, f.name) for f in dataclasses.fields(arch) if f.init}
+    shape.update(head_dim=arch.hidden_size // heads, attention_bias=False)
+    if isinstance(arch, LlamaConfig):
+        return LlamaConfig(**shape)
+    return LlamaConfig(**shape, rope_type="default")
+
+
 def eagle3_refusal(drafter) -> str | None:
     """Why `drafter` has no faithful EAGLE-3 folder (None when it has one)."""
     kind = getattr(drafter, "kind", type(drafter).__name__)
@@ -62,7 +84,8 @@ def eagle3_refusal(drafter) -> str | None:
     arch, taps = drafter.cfg.arch, drafter.cfg.target_layer_ids
     if type(arch) is not LlamaConfig:
         return (f"its draft layer is a {type(arch).__name__} layer (RMS norms on each query and key head); "
-                "LlamaForCausalLMEagle3's midlayer is a Llama layer without them")
+                "LlamaForCausalLMEagle3's midlayer is a Llama layer without them (train.train's "
+                "eagle3_layer=llama trains that layer for any target)")
     if arch.num_hidden_layers != 1:
         return f"it has {arch.num_hidden_layers} draft layers; LlamaForCausalLMEagle3 has one midlayer"
     if arch.attention_bias:

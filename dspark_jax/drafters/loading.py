@@ -3,7 +3,8 @@ DFlash folders and EAGLE-3 folders are recognised here and loaded by drafters/zl
 and drafters/eagle3_layout.py.
 
 A drafter folder's config.json is the target's config copied (so `model_type` still
-says `qwen3`); `architectures` tells the drafter kind. Tensor names carry no `model.`
+says `qwen3`, or `llama` for a Llama 3 target, whose draft layers are Llama layers);
+`architectures` tells the drafter kind. Tensor names carry no `model.`
 prefix. The drafter reuses the target's embedding table and LM head at run time; the
 copies in the folder are written on export (other engines expect them) and ignored on
 load.
@@ -44,7 +45,12 @@ def architecture_kind(hf: dict, path: str) -> str:
 
 
 def block_config(hf: dict, path: str, dtype: str | None = None) -> DrafterConfig:
-    arch = checkpoints.qwen3_config(hf, path, dtype)
+    if hf.get("model_type") == "llama":   # written for a Llama 3 target: Llama draft layers (no q/k norms)
+        from dspark_jax.config_llama import LlamaConfig
+
+        arch = LlamaConfig.from_hf(hf, path, dtype)
+    else:
+        arch = checkpoints.qwen3_config(hf, path, dtype)
     archs = " ".join(hf.get("architectures") or [])
     if "target_layer_ids" not in hf:
         raise DSparkError(f"{path}: missing field target_layer_ids")
