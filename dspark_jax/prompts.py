@@ -68,7 +68,8 @@ def read_prompt_file(path: str) -> list[str | list[dict]]:
 
 
 def encode_prompts(items: Sequence, tokenizer, chat: bool) -> list[list[int]]:
-    """Texts and chats -> token ids. Chats always use the chat template; texts when `chat`."""
+    """Texts and chats -> token ids. Chats always use the chat template; texts when `chat`,
+    else `tokenizer.encode_plain` (a Llama 3 target's BOS first)."""
     ids = []
     for item in items:
         if isinstance(item, list):
@@ -76,5 +77,5 @@ def encode_prompts(items: Sequence, tokenizer, chat: bool) -> list[list[int]]:
         elif chat:
             ids.append(tokenizer.encode_chat([{"role": "user", "content": item}]))
         else:
-            ids.append(tokenizer.encode(item))
+            ids.append(tokenizer.encode_plain(item))
     return ids

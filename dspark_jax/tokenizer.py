@@ -1,4 +1,11 @@
-"""tokenizer.json (via the `tokenizers` library) plus the folder's chat template and stop ids."""
+"""tokenizer.json (via the `tokenizers` library) plus the folder's chat template and stop ids.
+
+Plain-text prompts (`encode_plain`) are encoded as transformers' `tokenizer(text)` encodes
+them for a Llama target (`model_type: llama` in the folder's config.json): with
+tokenizer.json's post-processor, whose TemplateProcessing puts Llama 3's
+`<|begin_of_text|>` first. Other folders (Qwen3: no BOS; Gemma 4) keep the text's own
+tokens. Chat templates emit their BOS themselves, so `encode_chat` never adds one.
+"""
 
 from __future__ import annotations
 
@@ -55,6 +62,8 @@ class Tokenizer:
         if self.eos_token is not None and self.token_to_id(self.eos_token) is not None:
             stop.add(self.token_to_id(self.eos_token))
         self.stop_ids = tuple(sorted(stop))
+        model_type = _read_json(os.path.join(folder, "config.json")).get("model_type")
+        self.plain_special_tokens = model_type == "llama"   # what encode_plain passes as add_special_tokens
 
     @property
     def vocab_size(self) -> int:
@@ -65,6 +74,11 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """A plain-text prompt's ids: on a Llama target with the post-processor's special
+        tokens (Llama 3: `<|begin_of_text|>` first), as transformers' tokenizer(text)."""
+        return self.encode(text, add_special_tokens=self.plain_special_tokens)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -250,7 +250,7 @@ def completion_prompts(prompt, tokenizer, vocab_size: int) -> list[list[int]]:
         raise APIError(400, "'prompt' must not be empty", param="prompt", code="invalid_value")
     out = []
     for i, item in enumerate(items):
-        ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
+        ids = tokenizer.encode_plain(item) if isinstance(item, str) else list(item)   # a Llama 3 target's BOS first
         if not ids:
             raise APIError(400, f"prompt {i} is empty", param="prompt", code="invalid_value")
         bad = [t for t in ids if not 0 <= t < vocab_size]
