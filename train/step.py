@@ -63,6 +63,10 @@ def build_drafter(cfg, tcfg, mask_id: int) -> BlockDrafter:
         from train import eagle3_objective
 
         return eagle3_objective.build_drafter(cfg, tcfg)
+    if type(tcfg).__name__ == "DeepseekV4Config":   # V4 draft layers, DeepSeek's taps by default
+        from dspark_jax.drafters.deepseek_v4_drafter import for_training
+
+        return for_training(cfg, tcfg, mask_id)
     arch = tcfg.replace(num_hidden_layers=cfg.draft_layers, dtype=cfg.compute_dtype,
                         intermediate_size=cfg.draft_intermediate_size or tcfg.intermediate_size)
     rank = cfg.markov_rank if cfg.drafter == "dspark" else 0

@@ -235,8 +235,13 @@ def export_drafter(cfg, drafter, params, tparams=None) -> str:
                                          with_target_head(host_params, tparams_head(cfg), drafter.tcfg))
     if jax.process_index() == 0 and "deepspec" in layouts:
         set_aside_sts(folder)
-        head = tparams_head(cfg)
-        if drafter.kind == "eagle3":
+        v4 = type(drafter).__name__ == "DeepseekV4BlockDrafter"   # DeepSeek's mtp.* layout: no embedding, no head
+        head = None if v4 else tparams_head(cfg)
+        if v4:
+            from dspark_jax.drafters.deepseek_v4_layout import save_folder
+
+            save_folder(folder, drafter, host_params, checkpoints.read_config(cfg.target))
+        elif drafter.kind == "eagle3":
             from dspark_jax.drafters.eagle3 import save_eagle3
             from train.eagle3_objective import with_target_head
 

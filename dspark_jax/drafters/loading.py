@@ -115,6 +115,10 @@ def _load(folder: str, tcfg, *, kind: str, gamma: int | None, dtype: str | None)
                               f"({eagle3_layout.LAYOUT} layout)")
         return eagle3_layout.load_eagle_layout(folder, tcfg, gamma=1 if kind == "mtp1" else gamma,
                                                dtype=dtype or tcfg.dtype, hf=hf)
+    if hf.get("model_type") == "deepseek_v4":  # DeepSeek's mtp.* DSpark layout (drafters/deepseek_v4_layout.py)
+        from dspark_jax.drafters import deepseek_v4_layout
+
+        return deepseek_v4_layout.load_folder(folder, tcfg, kind=kind, gamma=gamma, dtype=dtype or tcfg.dtype, hf=hf)
     held = architecture_kind(hf, path)
     if kind == "mtp1":
         gamma = 1

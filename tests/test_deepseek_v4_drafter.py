@@ -1,0 +1,154 @@
+"""The DeepSeek-V4 DSpark drafter: trained by `train.train` on a V4 target (the loss
+falls, a killed run resumes), exported in DeepSeek's `mtp.*` layout and loaded back bit
+for bit; through the engine its greedy output equals plain greedy (CLI), and at
+temperature 1 / top-p 0.9 the samples keep the target's distribution. Compilations are
+kept few: one training run (resumed once), one CLI pair, one small sampling target."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dspark_jax import checkpoints, drafters, generation, sampling, target
+from dspark_jax.config_deepseek_v4 import MOE, SLIDING, CSA, DeepseekV4Config
+from dspark_jax.drafters import deepseek_v4_drafter as dv4
+from dspark_jax.drafters import deepseek_v4_layout as layout
+from dspark_jax.errors import DSparkError
+from dspark_jax.safetensors_io import open_folder
+from serve import generate
+from tests.conftest import FIXTURES
+from tests.test_gemma4_drafters import fill
+from tests.test_speculation_distribution import chi_square_z
+from tests.test_training import metrics, synthetic_chats
+from train import data, trainer
+from train.config import TrainConfig
+
+TINY = os.path.join(FIXTURES, "deepseek_v4_tiny_a")
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [20, 21, 22]]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """4 steps of train.train on the tiny V4 target, killed after step 2 and resumed."""
+    root = tmp_path_factory.mktemp("v4_drafter")
+    synthetic_chats(root / "train.jsonl", n=24)
+    synthetic_chats(root / "val.jsonl", n=4, seed=1)
+    data.build(name="count", sources={"train": [str(root / "train.jsonl")], "validation": [str(root / "val.jsonl")]},
+               tokenizer_dir=TINY, data_dir=str(root))
+    cfg = TrainConfig(target=TINY, data_dir=str(root), dataset="count", steps=4, batch_size=4, seq_len=40,
+                      num_anchors=6, block_size=5, draft_layers=2, markov_rank=16, lr=3e-3, mask_token="3",
+                      out_dir=str(root / "run"), ckpt_every=2, log_every=1, async_checkpoint=False)
+    trainer.run(cfg, progress=False, stop_after=3)     # killed: the checkpoint of step 2 survives
+    state, drafter = trainer.run(cfg, progress=False)  # resumes at step 2, exports at 4
+    return cfg, state, drafter, os.path.join(cfg.out_dir, "drafter")
+
+
+def test_training_resumes_and_loss_falls(trained):
+    cfg, state, drafter, _ = trained
+    assert int(state.step) == 4 and isinstance(drafter, dv4.DeepseekV4BlockDrafter)
+    m = metrics(cfg.out_dir)
+    assert [r["step"] for r in m] == [1, 2, 3, 4]   # step 3 of the killed run was cut from the log
+    assert m[-1]["loss"] < m[0]["loss"], [r["loss"] for r in m]
+    # DeepSeek's taps by default: the streams entering the last three of the 4 target layers
+    assert drafter.cfg.target_layer_ids == (0, 1, 2) and drafter.gamma == 5
+
+
+def test_export_is_deepseeks_mtp_layout_and_loads_bit_for_bit(trained):
+    cfg, state, drafter, folder = trained
+    hf = checkpoints.read_config(folder)
+    assert hf["model_type"] == "deepseek_v4" and hf["num_nextn_predict_layers"] == 2
+    assert (hf["dspark_block_size"], hf["dspark_noise_token_id"], hf["dspark_markov_rank"]) == (5, 3, 16)
+    assert hf["dspark_target_layer_ids"] == [1, 2, 3]   # DeepSeek's ids: layers whose input is tapped
+    names = set(open_folder(folder))
+    assert all(n.startswith("mtp.") for n in names)
+    d, r = 64, 16
+    index = open_folder(folder)
+    for name, shape in (("mtp.0.main_proj.weight", (d, 3 * d)), ("mtp.0.main_norm.weight", (d,)),
+                        ("mtp.1.attn.wkv.weight", (32, d)), ("mtp.1.attn.attn_sink", (4,)),
+                        ("mtp.0.ffn.experts.7.w2.weight", (d, 16)), ("mtp.1.ffn.gate.bias", (8,)),
+                        ("mtp.0.ffn.shared_experts.w3.weight", (16, d)), ("mtp.0.hc_attn_fn", (24, 4 * d)),
+                        ("mtp.1.hc_head_fn", (4, 4 * d)), ("mtp.1.norm.weight", (d,)),
+                        ("mtp.1.markov_head.markov_w1.weight", (320, r)),
+                        ("mtp.1.markov_head.markov_w2.weight", (320, r)),
+                        ("mtp.1.confidence_head.proj.weight", (1, d + r))):
+        assert tuple(index[name].shape) == shape, name
+    assert "mtp.0.markov_head.markov_w1.weight" not in names and "mtp.0.hc_head_fn" not in names
+    tcfg, _ = target.load(TINY, "float32")
+    got, params = drafters.load(folder, tcfg)
+    assert got.cfg.arch == drafter.cfg.arch and got.cfg.target_layer_ids == drafter.cfg.target_layer_ids
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def records(capsys, *argv):
+    generate.main(list(argv))
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_cli_greedy_equals_plain(capsys, trained):
+    folder = trained[3]
+    common = ["--target", TINY, "--temperature", "0", "--json", "--max-new-tokens", "12", "--ignore-eos"]
+    for p in PROMPTS:
+        common += ["--prompt-ids", ",".join(map(str, p))]
+    plain = records(capsys, *common, "--drafter", "none")
+    spec = records(capsys, *common, "--draft", folder)
+    assert [r["token_ids"] for r in spec] == [r["token_ids"] for r in plain]
+    assert all(r["gamma"] == 5 for r in spec)
+
+
+def test_refusals_are_one_line(trained, tmp_path):
+    tcfg, _ = target.load(TINY, "float32")
+    hf = checkpoints.read_config(TINY)   # the target's own folder: no dspark fields
+    with pytest.raises(DSparkError) as e:
+        drafters.load(TINY, tcfg)
+    assert "holds no DSpark drafter" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(DSparkError) as e:
+        dv4.DeepseekV4BlockDrafter(dv4.new_config(tcfg, markov_rank=0), tcfg, 5)
+    assert "vanilla Markov head" in str(e.value)
+    bad = layout.folder_config(dict(hf, dspark_block_size=5, dspark_noise_token_id=3, dspark_markov_rank=8,
+                                    dspark_target_layer_ids=[1, 2, 3], num_nextn_predict_layers=1), tcfg, "c", None)
+    assert bad.arch.num_hidden_layers == 1 and bad.target_layer_ids == (0, 1, 2)
+    with pytest.raises(DSparkError) as e:
+        dv4.DeepseekV4BlockDrafter(bad.replace(target_layer_ids=(0, 3)), tcfg, 5)
+    assert "do not fit a 4-layer target" in str(e.value)
+
+
+# ------------------------------------------------------------ temperature 1, top-p 0.9
+
+V = 6
+PROMPT = [1, 4, 2, 5, 0]
+N = 3000
+
+
+def small_target():
+    hf = checkpoints.read_config(TINY)
+    hf.update(vocab_size=V, num_hidden_layers=2, layer_types=[SLIDING, CSA], mlp_layer_types=[MOE, MOE])
+    return DeepseekV4Config.from_hf(hf, "small", "float32")
+
+
+def test_sampling_matches_target_distribution():
+    tcfg = small_target()
+    tparams = fill(target.param_shapes_and_axes(tcfg)[0], 7, scale=12.0)   # peaked, varied p
+    cfg = dv4.new_config(tcfg, num_layers=1, block_size=2, mask_token_id=3, markov_rank=8)
+    drafter = dv4.DeepseekV4BlockDrafter(cfg, tcfg, 2)
+    dparams = fill(drafter.param_shapes_and_axes()[0], 3, scale=12.0)
+    sp = (1.0, 0, 0.9)
+    seqs = np.array([PROMPT + [a, b] for a in range(V) for b in range(V)], np.int32)
+    n = len(PROMPT)
+    h, _, _ = target.forward(tcfg, tparams, jnp.asarray(seqs), jnp.full((len(seqs),), n + 2, jnp.int32))
+    p = np.asarray(sampling.warp(target.logits(tcfg, tparams, h), sampling.SamplingParams.make(len(seqs), *sp)),
+                   np.float64)
+    probs = p[0, n - 1][:, None, None] * p[::V, n].reshape(V, V)[:, :, None] * p[:, n + 1].reshape(V, V, V)
+    comps = generation.generate(tcfg, tparams, [PROMPT] * N, max_new_tokens=4,
+                                sampling=sampling.SamplingParams.make(N, *sp), seeds=range(N),
+                                drafter=drafter, dparams=dparams)
+    counts = np.zeros((V, V, V))
+    for c in comps:
+        counts[tuple(c.token_ids[:3])] += 1
+    tau = 3 * N / sum(c.rounds for c in comps)
+    assert 1.05 < tau < 2.95, tau   # some drafts accepted, some rejected
+    z = chi_square_z(counts, probs)
+    assert z < 4.0, f"speculative samples deviate from the target distribution (z={z:.2f})"
