@@ -33,6 +33,7 @@ SERVING_RULES: tuple[tuple[str, str | None], ...] = (
     ("kv_heads", "model"),
     ("mlp", "model"),
     ("expert", "model"),  # expert parallelism: the X axis of MoE expert weights
+    ("group_width", "model"),  # inside a grouped projection: split when the groups are fewer than `model`
     ("embed", None),
     ("head_dim", None),
     ("seq", None),

@@ -105,14 +105,6 @@ def params(cfg) -> tuple[Param, ...]:
     return tuple(out)
 
 
-def o_width_fallback(ps) -> tuple[Param, ...]:
-    """What-if, not the model's axes today: o_a / o_b split their second dimension over
-    `model` where o_groups (their first, `heads`) does not divide it, instead of staying
-    whole on every chip (logical_to_spec takes the first dimension the axis divides)."""
-    return tuple(dataclasses.replace(p, axes=("heads", "heads", p.axes[2]))
-                 if p.name.split("/")[-2] in ("o_a_proj", "o_b_proj") else p for p in ps)
-
-
 def _matrices(p: Param) -> tuple[int, int, int]:
     """(count, out, in) of the 2-D [out, in] weights a folder stores for this parameter."""
     s, last = p.shape, p.name.split("/")[-2]
@@ -228,14 +220,13 @@ def smallest_slice(ps, cfg, fmt: str, hbm_gib: float, headroom: float, cache_tok
     return out
 
 
-def plan(cfg, name: str, formats=FORMATS, mesh: tuple[int, int] | None = None, headroom: float = HEADROOM,
-         o_fallback: bool = False) -> dict:
+def plan(cfg, name: str, formats=FORMATS, mesh: tuple[int, int] | None = None,
+         headroom: float = HEADROOM) -> dict:
     """Everything the CLI prints, as one JSON-ready dict."""
-    ps = o_width_fallback(params(cfg)) if o_fallback else params(cfg)
+    ps = params(cfg)
     cache = cache_per_token(cfg)
     out = {"model": name, "layers": cfg.num_hidden_layers, "experts": cfg.n_routed_experts,
            "top_k": cfg.num_experts_per_tok, "params": counts(cfg, ps), "headroom": headroom,
-           "o_width_fallback": o_fallback,
            "weights_total_gib": {f: bytes_per_device(ps, f, 1, 1) / GIB for f in formats},
            "kv_cache_bytes_per_token": cache,
            "slices": [{"hardware": hw, **smallest_slice(ps, cfg, f, gib, headroom, cache["total"])}
@@ -267,8 +258,7 @@ def markdown(p: dict) -> str:
     if "mesh" in p:
         lines.append(f"mesh {p['mesh']['mesh']}: " + ", ".join(
             f"{f} {g:.2f} GiB/device" for f, g in p["mesh"]["gib_per_device"].items()))
-    what_if = "; what-if: o_a / o_b split past o_groups" if p["o_width_fallback"] else ""
-    lines += ["", f"Smallest slice (weights <= {100 * p['headroom']:.0f}% of a chip; experts over model{what_if}):", "",
+    lines += ["", f"Smallest slice (weights <= {100 * p['headroom']:.0f}% of a chip; experts over model):", "",
               "| hardware | GiB/chip | weights | chips (mesh) | weights GiB/chip | of HBM | KV tokens that fit |",
               "|---|---:|---|---|---:|---:|---:|"]
     for s in p["slices"]:
@@ -286,8 +276,6 @@ def main(argv=None) -> None:
     p.add_argument("--mesh", help="also give bytes per device on this DATAxMODEL mesh, e.g. 1x64")
     p.add_argument("--weights", choices=FORMATS, help="one weight format only (default: all)")
     p.add_argument("--headroom", type=float, default=HEADROOM, help="share of a chip's memory the weights may use")
-    p.add_argument("--o-width-fallback", action="store_true",
-                   help="what-if: o_a / o_b projections also split past o_groups chips (see o_width_fallback)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = p.parse_args(argv)
     with cli_errors("serve.memory_plan"):
@@ -308,8 +296,7 @@ def main(argv=None) -> None:
             from configs.deepseek_v4 import preset
 
             cfg, name = preset(args.preset), args.preset
-        result = plan(cfg, name, (args.weights,) if args.weights else FORMATS, mesh, args.headroom,
-                      args.o_width_fallback)
+        result = plan(cfg, name, (args.weights,) if args.weights else FORMATS, mesh, args.headroom)
         print(json.dumps(result, indent=1) if args.json else markdown(result))
 
 

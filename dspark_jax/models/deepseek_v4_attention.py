@@ -170,7 +170,7 @@ class Attention(nn.Module):
         self.kv_proj = Proj((d,), ("embed", "head_dim"), dtype=dt)
         self.kv_norm = RMSNorm(cfg.rms_norm_eps)
         self.o_a_proj = OGroups(cfg)
-        self.o_b_proj = Proj((cfg.hidden_size,), ("heads", "rank", "embed"), n_in=2, dtype=dt)
+        self.o_b_proj = Proj((cfg.hidden_size,), ("heads", "group_width", "embed"), n_in=2, dtype=dt)
         self.sinks = logical_param(self, "sinks", nn.initializers.zeros, (h,), ("heads",), F32)
         if self.kind != SLIDING:
             self.compressor = CompressorBlock(cfg, self.kind)
@@ -200,7 +200,8 @@ class Attention(nn.Module):
 
 
 class OGroups(nn.Module):
-    """Grouped o_a_proj: heads split into g groups, each group [H/g * D] -> [o_lora_rank]."""
+    """Grouped o_a_proj: heads split into g groups, each group [H/g * D] -> [o_lora_rank].
+    On a model axis wider than g the group's width is split instead (`group_width`)."""
 
     cfg: DeepseekV4Config
 
@@ -210,5 +211,5 @@ class OGroups(nn.Module):
         g = cfg.o_groups
         width = cfg.num_attention_heads * cfg.head_dim // g
         k = logical_param(self, "kernel", nn.initializers.normal(INIT_STD), (g, width, cfg.o_lora_rank),
-                          ("heads", None, "rank"), cfg.jnp_dtype)
+                          ("heads", "group_width", "rank"), cfg.jnp_dtype)
         return jnp.einsum("btgi,gir->btgr", o.reshape(*o.shape[:2], g, width), k)
