@@ -100,7 +100,7 @@ def test_cli_greedy_equals_plain(capsys, trained):
     assert all(r["gamma"] == 5 for r in spec)
 
 
-def test_refusals_are_one_line(trained, tmp_path):
+def test_refusals_are_one_line():
     tcfg, _ = target.load(TINY, "float32")
     hf = checkpoints.read_config(TINY)   # the target's own folder: no dspark fields
     with pytest.raises(DSparkError) as e:

@@ -148,7 +148,8 @@ def folder_config(hf: dict, tcfg: DeepseekV4Config, path: str, dtype: str | None
     try:
         layers = int(hf.get("n_mtp_layers") or hf.get("num_nextn_predict_layers") or 0)
         taps = tuple(int(i) - 1 for i in hf["dspark_target_layer_ids"])
-        mask, rank, block = int(hf["dspark_noise_token_id"]), int(hf["dspark_markov_rank"]), int(hf["dspark_block_size"])
+        mask, rank = int(hf["dspark_noise_token_id"]), int(hf["dspark_markov_rank"])
+        block = int(hf["dspark_block_size"])
         experts = hf.get("dspark_n_routed_experts")
         top = hf.get("dspark_n_activated_experts")
     except (TypeError, ValueError) as e:
