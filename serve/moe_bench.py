@@ -1,15 +1,16 @@
 """Micro-benchmark of the sparse MoE (routed_experts) against the dense reference (dense_experts).
 
     python -m serve.moe_bench                                # CPU: about a minute
-    python -m serve.moe_bench --tokens 64,512 --experts 8,32,128 --top-k 1,2,4,8 --out moe.json
+    python -m serve.moe_bench --tokens 8,64,512 --experts 8,32,128 --top-k 1,2,4,8 --out moe.json
     python -m serve.moe_bench --dtype bfloat16 --d 2048 --inter 768   # accelerator-sized
 
 Two sweeps at each token count N: total experts X (at --sweep-k active experts per
 token) and active experts K (at --sweep-x total experts). Each case jits both functions
 on the same random inputs, then times them alternately (--repeats rounds, one call of
 each per round) and reports the medians and the largest difference between the two
-outputs. The routed cost should follow K (active) and stay about flat in X (total);
-the dense cost follows X.
+outputs, and how many distinct experts the tokens hit (the weights the routed path must
+read). The routed cost should follow K (active) and stay about flat in X (total) while
+the experts hit do; the dense cost follows X.
 """
 
 from __future__ import annotations
@@ -65,17 +66,18 @@ def measure(n: int, x: int, k: int, d: int, inter: int, dtype: str, warmup: int,
             t0 = time.perf_counter()
             fn(*inputs).block_until_ready()
             times[name].append(time.perf_counter() - t0)
+    touched = int(jnp.unique(inputs[2]).size)
     diff = float(jnp.abs(outs["routed"].astype(jnp.float32) - outs["dense"].astype(jnp.float32)).max())
-    return {"tokens": n, "experts": x, "top_k": k, "d": d, "inter": inter, "dtype": dtype,
+    return {"tokens": n, "experts": x, "top_k": k, "touched": touched, "d": d, "inter": inter, "dtype": dtype,
             "routed_s": statistics.median(times["routed"]), "dense_s": statistics.median(times["dense"]),
             "max_abs_diff": diff}
 
 
 def markdown(rows: list[dict], title: str) -> str:
-    lines = [title, "", "| tokens N | experts X | top-k K | routed ms | dense ms | dense / routed | max abs diff |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [title, "", "| tokens N | experts X | top-k K | experts hit | routed ms | dense ms | dense / routed | max abs diff |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['tokens']} | {r['experts']} | {r['top_k']} | {r['routed_s'] * 1e3:.2f} | "
+        lines.append(f"| {r['tokens']} | {r['experts']} | {r['top_k']} | {r['touched']} | {r['routed_s'] * 1e3:.2f} | "
                      f"{r['dense_s'] * 1e3:.2f} | {r['dense_s'] / r['routed_s']:.1f} | {r['max_abs_diff']:.1e} |")
     return "\n".join(lines)
 
@@ -83,7 +85,7 @@ def markdown(rows: list[dict], title: str) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m serve.moe_bench", description=__doc__.split("\n")[0],
                                 formatter_class=DefaultsFormatter, epilog=__doc__.split("\n", 2)[2])
-    p.add_argument("--tokens", type=_int_list, default=[64, 512], help="token counts N, e.g. 64,512")
+    p.add_argument("--tokens", type=_int_list, default=[8, 64, 512], help="token counts N, e.g. 64,512")
     p.add_argument("--experts", type=_int_list, default=[8, 32, 128], help="total experts X of the X sweep")
     p.add_argument("--top-k", type=_int_list, default=[1, 2, 4, 8], help="active experts K of the K sweep")
     p.add_argument("--sweep-k", type=int, default=2, help="K during the X sweep")

@@ -59,11 +59,12 @@ def test_wrong_variants_fail():
         assert float(jnp.abs(bad - want).max()) > 100 * ATOL
 
 
-@pytest.mark.parametrize("impl", [moe._tiled_gmm, moe._ragged_gmm], ids=["tiles", "ragged_dot"])
+@pytest.mark.parametrize("impl", [moe._looped_gmm, moe._batched_gmm, moe._ragged_gmm],
+                         ids=["looped", "batched", "ragged_dot"])
 @pytest.mark.parametrize("sizes", [[5, 0, 12, 1, 0, 3], [0, 0, 40, 0, 0, 0], [100, 2, 0, 0, 7, 0]])
 def test_grouped_matmul_contract(impl, sizes):
-    """Row r of group e gets lhs[r] @ rhs[e].T; rows past sum(sizes) are zero (both
-    implementations, several tile heights, empty groups)."""
+    """Row r of group e gets lhs[r] @ rhs[e].T; rows past sum(sizes) are zero (every
+    implementation, several tile heights, empty groups)."""
     r = np.random.default_rng(1)
     m = 120
     lhs = r.normal(size=(m, 6)).astype(np.float32)
@@ -121,9 +122,8 @@ def test_expert_parallel_matches_dense(spec):
     assert placed[3].sharding.spec == P("model", None, None, None)
     want = _jit(dense_experts, limit=0.5)(*args)
     with jax.set_mesh(mesh):
-        fn = _jit(routed_experts, limit=0.5)
-        got = fn(*placed)
-        hlo = fn.lower(*placed).compile().as_text()
+        compiled = _jit(routed_experts, limit=0.5).lower(*placed).compile()
+        got, hlo = compiled(*placed), compiled.as_text()
         jaxpr = str(jax.make_jaxpr(functools.partial(routed_experts, act=jax.nn.silu))(*placed))
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=1e-5)
     assert "shard_map" in jaxpr and "all-reduce" in hlo and "all-gather" not in hlo
@@ -165,3 +165,25 @@ def test_cost_grows_with_active_not_total_experts():
     assert routed[64] < 2.5 * routed[8]
     assert _flops(dense_experts, 128, 2, 64) > 7 * _flops(dense_experts, 128, 2, 8)
     assert _flops(routed_experts, 128, 8, 16) > 3 * _flops(routed_experts, 128, 1, 16)
+
+
+def test_gemma4_experts_run_routed():
+    """Gemma 4's Experts module: its X axis is `expert` (split over `model`) and it equals
+    the dense reference with gelu-tanh, on one device and expert-parallel."""
+    from flax.core import meta
+
+    from dspark_jax.models.gemma4_layers import Experts, activation
+
+    x, w, i, gu, dn = _case(n=36, k=2, d=16)
+    module = Experts(num_experts=8, hidden=16, intermediate=24)
+    boxed = jax.eval_shape(module.init, jax.random.key(0), x, w, i)["params"]
+    assert boxed["gate_up_proj"].names == ("expert", None, "mlp", "embed")
+    assert boxed["gate_up_proj"].value.shape == gu.shape and boxed["down_proj"].value.shape == dn.shape
+    params = {"gate_up_proj": gu, "down_proj": dn}
+    want = _jit(dense_experts, activation("gelu_pytorch_tanh"))(x, w, i, params["gate_up_proj"], params["down_proj"])
+    np.testing.assert_allclose(jax.jit(module.apply)({"params": params}, x, w, i), want, atol=ATOL, rtol=1e-5)
+    mesh = mesh_lib.make_mesh("1x8")
+    axes = jax.tree.map(lambda b: b.names, boxed, is_leaf=lambda b: isinstance(b, meta.Partitioned))
+    with jax.set_mesh(mesh):
+        got = jax.jit(module.apply)({"params": mesh_lib.shard_tree(params, axes, mesh)}, x, w, i)
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=1e-5)

@@ -17,7 +17,9 @@ propagation still makes it correct for sharded parameters, only not sparse per d
 The grouped matmul is `jax.lax.ragged_dot` on TPU (a native grouped GEMM). On CPU jax
 lowers ragged_dot to a masked product over every group, and XLA:GPU by default rewrites
 it the same way (X times the work), so there rows are padded per expert to whole tiles
-and each tile multiplies its own expert's weights (a gather and one batched matmul).
+and each tile multiplies its own expert's weights: on GPU one batched matmul over the
+tiles (weights gathered per tile), on CPU a loop over the tiles in use (small batched
+matmuls are slow on XLA:CPU).
 
 `dense_experts` (every expert on every token, router-weighted mix) is the reference.
 """
@@ -73,32 +75,64 @@ def dense_experts(x, weights, index, gate_up, down, act: Act, limit: float | Non
 
 
 def _tile_rows(rows: int, groups: int) -> int:
-    """Tile height of the tiled grouped matmul: about half the mean group size, 8..128."""
+    """Tile height of the tiled grouped matmuls: about a quarter of the mean group size, 8..128."""
     t = 8
     while t < 128 and 4 * t <= rows // max(groups, 1):
         t *= 2
     return t
 
 
-def _tiled_gmm(lhs: jax.Array, rhs: jax.Array, sizes: jax.Array) -> jax.Array:
-    """Grouped matmul by padding each group to whole tiles: every tile belongs to one group
-    and multiplies that group's matrix. lhs [m, k] (rows sorted by group), rhs [g, n, k],
-    sizes [g] -> [m, n] float32; rows past sum(sizes) are zero."""
+def _to_tiles(lhs: jax.Array, sizes: jax.Array, groups: int, t: int):
+    """Pad each group's rows (lhs [m, k], sorted by group) to whole tiles of t rows.
+
+    -> (padded rows [tiles * t, k], group of each tile [tiles], padded position of each row
+    [m] (out of range past sum(sizes)), tiles in use); `tiles` is the static bound
+    m / t + min(groups, m): at most one partial tile per non-empty group.
+    """
     m, k = lhs.shape
-    g, n, _ = rhs.shape
-    t = _tile_rows(m, g)
-    tiles = -(-m // t) + min(g, m)                   # at most one partial tile per non-empty group
+    tiles = -(-m // t) + min(groups, m)
     ends = jnp.cumsum(sizes)
     padded = -(-sizes // t) * t
     pad_ends = jnp.cumsum(padded)
     row = jnp.arange(m, dtype=sizes.dtype)
-    grp = jnp.searchsorted(ends, row, side="right")  # g past the last group
-    gc = jnp.minimum(grp, g - 1)
-    pos = jnp.where(grp < g, pad_ends[gc] - padded[gc] + row - (ends[gc] - sizes[gc]), tiles * t)
-    lhs_p = jnp.zeros((tiles * t, k), lhs.dtype).at[pos].set(lhs, mode="drop").reshape(tiles, t, k)
-    tile_grp = jnp.minimum(jnp.searchsorted(pad_ends, jnp.arange(tiles, dtype=sizes.dtype) * t, side="right"), g - 1)
-    out = jnp.einsum("tsk,tnk->tsn", lhs_p, rhs[tile_grp], preferred_element_type=jnp.float32)
-    return out.reshape(tiles * t, n).at[pos].get(mode="fill", fill_value=0)
+    grp = jnp.searchsorted(ends, row, side="right")  # `groups` past the last group
+    gc = jnp.minimum(grp, groups - 1)
+    pos = jnp.where(grp < groups, pad_ends[gc] - padded[gc] + row - (ends[gc] - sizes[gc]), tiles * t)
+    lhs_p = jnp.zeros((tiles * t, k), lhs.dtype).at[pos].set(lhs, mode="drop")
+    starts = jnp.arange(tiles, dtype=sizes.dtype) * t
+    tile_grp = jnp.minimum(jnp.searchsorted(pad_ends, starts, side="right"), groups - 1)
+    return lhs_p, tile_grp, pos, pad_ends[-1] // t
+
+
+def _batched_gmm(lhs: jax.Array, rhs: jax.Array, sizes: jax.Array) -> jax.Array:
+    """Grouped matmul as one batched matmul over tiles, each with its group's matrix
+    gathered. lhs [m, k] (rows sorted by group), rhs [g, n, k], sizes [g] -> [m, n]
+    float32; rows past sum(sizes) are zero."""
+    (m, k), (g, n, _) = lhs.shape, rhs.shape
+    t = _tile_rows(m, g)
+    lhs_p, tile_grp, pos, _ = _to_tiles(lhs, sizes, g, t)
+    out = jnp.einsum("tsk,tnk->tsn", lhs_p.reshape(-1, t, k), rhs[tile_grp], preferred_element_type=jnp.float32)
+    return out.reshape(-1, n).at[pos].get(mode="fill", fill_value=0)
+
+
+def _looped_gmm(lhs: jax.Array, rhs: jax.Array, sizes: jax.Array) -> jax.Array:
+    """The same contract as a loop over tiles that multiplies the tiles in use only and
+    reads each tile's matrix in place (no gathered copy of the weights)."""
+    (m, k), (g, n, _) = lhs.shape, rhs.shape
+    t = _tile_rows(m, g)
+    lhs_p, tile_grp, pos, used = _to_tiles(lhs, sizes, g, t)
+
+    def tile(out, i):
+        def multiply(out):
+            a = jax.lax.dynamic_slice_in_dim(lhs_p, i * t, t)                      # [t, k]
+            w = jax.lax.dynamic_index_in_dim(rhs, tile_grp[i], keepdims=False)     # [n, k]
+            y = jnp.dot(a, w.T, preferred_element_type=jnp.float32)
+            return jax.lax.dynamic_update_slice_in_dim(out, y, i * t, 0)
+        return jax.lax.cond(i < used, multiply, lambda o: o, out), None
+
+    zeros = jnp.zeros_like(lhs_p, jnp.float32, shape=(lhs_p.shape[0], n))  # varies where lhs does (shard_map)
+    out, _ = jax.lax.scan(tile, zeros, jnp.arange(lhs_p.shape[0] // t))
+    return out.at[pos].get(mode="fill", fill_value=0)
 
 
 def _ragged_gmm(lhs: jax.Array, rhs: jax.Array, sizes: jax.Array) -> jax.Array:
@@ -109,7 +143,7 @@ def _ragged_gmm(lhs: jax.Array, rhs: jax.Array, sizes: jax.Array) -> jax.Array:
 
 
 def _gmm(lhs: jax.Array, rhs: jax.Array, sizes: jax.Array) -> jax.Array:
-    return jax.lax.platform_dependent(lhs, rhs, sizes, tpu=_ragged_gmm, default=_tiled_gmm)
+    return jax.lax.platform_dependent(lhs, rhs, sizes, tpu=_ragged_gmm, cpu=_looped_gmm, default=_batched_gmm)
 
 
 def _local_experts(x, weights, index, gate_up, down, act, limit, first) -> jax.Array:
@@ -134,7 +168,7 @@ def _local_experts(x, weights, index, gate_up, down, act, limit, first) -> jax.A
 def _expert_mesh(num_experts: int):
     """The current mesh when it splits the experts over the expert axis, else None."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or _EXPERT_AXIS not in mesh.axis_names or _EXPERT_AXIS in mesh.manual_axes:
+    if mesh.empty or _EXPERT_AXIS not in mesh.axis_names or mesh.manual_axes:  # not inside a shard_map
         return None
     size = mesh.shape[_EXPERT_AXIS]
     return mesh if size > 1 and num_experts % size == 0 else None
@@ -154,8 +188,7 @@ def routed_experts(x, weights, index, gate_up, down, act: Act, limit: float | No
     if mesh is None:
         return _local_experts(x, weights, index, gate_up, down, act, limit, 0).astype(x.dtype)
 
-    tok = _TOKEN_AXIS if (_TOKEN_AXIS in mesh.axis_names and _TOKEN_AXIS not in mesh.manual_axes
-                          and x.shape[0] % mesh.shape[_TOKEN_AXIS] == 0) else None
+    tok = _TOKEN_AXIS if _TOKEN_AXIS in mesh.axis_names and x.shape[0] % mesh.shape[_TOKEN_AXIS] == 0 else None
     per_device = gate_up.shape[0] // mesh.shape[_EXPERT_AXIS]
 
     def shard(xs, ws, ix, gu, dn):
