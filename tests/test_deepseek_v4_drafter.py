@@ -6,6 +6,7 @@ kept few: one training run (resumed once), one CLI pair, one small sampling targ
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +79,29 @@ def test_export_is_deepseeks_mtp_layout_and_loads_bit_for_bit(trained):
     tcfg, _ = target.load(TINY, "float32")
     got, params = drafters.load(folder, tcfg)
     assert got.cfg.arch == drafter.cfg.arch and got.cfg.target_layer_ids == drafter.cfg.target_layer_ids
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_released_combined_folder_serves_target_and_drafter(trained, tmp_path):
+    """DeepSeek ships V4-*-DSpark as ONE folder: the target's shards plus the `mtp.*`
+    tensors, the dspark fields in its config.json. The same folder is --target and --draft."""
+    _, state, _, folder = trained
+    combined = tmp_path / "combined"
+    shutil.copytree(TINY, combined)
+    shutil.copy(os.path.join(folder, "model.safetensors"), combined / "model-mtp.safetensors")
+    with open(combined / "model.safetensors.index.json") as f:
+        index = json.load(f)
+    index["weight_map"].update({n: "model-mtp.safetensors" for n in open_folder(folder)})
+    with open(combined / "model.safetensors.index.json", "w") as f:
+        json.dump(index, f)
+    shutil.copy(os.path.join(folder, "config.json"), combined / "config.json")
+    tcfg, tparams = target.load(str(combined), "float32")
+    ref_cfg, ref_params = target.load(TINY, "float32")
+    assert tcfg == ref_cfg
+    for a, b in zip(jax.tree.leaves(tparams), jax.tree.leaves(ref_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _, params = drafters.load(str(combined), tcfg)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -171,9 +195,13 @@ def test_sampling_matches_target_distribution():
     sp = (1.0, 0, 0.9)
     seqs = np.array([PROMPT + [a, b] for a in range(V) for b in range(V)], np.int32)
     n = len(PROMPT)
-    h, _, _ = target.forward(tcfg, tparams, jnp.asarray(seqs), jnp.full((len(seqs),), n + 2, jnp.int32))
-    p = np.asarray(sampling.warp(target.logits(tcfg, tparams, h), sampling.SamplingParams.make(len(seqs), *sp)),
-                   np.float64)
+
+    @jax.jit
+    def probs_of(tp, toks):
+        h, _, _ = target.forward(tcfg, tp, toks, jnp.full((len(seqs),), n + 2, jnp.int32))
+        return sampling.warp(target.logits(tcfg, tp, h), sampling.SamplingParams.make(len(seqs), *sp))
+
+    p = np.asarray(probs_of(tparams, jnp.asarray(seqs)), np.float64)
     probs = p[0, n - 1][:, None, None] * p[::V, n].reshape(V, V)[:, :, None] * p[:, n + 1].reshape(V, V, V)
     comps = generation.generate(tcfg, tparams, [PROMPT] * N, max_new_tokens=4,
                                 sampling=sampling.SamplingParams.make(N, *sp), seeds=range(N),
