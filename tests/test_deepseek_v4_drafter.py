@@ -124,6 +124,21 @@ def test_cli_greedy_equals_plain(capsys, trained):
     assert all(r["gamma"] == 5 for r in spec)
 
 
+def test_flash_production_shape():
+    """On V4-Flash (eval_shape, nothing allocated): 3 MoE layers of 256 experts, window 128,
+    gamma 5, rank 256, taps at DeepSeek's released dspark_target_layer_ids [40, 41, 42]."""
+    from configs.deepseek_v4 import preset
+
+    tcfg = preset("deepseek-v4-flash")
+    drafter = dv4.DeepseekV4BlockDrafter(dv4.new_config(tcfg, mask_token_id=128799), tcfg, 5)
+    shapes = drafter.param_shapes_and_axes()[0]
+    assert [i + 1 for i in drafter.cfg.target_layer_ids] == [40, 41, 42]
+    assert drafter.cfg.arch.sliding_window == 128 and drafter.gamma == 5 and len(drafter.cfg.arch.layer_types) == 3
+    assert shapes["fc"]["kernel"].shape == (3 * 4096, 4096)
+    assert shapes["layers_2"]["mlp"]["experts"]["gate_up_proj"].shape == (256, 2, 2048, 4096)
+    assert shapes["confidence_head"]["proj"]["kernel"].shape == (4096 + 256, 1)
+
+
 def test_refusals_are_one_line():
     tcfg, _ = target.load(TINY, "float32")
     hf = checkpoints.read_config(TINY)   # the target's own folder: no dspark fields
