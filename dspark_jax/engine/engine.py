@@ -57,10 +57,10 @@ class Engine:
     c_k >= `threshold`), "algorithm1" or "production" (need `sps`: a curve indexed by B
     or a {B: steps/s} dict; `draft_time`, `acceptance` (the drafter's mean survival per
     position) and `rounds` (measured round times) as the profile holds them; see
-    `costs.stored_costs`). prefill_chunk: prompt tokens per round riding in the
-    verification pass (0: prefill passes only). rounds_per_call: rounds per dispatch
-    when every slot decodes. lag: rounds in flight before the host reads one
-    back (0: synchronous). trace: record each round's drafts and confidences per request.
+    `costs.stored_costs`). prefill_chunk: prompt tokens per round riding in the verification
+    pass (0: prefill passes only). rounds_per_call: rounds per dispatch when every slot
+    decodes. lag: rounds in flight before the host reads one back (0: synchronous). trace: record
+    each round's drafts and confidences. mesh: shards params and caches; current in every dispatch.
     """
 
     def __init__(self, tcfg, tparams, drafter=None, dparams=None, *, slots: int = 4, max_len: int = 256,
@@ -333,17 +333,19 @@ class Engine:
         """Dispatch `count` rounds (the state stays on the device) -> their Summary."""
         if self._state.sampling.greedy != greedy:
             self._state = self._state.replace(sampling=self._state.sampling.promise_greedy(greedy))
-        self._state, self._stale, summary = rnd.rounds(
-            self.tcfg, self.drafter, self.gamma, budget, self.policy, draft, count, self.tparams, self.dparams,
-            self._state, self._stale, self._sched, admission)
+        with jax.set_mesh(self.mesh):
+            self._state, self._stale, summary = rnd.rounds(
+                self.tcfg, self.drafter, self.gamma, budget, self.policy, draft, count, self.tparams, self.dparams,
+                self._state, self._stale, self._sched, admission)
         return summary
 
     def call_prefill(self, rows, prompts, lengths, seeds, budget: int, greedy: bool):
         """Dispatch a prefill pass of the `rows` [S] bool given their prompts -> first tokens [S]."""
         t = self.table
-        self._state, self._stale, first = rnd.prefill(
-            self.tcfg, self.drafter, self.tparams, self.dparams, self._state, self._stale, rows, prompts, lengths,
-            seeds, self._sampling(greedy), t.max_new.copy(), t.max_depth.copy(), t.stops.copy(), budget=budget)
+        with jax.set_mesh(self.mesh):
+            self._state, self._stale, first = rnd.prefill(
+                self.tcfg, self.drafter, self.tparams, self.dparams, self._state, self._stale, rows, prompts, lengths,
+                seeds, self._sampling(greedy), t.max_new.copy(), t.max_depth.copy(), t.stops.copy(), budget=budget)
         return first
 
     def _sync_live(self) -> None:
