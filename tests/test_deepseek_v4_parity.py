@@ -93,3 +93,46 @@ def test_fixtures_exercise_every_switch():
     assert len({c.scoring_func for c in cfgs}) >= 2
     assert any(c.compress_rope.rope_type == "yarn" for c in cfgs)
     assert any(n.endswith("fp8") for n in FOLDERS)
+
+
+def test_fp4_routed_experts_of_a_released_folder_are_unpacked_at_load(tmp_path):
+    """DeepSeek-V4-Flash / -Pro ship routed experts as packed e2m1 (int8, low nibble first)
+    with an e8m0 scale per 32 inputs and `expert_dtype: fp4`: the fp8 fixture's experts
+    rewritten so load as the element-wise rule says."""
+    import json
+    import shutil
+
+    import ml_dtypes
+
+    from dspark_jax import fp8
+    from dspark_jax.safetensors_io import save_file
+
+    src, dst = os.path.join(FIXTURES, "deepseek_v4_tiny_fp8"), tmp_path / "fp4"
+    shutil.copytree(src, dst)
+    with open(dst / "model.safetensors.index.json") as f:
+        index = json.load(f)
+    rng, new, want = np.random.default_rng(0), {}, {}
+    for name in [n for n in index["weight_map"] if ".ffn.experts." in n and n.endswith(".weight")]:
+        out, cols = {"w1": (24, 64), "w3": (24, 64), "w2": (64, 24)}[name.split(".")[-2]]
+        packed = rng.integers(-128, 128, (out, cols // 2), dtype=np.int8)
+        scale = (2.0 ** rng.integers(-6, -2, (out, -(-cols // 32)))).astype(ml_dtypes.float8_e8m0fnu)
+        prefix = name[: -len(".weight")]
+        new[name], new[prefix + ".scale"] = packed, scale
+        del index["weight_map"][prefix + ".weight_scale_inv"]
+        want[name] = fp8.dequantize_fp4(packed, scale)
+    save_file(new, str(dst / "experts-fp4.safetensors"))
+    index["weight_map"].update({n: "experts-fp4.safetensors" for n in new})
+    with open(dst / "model.safetensors.index.json", "w") as f:
+        json.dump(index, f)
+    with open(dst / "config.json") as f:
+        hf = json.load(f)
+    with open(dst / "config.json", "w") as f:
+        json.dump(dict(hf, expert_dtype="fp4"), f)
+    cfg, params = target.load(str(dst), "float32")
+    for layer in range(cfg.num_hidden_layers):
+        experts = params[f"layers_{layer}"]["mlp"]["experts"]
+        for e in range(cfg.n_routed_experts):
+            w = f"layers.{layer}.ffn.experts.{e}"
+            np.testing.assert_array_equal(np.asarray(experts["gate_up_proj"][e, 0]), want[f"{w}.w1.weight"])
+            np.testing.assert_array_equal(np.asarray(experts["gate_up_proj"][e, 1]), want[f"{w}.w3.weight"])
+            np.testing.assert_array_equal(np.asarray(experts["down_proj"][e]), want[f"{w}.w2.weight"])

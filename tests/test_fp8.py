@@ -126,7 +126,7 @@ def test_block_size_of_configs():
 @pytest.mark.parametrize("change,field", [
     ({"quant_method": "bitsandbytes"}, "quant_method"),
     ({"fmt": "e5m2"}, "fmt"),
-    ({"expert_dtype": "fp4"}, "expert_dtype"),
+    ({"expert_dtype": "int4"}, "expert_dtype"),
     ({"weight_block_size": [128]}, "weight_block_size"),
     ({"weight_block_size": [128, 0]}, "weight_block_size"),
 ])
@@ -138,3 +138,43 @@ def test_block_size_refuses_what_it_cannot_serve_naming_the_field(change, field)
     assert "\n" not in msg and msg.startswith("/m/config.json") and f"quantization_config.{field}" in msg
     with pytest.raises(DSparkError, match="JSON object"):
         fp8.block_size({"quantization_config": "fp8"})
+
+
+def _fp4_reference(packed, scale):
+    """Element by element: column 2j is the low nibble of byte j, 2j+1 the high one."""
+    rows, half = packed.shape
+    out = np.zeros((rows, 2 * half), np.float32)
+    for i in range(rows):
+        for j in range(half):
+            byte = int(packed[i, j]) & 0xFF
+            for k, nib in enumerate((byte & 0x0F, byte >> 4)):
+                out[i, 2 * j + k] = fp8.E2M1[nib] * float(scale[i, (2 * j + k) // 32])
+    return out
+
+
+def test_fp4_dequantize_equals_the_elementwise_rule_and_the_nibble_order_matters():
+    rng = np.random.default_rng(3)
+    packed = rng.integers(-128, 128, (5, 40), dtype=np.int8)           # 80 inputs: a partial last group
+    scale = (2.0 ** rng.integers(-4, 4, (5, 3))).astype(ml_dtypes.float8_e8m0fnu)
+    got = fp8.dequantize_fp4(packed, scale)
+    np.testing.assert_array_equal(got, _fp4_reference(packed, scale))
+    swapped = ((packed.view(np.uint8) >> 4) | (packed.view(np.uint8) << 4)).view(np.int8)
+    assert not np.array_equal(fp8.dequantize_fp4(swapped, scale), got)   # high nibble first: wrong
+    with pytest.raises(DSparkError, match="fp4 scale shape"):
+        fp8.dequantize_fp4(packed, scale[:, :2])
+
+
+def test_read_weight_unpacks_fp4_experts_and_block_size_accepts_them(tmp_path):
+    rng = np.random.default_rng(4)
+    packed = rng.integers(-128, 128, (4, 32), dtype=np.int8)
+    scale = (2.0 ** rng.integers(-3, 3, (4, 2))).astype(ml_dtypes.float8_e8m0fnu)
+    save_file({"ffn.experts.0.w1.weight": packed, "ffn.experts.0.w1.scale": scale,
+               "ffn.gate.weight": np.ones((2, 3), np.float32)}, str(tmp_path / "model.safetensors"))
+    index = open_folder(str(tmp_path))
+    got = fp8.read_weight(index, "ffn.experts.0.w1.weight", (128, 128))
+    np.testing.assert_array_equal(got, _fp4_reference(packed, scale))
+    assert fp8.read_weight(index, "ffn.gate.weight", None).dtype == np.float32
+    qc = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "scale_fmt": "ue8m0"}
+    assert fp8.block_size({"expert_dtype": "fp4", "quantization_config": qc}) == (128, 128)
+    with pytest.raises(DSparkError, match="expert_dtype 'int4'"):
+        fp8.block_size({"expert_dtype": "int4", "quantization_config": qc})
