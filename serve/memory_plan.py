@@ -271,7 +271,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m serve.memory_plan", description=__doc__.split("\n")[0],
                                 formatter_class=DefaultsFormatter, epilog=__doc__.split("\n", 2)[2])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="a preset of configs/deepseek_v4.py (deepseek-v4-flash, deepseek-v4-pro)")
+    src.add_argument("--preset", help="a preset of configs/models/deepseek_v4.py (deepseek-v4-flash, deepseek-v4-pro)")
     src.add_argument("--target", help="a DeepSeek-V4 folder: plan its config.json")
     p.add_argument("--mesh", help="also give bytes per device on this DATAxMODEL mesh, e.g. 1x64")
     p.add_argument("--weights", choices=FORMATS, help="one weight format only (default: all)")
@@ -293,7 +293,7 @@ def main(argv=None) -> None:
                 raise DSparkError(f"--target {args.target}: no config.json there")
             cfg, name = DeepseekV4Config.from_hf(read_config(args.target), path, "bfloat16"), args.target
         else:
-            from configs.deepseek_v4 import preset
+            from configs.models.deepseek_v4 import preset
 
             cfg, name = preset(args.preset), args.preset
         result = plan(cfg, name, (args.weights,) if args.weights else FORMATS, mesh, args.headroom)

@@ -127,7 +127,7 @@ def test_cli_greedy_equals_plain(capsys, trained):
 def test_flash_production_shape():
     """On V4-Flash (eval_shape, nothing allocated): 3 MoE layers of 256 experts, window 128,
     gamma 5, rank 256, taps at DeepSeek's released dspark_target_layer_ids [40, 41, 42]."""
-    from configs.deepseek_v4 import preset
+    from configs.models.deepseek_v4 import preset
 
     tcfg = preset("deepseek-v4-flash")
     drafter = dv4.DeepseekV4BlockDrafter(dv4.new_config(tcfg, mask_token_id=128799), tcfg, 5)

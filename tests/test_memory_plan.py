@@ -10,7 +10,7 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec
 
-from configs.deepseek_v4 import PRESETS, preset
+from configs.models.deepseek_v4 import PRESETS, preset
 from dspark_jax import mesh as mesh_lib
 from dspark_jax import target
 from dspark_jax.checkpoints import read_config

@@ -1,6 +1,6 @@
 """DeepSeek-V4-Flash and DeepSeek-V4-Pro as frozen presets of the project's V4 config.
 
-    from configs.deepseek_v4 import PRESETS, preset
+    from configs.models.deepseek_v4 import PRESETS, preset
     cfg = preset("deepseek-v4-pro")           # a frozen DeepseekV4Config, bfloat16
 
 Each preset is built the way a real folder is read: a config.json-shaped dict
@@ -87,7 +87,7 @@ CONFIG_JSON = {"deepseek-v4-flash": FLASH_CONFIG_JSON, "deepseek-v4-pro": PRO_CO
 RELEASED_FORMAT = {"deepseek-v4-flash": "fp4", "deepseek-v4-pro": "fp4"}
 
 PRESETS: dict[str, DeepseekV4Config] = {
-    name: DeepseekV4Config.from_hf(dict(hf), f"configs/deepseek_v4.py:{name}", "bfloat16")
+    name: DeepseekV4Config.from_hf(dict(hf), f"configs/models/deepseek_v4.py:{name}", "bfloat16")
     for name, hf in CONFIG_JSON.items()
 }
 

@@ -1,0 +1,1 @@
+"""Model presets (frozen target configs), beside the training presets of configs/*.py."""
