@@ -44,7 +44,7 @@ from dspark_jax.errors import DSparkError
 from dspark_jax.kv_cache import KVCache
 from dspark_jax.models.deepseek_v4 import DecoderLayer
 from dspark_jax.models.deepseek_v4_attention import Attention
-from dspark_jax.models.deepseek_v4_layers import (F32, HyperConnection, HyperHead, MoE, RMSNorm,
+from dspark_jax.models.deepseek_v4_layers import (F32, HyperHead, RMSNorm,
                                                   rms_unweighted, rope)
 from dspark_jax.models.layers import Proj
 
@@ -120,14 +120,7 @@ class DraftAttention(Attention):
 class DraftLayer(DecoderLayer):
     """The V4 decoder layer (same passes, same names) with DraftAttention."""
 
-    def setup(self):
-        cfg = self.cfg
-        self.attn_hc = HyperConnection(cfg)
-        self.ffn_hc = HyperConnection(cfg)
-        self.input_layernorm = RMSNorm(cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.rms_norm_eps)
-        self.self_attn = DraftAttention(cfg, self.index)
-        self.mlp = MoE(cfg, self.index)
+    attention = DraftAttention
 
     def context_kv(self, ctx, positions):
         return self.self_attn.context_kv(ctx, positions)

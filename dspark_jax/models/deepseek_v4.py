@@ -123,6 +123,7 @@ class DecoderLayer(nn.Module):
 
     cfg: DeepseekV4Config
     index: int
+    attention = Attention   # the attention class (the DSpark drafter's layer swaps it)
 
     def setup(self):
         cfg = self.cfg
@@ -130,7 +131,7 @@ class DecoderLayer(nn.Module):
         self.ffn_hc = HyperConnection(cfg)
         self.input_layernorm = RMSNorm(cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, self.index)
+        self.self_attn = self.attention(cfg, self.index)
         self.mlp = MoE(cfg, self.index)
 
     def __call__(self, streams, tokens, positions, rows: LayerRows, base):
