@@ -13,7 +13,7 @@ import pytest
 from dspark_jax import target
 from dspark_jax.drafters.loading import STS_FILE
 from dspark_jax.errors import DSparkError
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, cpu_env
 from tests.helpers import make_block_drafter, write_block_drafter
 from train import data, evaluate, memory, step as step_lib, trainer
 from train.config import TrainConfig
@@ -64,7 +64,7 @@ def config(data_dir, dataset, out, **kw):
 def train_cli(cfg, tmp_path):
     sets = [a for k, v in json.loads(cfg.to_json()).items()
             for a in ("--set", f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}")]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = cpu_env(1)
     return subprocess.run([sys.executable, "-m", "train.train", "--no-progress"] + sets, cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
 

@@ -13,7 +13,7 @@ import pytest
 
 from dspark_jax import drafters, generation, target
 from dspark_jax.sampling import SamplingParams
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, cpu_env
 from train import data, trainer
 from train.config import TrainConfig, load_config
 
@@ -117,7 +117,7 @@ def test_two_process_distributed_matches_single_process(dataset, tmp_path):
     sets = [f"target={TIED}", f"data_dir={dataset}", "dataset=count", "steps=4", "batch_size=8", "seq_len=64",
             "num_anchors=8", "block_size=4", "markov_rank=16", "lr=3e-3", "ckpt_every=2", "log_every=2",
             "mesh=4x1", "async_checkpoint=false"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = cpu_env(2)
     port = _free_port()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "train.train", "--no-progress", "--coordinator", f"127.0.0.1:{port}",
@@ -126,7 +126,7 @@ def test_two_process_distributed_matches_single_process(dataset, tmp_path):
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    env1 = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env1 = cpu_env(4)
     single = subprocess.run([sys.executable, "-m", "train.train", "--no-progress"] +
                             [a for s in sets + [f"out_dir={tmp_path / 'single'}"] for a in ("--set", s)],
                             cwd=REPO, env=env1, capture_output=True, text=True, timeout=600)
