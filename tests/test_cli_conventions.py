@@ -180,7 +180,7 @@ def absolute_paths(value) -> list[str]:
     return [value] if isinstance(value, str) and os.path.isabs(value) else []
 
 
-def test_recipe_records_repository_relative_paths():
+def test_recipe_records_repository_relative_paths(tmp_path):
     from train.demo import recipe
 
     rec = recipe.recipe_record(recipe.parse_args([]))
@@ -189,8 +189,9 @@ def test_recipe_records_repository_relative_paths():
     assert (drafter["target"], drafter["data_dir"], drafter["out_dir"]) == (
         "artifacts/demo/target", "work/demo/data", "work/demo/runs/dspark")
     assert os.path.isdir(os.path.join(REPO, drafter["target"]))
-    outside = recipe.recipe_record(recipe.parse_args(["--work", "/tmp/dspark-scratch"]))
-    assert outside["drafter"]["data_dir"] == "/tmp/dspark-scratch/data"  # outside the repository: as given
+    scratch = str(tmp_path / "scratch")
+    outside = recipe.recipe_record(recipe.parse_args(["--work", scratch]))
+    assert outside["drafter"]["data_dir"] == os.path.join(scratch, "data")  # outside the repository: as given
 
 
 def test_committed_recipe_has_no_machine_paths():

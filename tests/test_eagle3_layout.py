@@ -137,10 +137,10 @@ def test_greedy_speculative_equals_plain_greedy(family):
     engine = Engine(tcfg, tparams, drafter, dparams, slots=2, max_len=MAX_LEN, policy="fixed", trace=True)
     ids = [engine.submit(p, max_new_tokens=new) for p in prompts]
     engine.run_until_done()
-    outs = {"fixed": [engine.result(i) for i in ids]}
-    assert [list(r.token_ids) for r in outs["fixed"]] == target.greedy_decode(tcfg, tparams, prompts, new)
-    assert list(outs["fixed"][0].token_ids) == golden["greedy"].tolist()  # transformers' greedy
-    assert list(outs["fixed"][0].trace[0]["draft_tokens"]) == golden["drafts"].tolist()
+    results = [engine.result(i) for i in ids]
+    assert [list(r.token_ids) for r in results] == target.greedy_decode(tcfg, tparams, prompts, new)
+    assert list(results[0].token_ids) == golden["greedy"].tolist()  # transformers' greedy
+    assert list(results[0].trace[0]["draft_tokens"]) == golden["drafts"].tolist()
 
 
 def test_cli_loads_the_folder(capsys):

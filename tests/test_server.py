@@ -21,6 +21,8 @@ import httpx
 import openai
 import pytest
 
+from tests.conftest import cpu_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "dspark-demo"
 PROMPTS = ["The capital of France is", "def add(a, b):"]
@@ -30,8 +32,7 @@ CHAT = [{"role": "user", "content": "A shop has 12 boxes with 7 apples each. How
 @pytest.fixture(scope="module")
 def server():
     """One server process: 4 slots, 384 positions, programs compiled on first use."""
-    env = dict(os.environ, XLA_FLAGS=re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                                            os.environ.get("XLA_FLAGS", "")).strip())
+    env = cpu_env(1)
     proc = subprocess.Popen([sys.executable, "-m", "serve.server", "--port", "0", "--slots", "4", "--max-len", "384",
                              "--max-queue", "64", "--warmup", "none"], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
