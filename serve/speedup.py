@@ -27,6 +27,7 @@ class BenchRow:
     spec_tps: float
     tau: float
     rounds: int
+    tokens: int = 0          # tokens of one run, all prompts (at temperature 0 plain and speculative agree)
 
     @property
     def speedup(self) -> float:
@@ -38,23 +39,24 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0, low: int = 4)
     return [rng.integers(low, vocab, length).tolist() for _ in range(n)]
 
 
-def _run(tcfg, tparams, prompts, max_new, temperature, drafter, dparams, gamma, verify_depth):
+def _run(tcfg, tparams, prompts, max_new, temperature, stop_ids, drafter, dparams, gamma, verify_depth):
     t0 = time.perf_counter()
     comps = generation.generate(tcfg, tparams, prompts, max_new_tokens=max_new,
                                 sampling=SamplingParams.make(len(prompts), temperature),
-                                seeds=range(len(prompts)), drafter=drafter, dparams=dparams, gamma=gamma,
-                                verify_depth=verify_depth)
+                                seeds=range(len(prompts)), stop_ids=stop_ids, drafter=drafter, dparams=dparams,
+                                gamma=gamma, verify_depth=verify_depth)
     secs = time.perf_counter() - t0
     return sum(len(c.token_ids) for c in comps) / secs, comps
 
 
 def compare(tcfg, tparams, drafter, dparams, prompts: Sequence[Sequence[int]], *, batch: int,
             max_new_tokens: int, temperature: float = 0.0, repeats: int = 2,
-            verify_depth: int | None = None, progress=None) -> BenchRow:
-    """Tokens/s of plain and speculative decoding on the first `batch` prompts."""
+            verify_depth: int | None = None, progress=None, stop_ids: Sequence[int] = ()) -> BenchRow:
+    """Tokens/s of plain and speculative decoding on the first `batch` prompts (a request
+    ends at one of `stop_ids` or after max_new_tokens)."""
     batch_prompts = [list(prompts[i % len(prompts)]) for i in range(batch)]
     gamma = drafter.gamma
-    args = (tcfg, tparams, batch_prompts, max_new_tokens, temperature)
+    args = (tcfg, tparams, batch_prompts, max_new_tokens, temperature, tuple(stop_ids))
     for spec in (False, True):  # compile both programs first
         _run(*args, drafter if spec else None, dparams, gamma, verify_depth)
     plain, fast, comps = [], [], None
@@ -66,7 +68,8 @@ def compare(tcfg, tparams, drafter, dparams, prompts: Sequence[Sequence[int]], *
             progress()
     rounds = sum(c.rounds for c in comps)
     tau = sum(len(c.token_ids) - 1 for c in comps) / rounds if rounds else 0.0
-    return BenchRow(batch, statistics.median(plain), statistics.median(fast), tau, rounds)
+    return BenchRow(batch, statistics.median(plain), statistics.median(fast), tau, rounds,
+                    sum(len(c.token_ids) for c in comps))
 
 
 def markdown(rows: list[BenchRow], title: str) -> str:

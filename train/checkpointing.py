@@ -64,7 +64,7 @@ class Checkpointer:
         diffs = ", ".join(f"{f} {saved.get(f)!r} there, {config.get(f)!r} now" for f in changed) or "no config field differs: was the target changed?"
         why = f" ({detail[:160]})" if detail else ""
         return DSparkError(
-            f"the checkpoint at step {step} in {self.directory} holds another drafter architecture than this config "
+            f"the checkpoint at step {step} in {self.directory} holds another architecture than this config "
             f"({diffs}){why}; to start fresh use a new out_dir or delete {self.directory}, "
             "or resume with the checkpoint's values")
 

@@ -60,3 +60,60 @@ class BatchLoader:
         if self.vocab_size is not None:
             check_ids(ids, self.vocab_size, f"the batch of step {step + 1}")
         return {"input_ids": ids, "loss_mask": mask, "lengths": lengths}
+
+
+class PackedLoader:
+    """Batches of rows packed end to end with whole conversations (no padding), for
+    next-token pretraining: epoch e concatenates the examples in a permutation seeded by
+    (seed, e) and cuts the stream into rows of seq_len tokens; a conversation may run on
+    into the next row, and attention is causal across the conversations of a row. Like
+    BatchLoader, the batch of step s is a pure function of (seed, s), so the data position
+    is the step."""
+
+    def __init__(self, source, *, global_batch: int, seq_len: int, seed: int = 0,
+                 process_index: int = 0, process_count: int = 1, vocab_size: int | None = None):
+        if global_batch % process_count:
+            raise DSparkError(f"batch_size {global_batch} must be a multiple of the {process_count} hosts")
+        self.source = source
+        self.vocab_size = vocab_size
+        self.lengths = np.array([len(source[i]["input_ids"]) for i in range(len(source))], np.int64)
+        self.global_batch = global_batch
+        self.local_batch = global_batch // process_count
+        self.seq_len = seq_len
+        self.seed = seed
+        self.process_index = process_index
+        self.steps_per_epoch = int(self.lengths.sum()) // seq_len // global_batch
+        if self.steps_per_epoch < 1:
+            raise DSparkError(f"the dataset holds {int(self.lengths.sum())} tokens, fewer than one packed batch "
+                              f"of {global_batch} x {seq_len}")
+        self._epoch, self._order, self._ends = -1, None, None
+
+    def _layout(self, epoch: int):
+        if epoch != self._epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
+            self._ends = np.cumsum(self.lengths[self._order])
+            self._epoch = epoch
+        return self._order, self._ends
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order, ends = self._layout(epoch)
+        s = self.seq_len
+        ids = np.zeros((self.local_batch, s), np.int32)
+        mask = np.zeros((self.local_batch, s), np.int32)
+        first_row = k * self.global_batch + self.process_index * self.local_batch
+        for row in range(self.local_batch):
+            lo = (first_row + row) * s
+            j = int(np.searchsorted(ends, lo, side="right"))
+            filled = 0
+            while filled < s:
+                ex = self.source[int(order[j])]
+                start = lo + filled - (int(ends[j]) - int(self.lengths[order[j]]))
+                take = min(s - filled, int(self.lengths[order[j]]) - start)
+                ids[row, filled:filled + take] = ex["input_ids"][start:start + take]
+                mask[row, filled:filled + take] = ex["loss_mask"][start:start + take]
+                filled += take
+                j += 1
+        if self.vocab_size is not None:
+            check_ids(ids, self.vocab_size, f"the batch of step {step + 1}")
+        return {"input_ids": ids, "loss_mask": mask, "lengths": np.full((self.local_batch,), s, np.int32)}

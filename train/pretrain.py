@@ -24,7 +24,7 @@ from dspark_jax.errors import DefaultsFormatter, DSparkError, cli_errors
 from train import data
 from train.checkpointing import Checkpointer
 from train.config import _coerce, import_config
-from train.loader import BatchLoader
+from train.loader import BatchLoader, PackedLoader
 from train.step import TrainState, optimizer
 from train.trainer import _log, _truncate_log, global_batch, place_unsharded
 from jax.sharding import NamedSharding, PartitionSpec
@@ -41,6 +41,7 @@ class PretrainConfig:
         tie_word_embeddings=True, max_position_embeddings=1024))
     seq_len: int = 256
     batch_size: int = 16
+    pack: bool = False                    # rows packed end to end with conversations (train.loader.PackedLoader)
     steps: int = 1000
     lr: float = 2e-3
     warmup_frac: float = 0.03
@@ -99,14 +100,16 @@ def run(pc: PretrainConfig, progress: bool = True):
     state = place_unsharded(TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                        opt_state=jax.jit(tx.init)(params),
                                        rng=jax.random.key_data(jax.random.key(pc.seed))), rep)
-    loader = BatchLoader(data.load(pc.data_dir, pc.dataset)["train"], global_batch=pc.batch_size,
-                         seq_len=pc.seq_len, seed=pc.seed, process_index=jax.process_index(),
-                         process_count=jax.process_count())
+    loader = (PackedLoader if pc.pack else BatchLoader)(
+        data.load(pc.data_dir, pc.dataset)["train"], global_batch=pc.batch_size, seq_len=pc.seq_len,
+        seed=pc.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+        vocab_size=cfg.vocab_size)
     ckpt = Checkpointer(pc.out_dir, keep=pc.keep_checkpoints, async_save=pc.async_checkpoint)
     log_path = os.path.join(pc.out_dir, "metrics.jsonl")
     start = 0
-    if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(ckpt.latest_step(), state)
+    shape = {f"model.{k}": v for k, v in dataclasses.asdict(pc.model).items() if k != "dtype"}
+    if ckpt.latest_step() is not None:   # a checkpoint of another model shape is refused in one line
+        state, meta = ckpt.restore(ckpt.latest_step(), state, config=shape, shape_fields=tuple(shape))
         start = int(meta["data_position"])
         _truncate_log(log_path, start)
     step = make_step(cfg, tx)
@@ -120,7 +123,7 @@ def run(pc: PretrainConfig, progress: bool = True):
             _log(log_path, m)
             bar.set_postfix(loss=f"{m['loss']:.3f}")
         if done % pc.ckpt_every == 0 or done == pc.steps:
-            ckpt.save(done, state, {"data_position": done, "step": done})
+            ckpt.save(done, state, {"data_position": done, "step": done, "config": shape})
         bar.update(1)
     bar.close()
     ckpt.close()

@@ -32,7 +32,23 @@ def read_prompt_set(path: str) -> list[tuple[list[dict], str]]:
     return out
 
 
+def _read_progress(path: str, settings: dict) -> dict:
+    """Answers of an interrupted run with the same settings: {(turn, index): text}."""
+    done = {}
+    if not os.path.exists(path):
+        return done
+    with open(path, encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f if line.endswith("\n")]   # a torn last line is dropped
+    if not lines or lines[0] != {"settings": settings}:
+        return done
+    for rec in lines[1:]:
+        done[(rec["turn"], rec["i"])] = rec["content"]
+    return done
+
+
 def regenerate(args) -> int:
+    """Answer every user turn; answers are appended to <out>.progress as each batch
+    finishes, so a killed run resumes from its last batch (same settings: same answers)."""
     tcfg, tparams = target.load(args.target)
     tok = Tokenizer(args.target)
     convs = read_prompt_set(args.prompts)
@@ -46,6 +62,14 @@ def regenerate(args) -> int:
 
         drafter, dparams = drafters.load(args.draft, tcfg)
     done = [[] for _ in convs]      # regenerated messages so far
+    settings = {k: getattr(args, k) for k in ("prompts", "max_new_tokens", "temperature", "top_k", "top_p",
+                                                "seed", "limit", "draft")} | {"target": os.path.abspath(args.target)}
+    progress_path = args.out + ".progress"
+    answered = _read_progress(progress_path, settings)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if not answered:
+        with open(progress_path, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"settings": settings}) + "\n")
     max_turns = max(sum(m["role"] == "user" for m in c) for c, _ in convs)
     bar = tqdm(total=sum(sum(m["role"] == "user" for m in c) for c, _ in convs), desc="regenerate", unit="answer")
     for turn in range(max_turns):
@@ -58,6 +82,11 @@ def regenerate(args) -> int:
                 todo.append(i)
         for start in range(0, len(todo), args.batch_size):
             rows = todo[start:start + args.batch_size]
+            if all((turn, i) in answered for i in rows):
+                for i in rows:
+                    done[i] = done[i] + [{"role": "assistant", "content": answered[(turn, i)]}]
+                bar.update(len(rows))
+                continue
             ids = [tok.encode_chat(done[i]) for i in rows]
             limit = tcfg.max_position_embeddings - args.max_new_tokens - 16
             ids = [x[-limit:] for x in ids]
@@ -66,15 +95,18 @@ def regenerate(args) -> int:
                 sampling=SamplingParams.make(len(rows), args.temperature, args.top_k, args.top_p),
                 seeds=[args.seed * 7919 + turn * 104729 + i for i in rows], stop_ids=tok.stop_ids,
                 drafter=drafter, dparams=dparams, gamma=drafter.gamma if drafter else 0)
-            for i, c in zip(rows, comps):
-                answer = [t for t in c.token_ids if t not in tok.stop_ids]
-                done[i] = done[i] + [{"role": "assistant", "content": tok.decode(answer)}]
+            with open(progress_path, "a", encoding="utf-8") as f:
+                for i, c in zip(rows, comps):
+                    answer = tok.decode([t for t in c.token_ids if t not in tok.stop_ids])
+                    done[i] = done[i] + [{"role": "assistant", "content": answer}]
+                    f.write(json.dumps({"turn": turn, "i": i, "content": answer}) + "\n")
             bar.update(len(rows))
     bar.close()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
+    with open(args.out + ".tmp", "w", encoding="utf-8") as f:
         for (msgs, domain), conv in zip(convs, done):
             f.write(json.dumps({"messages": conv, "domain": domain}) + "\n")
+    os.replace(args.out + ".tmp", args.out)
+    os.remove(progress_path)
     if args.name:
         from train import data
 

@@ -1,13 +1,18 @@
 """The bundled demo pair, rebuilt from scratch with the project's own code.
 
-    python -m train.demo.recipe                     # every stage (about 1-2 h on 2 CPU cores)
-    python -m train.demo.recipe --stage target      # one stage (each skips when done)
+    python -m train.demo.recipe                     # every stage (about 5 h on 2 CPU cores)
+    python -m train.demo.recipe --stage target      # one stage
+
+Each stage skips when its artifact exists and RECIPE.json records that the same settings
+(and the same input artifacts, by hash) made it; a killed run resumes where it stopped
+(the target and drafter runs from their last checkpoint, regeneration from its last batch).
 
 Stages and the artifact each one rebuilds:
   corpus     work/corpus        offline corpus (code / prose / math) + BPE tokenizer
   target     artifacts/demo/target   Qwen3-architecture target, trained on the corpus
   regen      work/regen         the target's own answers to the training prompts
-  drafters   artifacts/demo/{dspark,dflash,eagle3}   identical data, steps and budget, gamma 7
+  drafters   artifacts/demo/{dspark,dflash,eagle3}   identical data and shape, gamma 7, bfloat16;
+             DSpark and DFlash equal steps, Eagle3 DSpark's training FLOPs
   calibrate  artifacts/demo/dspark/sts_calibration.json   STS on the validation split
   report     docs/demo_report.md + docs/figures/demo_*.png   (python -m train.demo.report)
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -26,34 +32,41 @@ from dspark_jax.errors import DefaultsFormatter, cli_errors
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARTIFACTS = os.path.join(REPO, "artifacts", "demo")
 STAGES = ("corpus", "target", "regen", "drafters", "calibrate")
+KINDS = ("dspark", "dflash", "eagle3")
+COMPUTE_RULE = ("DSpark and DFlash train the same steps; Eagle3 trains as many steps as give it DSpark's "
+                "training FLOPs (XLA's cost analysis of one compiled step, the frozen target's forward included).")
 GAMMA = 7
 VOCAB = 2048
 TAPS = (0, 1, 2)
+# training conversations per domain (validation and test keep the builder's 300 each, so the
+# held-out prompts do not depend on these): all of the stdlib's code and prose, more math
+CORPUS_CAPS = ("code=16000,300,300", "prose=8000,300,300", "math=12000,300,300")
 
 
 def target_config(work: str, tokenizer_dir: str, steps: int):
     from dspark_jax.config import Qwen3Config
     from train.pretrain import PretrainConfig
 
-    model = Qwen3Config(vocab_size=VOCAB, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=10000.0,
+    model = Qwen3Config(vocab_size=VOCAB, hidden_size=384, intermediate_size=1024, num_hidden_layers=8,
+                        num_attention_heads=6, num_key_value_heads=2, head_dim=64, rope_theta=10000.0,
                         tie_word_embeddings=True, max_position_embeddings=512)
     return PretrainConfig(tokenizer_dir=tokenizer_dir, data_dir=os.path.join(work, "data"), dataset="demo_corpus",
-                          model=model, seq_len=160, batch_size=16, steps=steps, lr=3e-3, warmup_frac=0.03,
-                          weight_decay=0.01, out_dir=os.path.join(work, "runs", "target"), ckpt_every=100,
-                          log_every=20, export_dtype="bfloat16")
+                          model=model, seq_len=256, batch_size=16, pack=True, steps=steps, lr=2e-3,
+                          warmup_frac=0.03, weight_decay=0.01, out_dir=os.path.join(work, "runs", "target"),
+                          ckpt_every=50, log_every=10, export_dtype="bfloat16")
 
 
 def drafter_config(work: str, kind: str, steps: int):
-    """Identical data, steps and budget for the three drafters."""
+    """Identical data, shape and batch for the three drafters: one draft layer with an MLP
+    of 768 (each drafter's own parameters at most 1/6 of the target's)."""
     from train.config import TrainConfig
 
     return TrainConfig(target=os.path.join(ARTIFACTS, "target"), data_dir=os.path.join(work, "data"),
-                       dataset="demo_regen", drafter=kind, draft_layers=1, block_size=GAMMA,
-                       target_layer_ids=TAPS, markov_rank=64, markov_head_type="vanilla",
+                       dataset="demo_regen", drafter=kind, draft_layers=1, draft_intermediate_size=768,
+                       block_size=GAMMA, target_layer_ids=TAPS, markov_rank=64, markov_head_type="vanilla",
                        confidence_head=True, mask_token="<|mask|>", num_anchors=16, seq_len=160,
                        batch_size=16, steps=steps, lr=3e-3, warmup_frac=0.04, ttt_length=GAMMA,
-                       out_dir=os.path.join(work, "runs", kind), ckpt_every=100, log_every=20)
+                       out_dir=os.path.join(work, "runs", kind), ckpt_every=50, log_every=10)
 
 
 def stage_corpus(work: str, args) -> None:
@@ -62,8 +75,9 @@ def stage_corpus(work: str, args) -> None:
 
     corpus = os.path.join(work, "corpus")
     if not os.path.exists(os.path.join(corpus, "manifest.json")):
+        caps = [a for c in CORPUS_CAPS for a in ("--caps", c)]
         build_corpus.main(["--data-dir", os.path.join(corpus, "tfds"), "--out", corpus,
-                           "--vocab-size", str(VOCAB), "--quiet"])
+                           "--vocab-size", str(VOCAB), "--quiet", *caps])
     copy_test_prompts(corpus)
     tok = os.path.join(corpus, "tokenizer")
     data.build(name="demo_corpus", sources={"train": [os.path.join(corpus, "train.jsonl")],
@@ -85,19 +99,23 @@ def copy_test_prompts(corpus: str, per_domain: int = 64) -> None:
 def stage_target(work: str, args) -> None:
     from train import pretrain
 
+    pc = target_config(work, os.path.join(work, "corpus", "tokenizer"), args.target_steps)
+    settings = {"model": dataclasses.asdict(pc.model), "steps": pc.steps, "corpus_caps": list(CORPUS_CAPS)}
     out = os.path.join(ARTIFACTS, "target")
-    if os.path.exists(os.path.join(out, "model.safetensors")) and not args.force:
+    if current(args, "target", settings, os.path.join(out, "model.safetensors")):
         return
-    folder = pretrain.run(target_config(work, os.path.join(work, "corpus", "tokenizer"), args.target_steps))
+    folder = pretrain.run(pc)
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(folder, out)
+    record(args, "target", settings)
 
 
 def stage_regen(work: str, args) -> None:
     from train import regen
 
     out = os.path.join(work, "regen", "answers.jsonl")
-    if os.path.exists(out) and not args.force:
+    settings = {"prompts": args.regen_prompts, "target": fingerprint(os.path.join(ARTIFACTS, "target"))}
+    if current(args, "regen", settings, out):
         return
     ns = types.SimpleNamespace(
         target=os.path.join(ARTIFACTS, "target"), draft=None,
@@ -105,16 +123,49 @@ def stage_regen(work: str, args) -> None:
         max_new_tokens=96, temperature=1.0, top_k=0, top_p=1.0, seed=0, batch_size=64,
         limit=args.regen_prompts, name="demo_regen", data_dir=os.path.join(work, "data"), val_fraction=0.06)
     regen.regenerate(ns)
+    record(args, "regen", settings)
+
+
+def step_flops(cfg) -> float:
+    """XLA's count of one compiled training step (the frozen target's forward included)."""
+    from train import trainer
+    from train.config import resolved
+
+    mesh, _, tparams, _, state, train_step, loader = trainer.setup(resolved(cfg))
+    cost = train_step.lower(state, tparams, trainer.global_batch(loader.batch(0), mesh)).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
+def drafter_steps(work: str, args) -> dict:
+    """Steps per drafter: DSpark and DFlash train --drafter-steps steps; Eagle3 as many as
+    give it DSpark's training FLOPs (per-step counts from XLA's cost analysis)."""
+    rec = load_record()
+    basis = {"dspark_steps": args.drafter_steps, "target": fingerprint(os.path.join(ARTIFACTS, "target"))}
+    if rec.get("stages", {}).get("plan") == basis and set(rec.get("drafters", {})) == set(KINDS):
+        return rec["drafters"]
+    flops = {kind: step_flops(drafter_config(work, kind, args.drafter_steps)) for kind in KINDS}
+    budget = args.drafter_steps * flops["dspark"]
+    plan = {kind: {"steps": max(1, round(budget / flops[kind])) if kind == "eagle3" else args.drafter_steps,
+                   "flops_per_step": flops[kind]} for kind in KINDS}
+    update_record({"drafters": plan, "compute_rule": COMPUTE_RULE,
+                   "stages": dict(rec.get("stages", {}), plan=basis)})
+    return plan
 
 
 def stage_drafters(work: str, args) -> None:
     from train import trainer
 
-    for kind in ("dspark", "dflash", "eagle3"):
+    plan = drafter_steps(work, args)
+    tfp = fingerprint(os.path.join(ARTIFACTS, "target"))
+    regen_fp = fingerprint(os.path.join(work, "regen", "answers.jsonl"))
+    for kind in KINDS:
+        cfg = drafter_config(work, kind, plan[kind]["steps"])
+        settings = {"config": json.loads(cfg.to_json()) | {"out_dir": None, "data_dir": None, "target": None},
+                    "target": tfp, "regen": regen_fp}
         out = os.path.join(ARTIFACTS, kind)
-        if os.path.exists(os.path.join(out, "model.safetensors")) and not args.force:
+        if current(args, kind, settings, os.path.join(out, "model.safetensors")):
             continue
-        cfg = drafter_config(work, kind, args.drafter_steps)
         trainer.run(cfg)
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(os.path.join(cfg.out_dir, "drafter"), out)
@@ -122,6 +173,28 @@ def stage_drafters(work: str, args) -> None:
             path = os.path.join(out, extra)
             if os.path.exists(path):
                 os.remove(path)  # the target folder carries the tokenizer
+        store_bfloat16(out)
+        record(args, kind, settings)
+
+
+def store_bfloat16(folder: str) -> None:
+    """Rewrite a folder's float32 tensors in bfloat16 (the drafters are served like the
+    target: loaded into the compute dtype, stored at half the size)."""
+    import ml_dtypes
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    path = os.path.join(folder, "model.safetensors")
+    tensors = {k: (v.astype(ml_dtypes.bfloat16) if v.dtype == np.float32 else v) for k, v in load_file(path).items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+    cfg_path = os.path.join(folder, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    for key in ("torch_dtype", "dtype"):
+        if key in cfg:
+            cfg[key] = "bfloat16"
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2)
 
 
 def stage_calibrate(work: str, args) -> None:
@@ -129,9 +202,62 @@ def stage_calibrate(work: str, args) -> None:
     acceptance rate of sampled verification, so it is calibrated for sampling."""
     from train import calibrate
 
+    settings = {"dspark": fingerprint(os.path.join(ARTIFACTS, "dspark", "model.safetensors"))}
+    if current(args, "calibrate", settings, os.path.join(ARTIFACTS, "dspark", "sts_calibration.json")):
+        return
     calibrate.main(["--target", os.path.join(ARTIFACTS, "target"), "--draft", os.path.join(ARTIFACTS, "dspark"),
                     "--data-dir", os.path.join(work, "data"), "--dataset", "demo_regen", "--split", "validation",
                     "--temperature", "1", "--out", os.path.join(work, "calibration")])
+    record(args, "calibrate", settings)
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+
+def fingerprint(path: str) -> str:
+    """sha256 (16 hex digits) of a file, or of a folder's files in name order."""
+    h = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, n) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
+    for name in files:
+        h.update(os.path.basename(name).encode())
+        with open(name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def load_record() -> dict:
+    path = os.path.join(ARTIFACTS, "RECIPE.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def update_record(entries: dict) -> None:
+    rec = load_record()
+    rec.update(entries)
+    with open(os.path.join(ARTIFACTS, "RECIPE.json"), "w") as f:
+        json.dump(rec, f, indent=2)
+
+
+def current(args, stage: str, settings: dict, artifact: str) -> bool:
+    """Whether a stage's artifact exists and was made by these settings (and --force is off);
+    says why when it is rebuilt."""
+    if args.force or not os.path.exists(artifact):
+        return False
+    made = load_record().get("stages", {}).get(stage)
+    if made == settings:
+        print(f"   {stage}: current ({repo_relative(artifact)}), skipped", flush=True)
+        return True
+    print(f"   {stage}: {repo_relative(artifact)} was made by other settings; rebuilding", flush=True)
+    return False
+
+
+def record(args, stage: str, settings: dict) -> None:
+    stages = load_record().get("stages", {})
+    stages[stage] = settings
+    update_record({"stages": stages, **recipe_record(args)})
 
 
 def repo_relative(value):
@@ -162,10 +288,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default=None,
                    help="scratch folder, not committed (default: work/demo in the repository)")
     p.add_argument("--stage", action="append", choices=STAGES, help="run only these stages (repeatable; default: every stage)")
-    p.add_argument("--target-steps", type=int, default=800)
-    p.add_argument("--drafter-steps", type=int, default=300)
-    p.add_argument("--regen-prompts", type=int, default=1500)
-    p.add_argument("--force", action="store_true", help="rebuild artifacts that exist")
+    p.add_argument("--target-steps", type=int, default=1200)
+    p.add_argument("--drafter-steps", type=int, default=600)
+    p.add_argument("--regen-prompts", type=int, default=6000)
+    p.add_argument("--force", action="store_true",
+                   help="redo stages whose artifacts are current (training runs still resume from their checkpoints "
+                        "under --work: delete it to start over)")
     args = p.parse_args(argv)
     args.work = os.path.abspath(args.work) if args.work else os.path.join(REPO, "work", "demo")
     return args
@@ -178,8 +306,7 @@ def main(argv=None) -> None:
         for stage in args.stage or STAGES:
             print(f"== stage {stage}", flush=True)
             globals()[f"stage_{stage}"](args.work, args)
-        with open(os.path.join(ARTIFACTS, "RECIPE.json"), "w") as f:
-            json.dump(recipe_record(args), f, indent=2)
+        update_record(recipe_record(args))
 
 
 if __name__ == "__main__":

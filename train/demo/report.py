@@ -1,9 +1,12 @@
-"""The demo pair's report: tau per domain (Table 1 shape), acceptance, calibration, speed.
+"""The demo pair's report: the pair, tau per domain (Table 1 shape), acceptance,
+calibration, plain vs DSpark speed per domain, and the engine's load bench.
 
-    python -m train.demo.report            # reads artifacts/demo only; writes docs/demo_report.md
+    python -m train.demo.report            # reads artifacts/demo; writes docs/demo_report.md
 
-Every number comes from the committed artifacts (target, drafters, STS file, held-out
-test prompts under artifacts/demo/prompts) through the real speculation step.
+Every measured number comes from the committed artifacts (target, drafters, STS file,
+held-out test prompts under artifacts/demo/prompts) through the real speculation step.
+The rows labelled before come from docs/demo_report_before.json (the previous pair's
+report); the load bench section reads a `python -m serve.load_bench` output folder.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ import platform
 import numpy as np
 
 from dspark_jax.errors import DefaultsFormatter, DSparkError, cli_errors
+from train.demo.report_tables import (DOMAINS, KINDS, drafters_table, load_bench_section, pooled_speed, speed_table,
+                                      table1)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ART = os.path.join(REPO, "artifacts", "demo")
-KINDS = ("eagle3", "dflash", "dspark")
-DOMAINS = ("math", "code", "prose")
+BEFORE = os.path.join(REPO, "docs", "demo_report_before.json")
+EMBEDDINGS = ("embed_tokens", "lm_head")
 
 
 def load_examples(tokenizer, per_domain: int) -> list[dict]:
@@ -35,21 +40,6 @@ def load_examples(tokenizer, per_domain: int) -> list[dict]:
             ids = tokenizer.encode_chat(chat if isinstance(chat, list) else [{"role": "user", "content": chat}])
             out.append({"input_ids": np.asarray(ids), "prompt_len": len(ids), "domain": domain})
     return out
-
-
-def table1(results: dict) -> str:
-    lines = ["| temperature | drafter | " + " | ".join(DOMAINS) + " | mean |",
-             "| --- | --- | " + " | ".join("---:" for _ in DOMAINS) + " | ---: |"]
-    for temp in sorted(results, key=float):
-        for kind in KINDS:
-            taus = [results[temp][kind]["domains"][d]["tau"] for d in DOMAINS]
-            lines.append(f"| {temp} | {kind} | " + " | ".join(f"{t:.2f}" for t in taus) + f" | {np.mean(taus):.2f} |")
-        ds = np.array([results[temp]["dspark"]["domains"][d]["tau"] for d in DOMAINS])
-        for base in ("dflash", "eagle3"):
-            b = np.array([results[temp][base]["domains"][d]["tau"] for d in DOMAINS])
-            gains = " | ".join(f"{100 * (x / y - 1):+.0f}%" for x, y in zip(ds, b))
-            lines.append(f"| {temp} | DSpark vs {base} | {gains} | {100 * (ds.mean() / b.mean() - 1):+.0f}% |")
-    return "\n".join(lines)
 
 
 def plot_acceptance(path: str, results: dict) -> None:
@@ -70,6 +60,54 @@ def plot_acceptance(path: str, results: dict) -> None:
     plt.close(fig)
 
 
+def read_json(path: str, what: str) -> dict:
+    """A JSON object from `path`, or {} when the file is absent."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DSparkError(f"{path} is not valid JSON ({what}): {e}") from None
+    if not isinstance(data, dict):
+        raise DSparkError(f"{path} is not a JSON object ({what})")
+    return data
+
+
+def count_params(params, exclude=()) -> int:
+    """Parameters of a loaded pytree, leaving out leaves whose path names any of `exclude`."""
+    import jax
+
+    return sum(int(np.prod(leaf.shape)) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+               if not any(name in jax.tree_util.keystr(path) for name in exclude))
+
+
+def measure_speed(tcfg, tparams, drafter, dparams, examples: list[dict], *, per_domain: int, max_new_tokens: int,
+                  repeats: int, stop_ids=(), progress=None) -> list[dict]:
+    """Plain vs DSpark tokens/s per user at temperature 0, in one process: each domain's
+    first `per_domain` test prompts at batch 1 (each prompt its own generation), all of
+    them together, and the same prompts mixed across domains at batch 8. Every
+    speedup.compare call alternates plain and DSpark runs; the prompts run in domain
+    order math, code, prose, math, ... so drift over the run reaches every domain alike."""
+    from serve import speedup
+
+    groups = [[(d, list(e["input_ids"])) for e in examples if e["domain"] == d][:per_domain] for d in DOMAINS]
+    mixed = [item for trio in zip(*groups) for item in trio]
+
+    def bench(prompts, batch):
+        return speedup.compare(tcfg, tparams, drafter, dparams, prompts, batch=batch,
+                               max_new_tokens=max_new_tokens, repeats=repeats, stop_ids=stop_ids,
+                               progress=progress)
+
+    ones = [(d, bench([p], 1)) for d, p in mixed]
+    eights = [bench([p for _, p in mixed[i:i + 8]], 8) for i in range(0, len(mixed) - 7, 8)]
+    rows = [pooled_speed(1, d, [r for dd, r in ones if dd == d]) for d in DOMAINS]
+    rows.append(pooled_speed(1, "all three", [r for _, r in ones]))
+    if eights:
+        rows.append(pooled_speed(8, "mixed", eights))
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m train.demo.report", description=__doc__.split("\n")[0],
                                 formatter_class=DefaultsFormatter)
@@ -78,16 +116,24 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="folder for the report and figures/ (default: docs/ in the repository)")
     p.add_argument("--skip-speed", action="store_true", help="skip the plain vs speculative timing")
+    p.add_argument("--speed-prompts", type=int, default=8, help="test prompts per domain in the speed table")
+    p.add_argument("--speed-repeats", type=int, default=2, help="timed runs of each configuration (the median)")
+    p.add_argument("--load-bench", default=None,
+                   help="serve.load_bench output folder (default: docs/load_bench_cpu in the repository)")
     args = p.parse_args(argv)
     args.out = args.out or os.path.join(REPO, "docs")
+    args.load_bench = args.load_bench or os.path.join(REPO, "docs", "load_bench_cpu")
     with cli_errors("train.demo.report"):
+        if args.speed_prompts < 1 or args.speed_repeats < 1:
+            raise DSparkError("--speed-prompts and --speed-repeats must be >= 1")
         from tqdm import tqdm
 
         from dspark_jax import calibration as cal, drafters, target
         from dspark_jax.tokenizer import Tokenizer
-        from serve import speedup
         from train import evaluation
 
+        recipe = read_json(os.path.join(ART, "RECIPE.json"), "the recipe record")
+        old = read_json(BEFORE, "the previous pair's report")
         tfolder = os.path.join(ART, "target")
         tcfg, tparams = target.load(tfolder)
         tok = Tokenizer(tfolder)
@@ -120,11 +166,12 @@ def main(argv=None) -> None:
                                     title="DSpark prefix survival, held-out test prompts, temperature 1")
         speed = []
         if not args.skip_speed:
-            drafter, dparams = loaded["dspark"]
-            prompts = [list(e["input_ids"]) for e in examples[::max(1, len(examples) // 16)]][:16]
-            for b in (1, 8):
-                speed.append(speedup.compare(tcfg, tparams, drafter, dparams, prompts, batch=b,
-                                             max_new_tokens=args.max_new_tokens, repeats=2))
+            n = min(args.speed_prompts, args.per_domain)
+            calls = len(DOMAINS) * n + len(DOMAINS) * n // 8  # batch-1 calls, then batch-8 ones
+            with tqdm(total=args.speed_repeats * calls, desc="speed", unit="run") as bar:
+                speed = measure_speed(tcfg, tparams, *loaded["dspark"], examples, per_domain=n,
+                                      max_new_tokens=args.max_new_tokens, repeats=args.speed_repeats,
+                                      stop_ids=tok.stop_ids, progress=bar.update)
         rep = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "cpus": os.cpu_count()},
                "prompts_per_domain": args.per_domain, "max_new_tokens": args.max_new_tokens, "gamma": ro.gamma,
@@ -133,12 +180,15 @@ def main(argv=None) -> None:
                "conditional_acceptance": {t: {k: results[t][k]["all"]["conditional_acceptance"] for k in KINDS}
                                           for t in results},
                "calibration": {"sts_temperatures": temps.tolist(), "before": before, "after": after},
-               "speed": [{"batch": r.batch, "plain_tokens_per_second": r.plain_tps,
-                          "dspark_tokens_per_second": r.spec_tps, "speedup": r.speedup, "tau": r.tau}
-                         for r in speed]}
+               "speed_repeats": args.speed_repeats, "speed": speed,
+               "target": {"params": count_params(tparams)},
+               "drafters": {k: {"params": count_params(loaded[k][1], EMBEDDINGS),
+                                "file_mb": os.path.getsize(os.path.join(ART, k, "model.safetensors")) / 1e6}
+                            for k in KINDS}}
         evaluation.write_json(os.path.join(args.out, "demo_report.json"), rep)
-        write_markdown(os.path.join(args.out, "demo_report.md"), rep, results, speed)
-        print(table1(results))
+        write_markdown(os.path.join(args.out, "demo_report.md"), rep, results, recipe=recipe, before=old,
+                       load_bench=args.load_bench)
+        print(table1(results, old))
 
 
 def _pooled(metrics: dict, name: str) -> str:
@@ -146,30 +196,43 @@ def _pooled(metrics: dict, name: str) -> str:
     return f"{m[name]:.3f}" if m.get(name) is not None else "n/a"
 
 
-def write_markdown(path: str, rep: dict, results: dict, speed) -> None:
-    recipe = json.load(open(os.path.join(ART, "RECIPE.json"))) if os.path.exists(os.path.join(ART, "RECIPE.json")) else {}
+def write_markdown(path: str, rep: dict, results: dict, *, recipe: dict, before: dict, load_bench: str) -> str:
+    """Write the report's markdown to `path` (figures linked relative to its folder) from
+    the measured numbers, the recipe record, the previous pair's report ({} for none) and
+    a load-bench folder; returns the text."""
     cal_rows = ["| position | ECE raw | ECE STS | AUC raw | AUC STS |", "| ---: | ---: | ---: | ---: | ---: |"]
     for k, (b, a) in enumerate(zip(rep["calibration"]["before"]["prefix"], rep["calibration"]["after"]["prefix"]), 1):
         fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"  # noqa: E731
         cal_rows.append(f"| {k} | {fmt(b['ece'])} | {fmt(a['ece'])} | {fmt(b['auc'])} | {fmt(a['auc'])} |")
-    speed_rows = ["| batch | plain tok/s | DSpark tok/s | speedup | tau |", "| ---: | ---: | ---: | ---: | ---: |"]
-    speed_rows += [f"| {s['batch']} | {s['plain_tokens_per_second']:.1f} | {s['dspark_tokens_per_second']:.1f} | "
-                   f"{s['speedup']:.2f}x | {s['tau']:.2f} |" for s in rep["speed"]]
+    tcfg = recipe.get("target", {})
+    old = before.get("pair")
+    old_text = (f"\nRows labelled before are the previous pair's (`docs/demo_report_before.json`):\ntarget "
+                f"{old['target_params'] / 1e6:.2f} M parameters, {old['layers']} layers x {old['hidden']}; "
+                f"{old['note']}.\n" if old else "")
+    speed_note = "" if rep["speed"] else "\nNot measured in this run (`--skip-speed`).\n"
+    before_note = ("\nThe before rows come from the previous pair's report, whose tokens/s were summed over\n"
+                   "the batch (divided by the batch here)." if before.get("speed") else "")
     text = f"""# The bundled demo pair: report
 
 Regenerate with `python -m train.demo.report` (reads `artifacts/demo` only). Rebuild the
 artifacts from scratch with `python -m train.demo.recipe` (see its docstring per stage).
 Machine: {rep['machine']['platform']}, {rep['machine']['cpus']} CPU cores, no accelerator.
 
-Target: Qwen3 architecture, {recipe.get('target', {}).get('num_hidden_layers', '?')} layers,
-hidden {recipe.get('target', {}).get('hidden_size', '?')}, vocabulary {recipe.get('vocab', '?')}.
-Drafters: one draft layer each, gamma = {rep['gamma']}, identical data (the target's own
-answers), steps ({recipe.get('drafter_steps', '?')}) and batch. Held-out test prompts:
-{rep['prompts_per_domain']} per domain, {rep['max_new_tokens']} new tokens, full verification depth.
+## The pair
+
+Target: Qwen3 architecture, {tcfg.get('num_hidden_layers', '?')} layers, hidden {tcfg.get('hidden_size', '?')}, \
+vocabulary {recipe.get('vocab', '?')}, {rep['target']['params'] / 1e6:.2f} M parameters.
+Drafters: one draft layer each, gamma = {rep['gamma']}, trained on the target's own answers.
+Own parameters leave out the embeddings and the LM head (`embed_tokens`, `lm_head`).
+
+{drafters_table(rep, recipe)}
+{chr(10) + recipe['compute_rule'] + chr(10) if recipe.get('compute_rule') else ''}{old_text}
+Held-out test prompts: {rep['prompts_per_domain']} per domain, {rep['max_new_tokens']} new tokens, \
+full verification depth.
 
 ## tau per domain (tokens committed per round, bonus included)
 
-{table1(results)}
+{table1(results, before)}
 
 ![conditional acceptance](figures/demo_acceptance.png)
 
@@ -183,12 +246,24 @@ pooled AUC {_pooled(rep['calibration']['before'], 'auc')} -> {_pooled(rep['calib
 
 ![reliability](figures/demo_reliability.png)
 
-## Plain vs speculative decoding on this CPU (temperature 0)
+## Plain vs DSpark per user on this CPU (temperature 0)
 
-{chr(10).join(speed_rows)}
+One process; a request ends at the end of its turn or after {rep['max_new_tokens']} new tokens.
+At batch 1 each test prompt is its own generation: `serve.speedup.compare` alternates
+plain and DSpark runs of it ({rep['speed_repeats']} timed runs each, the median), and a row's
+tokens/s per user is its prompts' total tokens over their total seconds; "all three"
+pools the three domains' runs. Batch 8 runs the same prompts mixed across domains, 8 to a
+batch (a call's tokens over 8 per user).{before_note}
+{speed_note}
+{speed_table(rep['speed'], before)}
+
+## The engine under load (Figures 7 and 8)
+
+{load_bench_section(load_bench, os.path.dirname(os.path.abspath(path)), REPO)}
 """
     with open(path, "w") as f:
         f.write(text)
+    return text
 
 
 if __name__ == "__main__":
