@@ -86,7 +86,9 @@ def make_step(cfg: Qwen3Config, tx):
     return step
 
 
-def run(pc: PretrainConfig, progress: bool = True):
+def run(pc: PretrainConfig, progress: bool = True, stop_after: int | None = None):
+    """Train to pc.steps (resuming from the latest checkpoint) and export; `stop_after`
+    ends the loop early at that step without exporting, as a killed run would (tests)."""
     from tqdm import tqdm
 
     os.makedirs(pc.out_dir, exist_ok=True)
@@ -114,7 +116,8 @@ def run(pc: PretrainConfig, progress: bool = True):
         _truncate_log(log_path, start)
     step = make_step(cfg, tx)
     bar = tqdm(total=pc.steps, initial=start, desc="pretrain target", unit="step", disable=not progress)
-    for s in range(start, pc.steps):
+    end = pc.steps if stop_after is None else min(pc.steps, stop_after)
+    for s in range(start, end):
         state, metrics = step(state, global_batch(loader.batch(s), mesh))
         done = s + 1
         if done % pc.log_every == 0 or done == pc.steps:
@@ -127,7 +130,7 @@ def run(pc: PretrainConfig, progress: bool = True):
         bar.update(1)
     bar.close()
     ckpt.close()
-    return export(pc, state.params)
+    return export(pc, state.params) if end == pc.steps else None
 
 
 def export(pc: PretrainConfig, params) -> str:
