@@ -46,6 +46,12 @@ def _read_progress(path: str, settings: dict) -> dict:
     return done
 
 
+def _files_stamp(folder: str) -> list:
+    """(name, size, mtime) of a model folder's files: a replaced model is another model."""
+    return sorted([n, os.path.getsize(os.path.join(folder, n)), os.stat(os.path.join(folder, n)).st_mtime_ns]
+                  for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+
+
 def regenerate(args) -> int:
     """Answer every user turn; answers are appended to <out>.progress as each batch
     finishes, so a killed run resumes from its last batch (same settings: same answers)."""
@@ -63,7 +69,7 @@ def regenerate(args) -> int:
         drafter, dparams = drafters.load(args.draft, tcfg)
     done = [[] for _ in convs]      # regenerated messages so far
     settings = {k: getattr(args, k) for k in ("prompts", "max_new_tokens", "temperature", "top_k", "top_p",
-                                                "seed", "limit", "draft")} | {"target": os.path.abspath(args.target)}
+                                                "seed", "limit", "draft")} | {"target": _files_stamp(args.target)}
     progress_path = args.out + ".progress"
     answered = _read_progress(progress_path, settings)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

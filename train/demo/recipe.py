@@ -75,6 +75,7 @@ def stage_corpus(work: str, args) -> None:
 
     corpus = os.path.join(work, "corpus")
     if not os.path.exists(os.path.join(corpus, "manifest.json")):
+        shutil.rmtree(data.dataset_path(os.path.join(work, "data"), "demo_corpus"), ignore_errors=True)  # stale
         caps = [a for c in CORPUS_CAPS for a in ("--caps", c)]
         build_corpus.main(["--data-dir", os.path.join(corpus, "tfds"), "--out", corpus,
                            "--vocab-size", str(VOCAB), "--quiet", *caps])
@@ -117,6 +118,9 @@ def stage_regen(work: str, args) -> None:
     settings = {"prompts": args.regen_prompts, "target": fingerprint(os.path.join(ARTIFACTS, "target"))}
     if current(args, "regen", settings, out):
         return
+    from train import data
+
+    shutil.rmtree(data.dataset_path(os.path.join(work, "data"), "demo_regen"), ignore_errors=True)  # older answers'
     ns = types.SimpleNamespace(
         target=os.path.join(ARTIFACTS, "target"), draft=None,
         prompts=os.path.join(work, "corpus", "prompts", "train.jsonl"), out=out,
