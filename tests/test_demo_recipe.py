@@ -33,3 +33,14 @@ def test_stages_rerun_when_settings_or_inputs_change(tmp_path, monkeypatch, caps
                               str(tmp_path / "answers.jsonl"))
     rec = json.loads((tmp_path / "RECIPE.json").read_text())
     assert set(rec["stages"]) == {"target", "regen"} and rec["command"] == "python -m train.demo.recipe"
+
+
+def test_a_training_run_folder_restarts_only_for_other_settings(tmp_path):
+    run = tmp_path / "runs" / "dspark"
+    recipe.run_for(str(run), {"target": "aaaa"})
+    (run / "checkpoints").mkdir()
+    recipe.run_for(str(run), {"target": "aaaa"})          # the same run, killed and resumed
+    assert (run / "checkpoints").exists()
+    recipe.run_for(str(run), {"target": "bbbb"})          # a new target: its checkpoints go
+    assert not (run / "checkpoints").exists() and json.loads((run / "recipe_settings.json").read_text()) == {
+        "target": "bbbb"}

@@ -105,6 +105,7 @@ def stage_target(work: str, args) -> None:
     out = os.path.join(ARTIFACTS, "target")
     if current(args, "target", settings, os.path.join(out, "model.safetensors")):
         return
+    run_for(pc.out_dir, settings)
     folder = pretrain.run(pc)
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(folder, out)
@@ -170,6 +171,7 @@ def stage_drafters(work: str, args) -> None:
         out = os.path.join(ARTIFACTS, kind)
         if current(args, kind, settings, os.path.join(out, "model.safetensors")):
             continue
+        run_for(cfg.out_dir, settings)
         trainer.run(cfg)
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(os.path.join(cfg.out_dir, "drafter"), out)
@@ -256,6 +258,20 @@ def current(args, stage: str, settings: dict, artifact: str) -> bool:
         return True
     print(f"   {stage}: {repo_relative(artifact)} was made by other settings; rebuilding", flush=True)
     return False
+
+
+def run_for(out_dir: str, settings: dict) -> None:
+    """Keep a training run folder's checkpoints only for the settings that made them (a
+    stage rerun for a new target or new data starts over); mark the folder with them."""
+    mark = os.path.join(out_dir, "recipe_settings.json")
+    if os.path.exists(mark):
+        with open(mark) as f:
+            if json.load(f) != settings:
+                print(f"   {repo_relative(out_dir)}: checkpoints of other settings; starting over", flush=True)
+                shutil.rmtree(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(mark, "w") as f:
+        json.dump(settings, f, indent=2)
 
 
 def record(args, stage: str, settings: dict) -> None:
