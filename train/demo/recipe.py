@@ -113,14 +113,12 @@ def stage_target(work: str, args) -> None:
 
 
 def stage_regen(work: str, args) -> None:
-    from train import regen
+    from train import data, regen
 
     out = os.path.join(work, "regen", "answers.jsonl")
     settings = {"prompts": args.regen_prompts, "target": fingerprint(os.path.join(ARTIFACTS, "target"))}
     if current(args, "regen", settings, out):
         return
-    from train import data
-
     shutil.rmtree(data.dataset_path(os.path.join(work, "data"), "demo_regen"), ignore_errors=True)  # older answers'
     ns = types.SimpleNamespace(
         target=os.path.join(ARTIFACTS, "target"), draft=None,
