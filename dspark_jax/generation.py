@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from dspark_jax.engine import Engine
+from dspark_jax.engine import SCHEDULED, Engine, profiles
 from dspark_jax.engine.results import validate_prompt
 from dspark_jax.errors import DSparkError
 from dspark_jax.sampling import SamplingParams
@@ -59,13 +59,16 @@ def generate(tcfg, tparams, prompts: Sequence[Sequence[int]], *, max_new_tokens:
              drafter=None, dparams=None, gamma: int | None = None, verify_depth: int | None = None,
              max_depths: Sequence[int] | None = None, policy: str | None = None, costs: dict | None = None,
              trace: bool = False, on_tokens: Callable[[int, list, bool], None] | None = None,
-             max_len: int | None = None, mesh=None) -> list[Completion]:
+             max_len: int | None = None, mesh=None, buckets: Sequence[int] | None = None) -> list[Completion]:
     """Generate for a batch of prompts; returns one Completion per prompt, in order.
 
     policy: an engine policy (default "fixed" with a drafter, "none" without);
     verify_depth: the fixed policy's depth (default gamma); max_depths: a depth limit per
     prompt; costs: the scheduled policies' profile (`engine.costs.stored_costs`);
-    on_tokens(index, new token ids, finished): streaming, per prompt.
+    on_tokens(index, new token ids, finished): streaming, per prompt; buckets: the round's
+    token-budget buckets (default: the profile's buckets for a scheduled policy, which saves
+    verification work only with smaller ones; else one, the full budget, so a batch run
+    compiles one round program).
     """
     if drafter is None:
         gamma = 0
@@ -83,12 +86,15 @@ def generate(tcfg, tparams, prompts: Sequence[Sequence[int]], *, max_new_tokens:
         raise DSparkError(f"prompt + max_new_tokens needs {max_len} positions; the model has "
                           f"{tcfg.max_position_embeddings}")
     b = len(prompts)
-    # one budget bucket and one round per call: a batch run compiles one round program (two with plain
-    # rounds), not one per bucket and count
+    # one round per call, and unless a scheduler picks budgets one budget bucket: a batch run compiles
+    # one round program (two with plain rounds), not one per bucket and count
     drafted = verify_depth if policy == "fixed" and verify_depth and verify_depth < gamma else gamma
     full = b * (1 + drafted)
+    if buckets is None and policy in SCHEDULED and costs:
+        buckets = profiles.budget_buckets(b, gamma)
     engine = Engine(tcfg, tparams, drafter, dparams, slots=b, max_len=max_len, policy=policy, depth=verify_depth,
-                    max_stop_ids=max(1, len(stop_ids)), trace=trace, mesh=mesh, prefill_chunk=0, buckets=(full,),
+                    max_stop_ids=max(1, len(stop_ids)), trace=trace, mesh=mesh, prefill_chunk=0,
+                    buckets=tuple(buckets) if buckets else (full,),
                     rounds_per_call=1,
                     **(costs or {}))
     temp, top_k, top_p = (np.broadcast_to(np.asarray(x), (b,)) for x in

@@ -178,12 +178,22 @@ def run_generate(req: GenerateRequest, emit: Callable[[dict], None], stream: boo
 
 
 
+def profile_costs(sps_file: str | None, tcfg, drafter, slots: int, max_len: int, mesh=None) -> dict | None:
+    """The scheduled policies' engine arguments from the profile file's record of this
+    backend, model pair, mesh and slot count (any cache length: the closest), or None."""
+    from dspark_jax.engine import profiles
+    from dspark_jax.engine.costs import stored_costs
+
+    key = profiles.profile_key(tcfg, slots=slots, gamma=drafter.gamma, max_len=max_len, tap_layers=drafter.tap_layers,
+                               mesh=mesh if mesh is not None and mesh.size > 1 else None, drafter=drafter)
+    return stored_costs(sps_file, key, profiles.budget_buckets(slots, drafter.gamma), any_length=True)
+
+
 def choose_policy(req: GenerateRequest, tcfg, drafter, mesh, slots: int, prompts, emit) -> tuple[str, dict | None]:
     """(engine policy, its profile costs): `req.policy`, or by default production when a
     profile of this backend, model pair, mesh and batch exists, else fixed gamma (saying
     once which command makes the profile)."""
-    from dspark_jax.engine import SCHEDULED, profiles
-    from dspark_jax.engine.costs import stored_costs
+    from dspark_jax.engine import SCHEDULED
 
     if drafter is None:
         if req.policy not in (None, "none"):
@@ -196,11 +206,8 @@ def choose_policy(req: GenerateRequest, tcfg, drafter, mesh, slots: int, prompts
         return "fixed", None
     if req.policy not in (None,) + SCHEDULED:
         return req.policy, None
-    g = drafter.gamma
-    max_len = generation.cache_length(max(len(p) for p in prompts), req.max_new_tokens, g)
-    key = profiles.profile_key(tcfg, slots=slots, gamma=g, max_len=max_len, tap_layers=drafter.tap_layers,
-                               mesh=mesh if mesh is not None and mesh.size > 1 else None, drafter=drafter)
-    costs = stored_costs(req.sps_file, key, profiles.budget_buckets(slots, g), any_length=True)
+    max_len = generation.cache_length(max(len(p) for p in prompts), req.max_new_tokens, drafter.gamma)
+    costs = profile_costs(req.sps_file, tcfg, drafter, slots, max_len, mesh)
     command = f"python -m serve.profile_sps --slots {slots}" + (f" --mesh {req.mesh}" if req.mesh != "1x1" else "")
     if costs is None:
         if req.policy is not None:

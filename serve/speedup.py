@@ -39,30 +39,35 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0, low: int = 4)
     return [rng.integers(low, vocab, length).tolist() for _ in range(n)]
 
 
-def _run(tcfg, tparams, prompts, max_new, temperature, stop_ids, drafter, dparams, gamma, verify_depth):
+def _run(tcfg, tparams, prompts, max_new, temperature, stop_ids, drafter, dparams, gamma, verify_depth,
+         schedule=None):
     t0 = time.perf_counter()
+    policy, costs, buckets = schedule or (None, None, None)
     comps = generation.generate(tcfg, tparams, prompts, max_new_tokens=max_new,
                                 sampling=SamplingParams.make(len(prompts), temperature),
                                 seeds=range(len(prompts)), stop_ids=stop_ids, drafter=drafter, dparams=dparams,
-                                gamma=gamma, verify_depth=verify_depth)
+                                gamma=gamma, verify_depth=verify_depth, policy=policy, costs=costs,
+                                buckets=buckets)
     secs = time.perf_counter() - t0
     return sum(len(c.token_ids) for c in comps) / secs, comps
 
 
 def compare(tcfg, tparams, drafter, dparams, prompts: Sequence[Sequence[int]], *, batch: int,
             max_new_tokens: int, temperature: float = 0.0, repeats: int = 2,
-            verify_depth: int | None = None, progress=None, stop_ids: Sequence[int] = ()) -> BenchRow:
+            verify_depth: int | None = None, progress=None, stop_ids: Sequence[int] = (),
+            schedule: tuple | None = None) -> BenchRow:
     """Tokens/s of plain and speculative decoding on the first `batch` prompts (a request
-    ends at one of `stop_ids` or after max_new_tokens)."""
+    ends at one of `stop_ids` or after max_new_tokens). schedule: (policy, profile costs,
+    budget buckets) of the speculative runs (default: fixed depth, one full bucket)."""
     batch_prompts = [list(prompts[i % len(prompts)]) for i in range(batch)]
     gamma = drafter.gamma
     args = (tcfg, tparams, batch_prompts, max_new_tokens, temperature, tuple(stop_ids))
-    for spec in (False, True):  # compile both programs first
-        _run(*args, drafter if spec else None, dparams, gamma, verify_depth)
+    _run(*args, None, None, 0, None)  # compile both programs first
+    _run(*args, drafter, dparams, gamma, verify_depth, schedule)
     plain, fast, comps = [], [], None
     for _ in range(repeats):
         plain.append(_run(*args, None, None, 0, None)[0])
-        tps, comps = _run(*args, drafter, dparams, gamma, verify_depth)
+        tps, comps = _run(*args, drafter, dparams, gamma, verify_depth, schedule)
         fast.append(tps)
         if progress is not None:
             progress()

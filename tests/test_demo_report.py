@@ -19,7 +19,8 @@ def synthetic():
     metrics = {"prefix": [{"ece": 0.05, "auc": 0.7}], "prefix_pooled": {"ece": 0.05, "auc": 0.7}}
     speed = [{"batch": 1, "prompts": d, "n_prompts": 8, "plain_tokens_per_second_per_user": 100.0,
               "dspark_tokens_per_second_per_user": 150.0, "speedup": 1.5, "tau": 2.5} for d in DOMAINS]
-    speed += [{"batch": 1, "prompts": "all three", "n_prompts": 24, "plain_tokens_per_second_per_user": 100.0,
+    speed += [{"batch": 1, "prompts": "all three", "policy": "production", "n_prompts": 24,
+               "plain_tokens_per_second_per_user": 100.0,
                "dspark_tokens_per_second_per_user": 140.0, "speedup": 1.4, "tau": 2.4},
               {"batch": 8, "prompts": "mixed", "n_prompts": 24, "plain_tokens_per_second_per_user": 40.0,
                "dspark_tokens_per_second_per_user": 30.0, "speedup": 0.75, "tau": 2.2}]
@@ -60,12 +61,12 @@ def test_markdown_holds_before_speed_drafters_and_load_bench(tmp_path):
                                  load_bench=str(bench_dir(tmp_path)))
     assert (tmp_path / "out" / "r.md").read_text() == text
     assert "| 0 | before: dspark | 1.50 | 1.50 | 1.50 | 1.50 |" in text
-    assert "| 1 | before: 1 math prompt | 133.0 | 169.0 | 1.27x | 2.86 |" in text
-    assert "| 8 | before: old pair | 42.0 | 19.2 | 0.46x | 2.38 |" in text
+    assert "| 1 | before: 1 math prompt | fixed gamma | 133.0 | 169.0 | 1.27x | 2.86 |" in text
+    assert "| 8 | before: old pair | fixed gamma | 42.0 | 19.2 | 0.46x | 2.38 |" in text
     for d in DOMAINS:
-        assert f"| 1 | {d} (8) | 100.0 | 150.0 | 1.50x | 2.50 |" in text
-    assert "| 1 | all three (24) | 100.0 | 140.0 | 1.40x | 2.40 |" in text
-    assert "| 8 | mixed (24) | 40.0 | 30.0 | 0.75x | 2.20 |" in text
+        assert f"| 1 | {d} (8) | fixed gamma | 100.0 | 150.0 | 1.50x | 2.50 |" in text
+    assert "| 1 | all three (24) | production | 100.0 | 140.0 | 1.40x | 2.40 |" in text
+    assert "| 8 | mixed (24) | fixed gamma | 40.0 | 30.0 | 0.75x | 2.20 |" in text
     assert "| dspark | 1.50 M | 15.0% | 4.0 | 1000 | 2.00 |" in text
     assert "| dflash | 1.50 M | 15.0% | 4.0 | 900 | n/a |" in text
     assert "Each drafter trains on the same compute." in text and "10.00 M parameters" in text

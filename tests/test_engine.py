@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax import drafters, scheduler, target
+from dspark_jax import drafters, generation, scheduler, target
 from dspark_jax.engine import SCHEDULED, Engine
 from dspark_jax.engine import policies
 from dspark_jax.errors import DSparkError
+from dspark_jax.sampling import SamplingParams
 from tests.conftest import FIXTURES
 from tests.helpers import OracleDrafter, make_block_drafter, write_block_drafter
 
@@ -372,3 +373,19 @@ def test_engine_eagle3_equals_greedy(pair):
     results = run_staggered(engine)
     assert [r.token_ids for r in results] == ref
     assert engine.metrics.prefill_chunks > 0
+
+
+def test_batch_generate_schedules_over_the_profile_buckets(pair, monkeypatch):
+    """generation.generate with a scheduled policy and a profile runs the profile's budget
+    buckets (1, 2, 4, 8 for two rows), not one full bucket; the output stays greedy."""
+    tcfg, tparams, ref = pair
+    drafter, dparams = slot_oracle(tcfg, ref)
+    engines = []
+    monkeypatch.setattr(generation, "Engine", lambda *a, **k: engines.append(Engine(*a, **k)) or engines[-1])
+    costs = {"sps": SPS, "draft_time": 0.0, "acceptance": [0.4, 0.05, 0.01]}   # one draft a row pays best
+    comps = generation.generate(tcfg, tparams, [PROMPTS[0], PROMPTS[2]], max_new_tokens=9,
+                                sampling=SamplingParams.make(2), seeds=[0, 1], drafter=drafter, dparams=dparams,
+                                policy="production", costs=costs)
+    assert [c.token_ids for c in comps] == [ref[0][:9], ref[2][:9]]
+    budgets = {k[1] for k in engines[0].metrics.programs if k[0] == "round"}
+    assert min(budgets) < 2 * (GAMMA + 1), budgets   # rounds ran in buckets smaller than the full one

@@ -83,28 +83,42 @@ def count_params(params, exclude=()) -> int:
 
 
 def measure_speed(tcfg, tparams, drafter, dparams, examples: list[dict], *, per_domain: int, max_new_tokens: int,
-                  repeats: int, stop_ids=(), progress=None) -> list[dict]:
+                  repeats: int, stop_ids=(), sps_file: str | None = None, progress=None) -> list[dict]:
     """Plain vs DSpark tokens/s per user at temperature 0, in one process: each domain's
     first `per_domain` test prompts at batch 1 (each prompt its own generation), all of
-    them together, and the same prompts mixed across domains at batch 8. Every
-    speedup.compare call alternates plain and DSpark runs; the prompts run in domain
-    order math, code, prose, math, ... so drift over the run reaches every domain alike."""
+    them together, and the same prompts mixed across domains at batch 8. DSpark runs at
+    fixed depth gamma and, where `sps_file` holds a profile of the pair at that batch, with
+    the production scheduler over the profile's budget buckets. Every speedup.compare call
+    alternates plain and DSpark runs; the prompts run in domain order math, code, prose,
+    math, ... so drift over the run reaches every domain alike."""
+    from dspark_jax import generation, serving
+    from dspark_jax.engine import profiles
     from serve import speedup
 
     groups = [[(d, list(e["input_ids"])) for e in examples if e["domain"] == d][:per_domain] for d in DOMAINS]
     mixed = [item for trio in zip(*groups) for item in trio]
 
-    def bench(prompts, batch):
-        return speedup.compare(tcfg, tparams, drafter, dparams, prompts, batch=batch,
-                               max_new_tokens=max_new_tokens, repeats=repeats, stop_ids=stop_ids,
-                               progress=progress)
+    def schedules(batch):
+        out = [("fixed", None)]
+        max_len = generation.cache_length(max(len(p) for _, p in mixed), max_new_tokens, drafter.gamma)
+        costs = serving.profile_costs(sps_file, tcfg, drafter, batch, max_len) if sps_file else None
+        if costs is not None:
+            out.append(("production", ("production", costs, profiles.budget_buckets(batch, drafter.gamma))))
+        return out
 
-    ones = [(d, bench([p], 1)) for d, p in mixed]
-    eights = [bench([p for _, p in mixed[i:i + 8]], 8) for i in range(0, len(mixed) - 7, 8)]
-    rows = [pooled_speed(1, d, [r for dd, r in ones if dd == d]) for d in DOMAINS]
-    rows.append(pooled_speed(1, "all three", [r for _, r in ones]))
-    if eights:
-        rows.append(pooled_speed(8, "mixed", eights))
+    def bench(prompts, batch, schedule):
+        return speedup.compare(tcfg, tparams, drafter, dparams, prompts, batch=batch, max_new_tokens=max_new_tokens,
+                               repeats=repeats, stop_ids=stop_ids, schedule=schedule, progress=progress)
+
+    rows = []
+    for policy, schedule in schedules(1):
+        ones = [(d, bench([p], 1, schedule)) for d, p in mixed]
+        rows += [pooled_speed(1, d, [r for dd, r in ones if dd == d], policy) for d in DOMAINS]
+        rows.append(pooled_speed(1, "all three", [r for _, r in ones], policy))
+    for policy, schedule in schedules(8):
+        eights = [bench([p for _, p in mixed[i:i + 8]], 8, schedule) for i in range(0, len(mixed) - 7, 8)]
+        if eights:
+            rows.append(pooled_speed(8, "mixed", eights, policy))
     return rows
 
 
@@ -118,11 +132,17 @@ def main(argv=None) -> None:
     p.add_argument("--skip-speed", action="store_true", help="skip the plain vs speculative timing")
     p.add_argument("--speed-prompts", type=int, default=8, help="test prompts per domain in the speed table")
     p.add_argument("--speed-repeats", type=int, default=2, help="timed runs of each configuration (the median)")
+    p.add_argument("--sps-file", default=None,
+                   help="round profile for the production rows of the speed table (default: the load bench "
+                        "folder's sps_profile.json; none there: fixed depth only)")
     p.add_argument("--load-bench", default=None,
                    help="serve.load_bench output folder (default: docs/load_bench_cpu in the repository)")
     args = p.parse_args(argv)
     args.out = args.out or os.path.join(REPO, "docs")
     args.load_bench = args.load_bench or os.path.join(REPO, "docs", "load_bench_cpu")
+    args.sps_file = args.sps_file or os.path.join(args.load_bench, "sps_profile.json")
+    if not os.path.exists(args.sps_file):
+        args.sps_file = None
     with cli_errors("train.demo.report"):
         if args.speed_prompts < 1 or args.speed_repeats < 1:
             raise DSparkError("--speed-prompts and --speed-repeats must be >= 1")
@@ -167,11 +187,11 @@ def main(argv=None) -> None:
         speed = []
         if not args.skip_speed:
             n = min(args.speed_prompts, args.per_domain)
-            calls = len(DOMAINS) * n + len(DOMAINS) * n // 8  # batch-1 calls, then batch-8 ones
+            calls = 2 * (len(DOMAINS) * n + len(DOMAINS) * n // 8)  # batch 1, then batch 8; fixed and production
             with tqdm(total=args.speed_repeats * calls, desc="speed", unit="run") as bar:
                 speed = measure_speed(tcfg, tparams, *loaded["dspark"], examples, per_domain=n,
                                       max_new_tokens=args.max_new_tokens, repeats=args.speed_repeats,
-                                      stop_ids=tok.stop_ids, progress=bar.update)
+                                      stop_ids=tok.stop_ids, sps_file=args.sps_file, progress=bar.update)
         rep = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "cpus": os.cpu_count()},
                "prompts_per_domain": args.per_domain, "max_new_tokens": args.max_new_tokens, "gamma": ro.gamma,

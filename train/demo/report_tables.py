@@ -13,6 +13,7 @@ from dspark_jax.errors import DSparkError
 
 KINDS = ("eagle3", "dflash", "dspark")
 DOMAINS = ("math", "code", "prose")
+POLICY_NAMES = {"fixed": "fixed gamma", "production": "production"}
 NO_SPECULATION = "none"
 FIXED = ("mtp1", "fixed")
 SCHEDULED = ("threshold", "algorithm1", "production")
@@ -49,16 +50,17 @@ def table1(results: dict, before: dict | None = None) -> str:
 def speed_table(speed: list[dict], before: dict | None = None) -> str:
     """Plain vs DSpark tokens/s per user, one row per (batch, prompt group), then the old
     pair's rows (its tokens/s were summed over the batch, so divided by the batch here)."""
-    lines = [_row(("batch", "prompts", "plain tok/s per user", "DSpark tok/s per user", "speedup", "tau")),
-             _row(("---:", "---") + ("---:",) * 4)]
+    lines = [_row(("batch", "prompts", "DSpark policy", "plain tok/s per user", "DSpark tok/s per user", "speedup",
+                   "tau")),
+             _row(("---:", "---", "---") + ("---:",) * 4)]
     for s in speed:
-        lines.append(_row((s["batch"], f"{s['prompts']} ({s['n_prompts']})",
+        lines.append(_row((s["batch"], f"{s['prompts']} ({s['n_prompts']})", POLICY_NAMES[s.get("policy", "fixed")],
                            f"{s['plain_tokens_per_second_per_user']:.1f}",
                            f"{s['dspark_tokens_per_second_per_user']:.1f}", f"{s['speedup']:.2f}x", f"{s['tau']:.2f}")))
     described = (before or {}).get("pair", {}).get("speed_prompts", {})
     for s in (before or {}).get("speed", []):
         b = s["batch"]
-        lines.append(_row((b, f"before: {described.get(str(b), 'old pair')}",
+        lines.append(_row((b, f"before: {described.get(str(b), 'old pair')}", POLICY_NAMES["fixed"],
                            f"{s['plain_tokens_per_second'] / b:.1f}", f"{s['dspark_tokens_per_second'] / b:.1f}",
                            f"{s['speedup']:.2f}x", f"{s['tau']:.2f}")))
     return "\n".join(lines)
@@ -203,7 +205,7 @@ def load_bench_section(bench_dir: str, md_dir: str, repo: str) -> str:
     return "\n".join(lines)
 
 
-def pooled_speed(batch: int, prompts: str, rows) -> dict:
+def pooled_speed(batch: int, prompts: str, rows, policy: str = "fixed") -> dict:
     """One speed-table row from speedup.compare rows of one batch size: tokens per user
     (a call's tokens over its batch) summed over the calls, over their summed seconds (a
     call's tokens over its tokens/s). tau is pooled over all rounds."""
@@ -212,6 +214,6 @@ def pooled_speed(batch: int, prompts: str, rows) -> dict:
 
     plain, spec = per_user([r.plain_tps for r in rows]), per_user([r.spec_tps for r in rows])
     rounds = sum(r.rounds for r in rows)
-    return {"batch": batch, "prompts": prompts, "n_prompts": sum(r.batch for r in rows),
+    return {"batch": batch, "prompts": prompts, "policy": policy, "n_prompts": sum(r.batch for r in rows),
             "plain_tokens_per_second_per_user": plain, "dspark_tokens_per_second_per_user": spec,
             "speedup": spec / plain, "tau": sum(r.tau * r.rounds for r in rows) / rounds if rounds else 0.0}
