@@ -1,5 +1,7 @@
-"""The OpenAI-compatible server, live on 127.0.0.1 with the bundled demo pair: the official
-`openai` client and httpx against one `python -m serve.server` process per module.
+"""The OpenAI-compatible server, live on 127.0.0.1: the official `openai` client and httpx
+against one `python -m serve.server` process per module, serving the tiny Qwen3 fixture
+with a random DSpark drafter written like a trained one (the bundled pair's size then does
+not set the suite's time; `test_server_app` checks that no flags mean the bundled pair).
 
 Parity with `serve.generate`, streamed == plain answers at T=0, seeded n > 1, 64
 concurrent streams with some closed early, every kind of bad input, metrics, and (last)
@@ -21,20 +23,32 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import cpu_env
+from tests.conftest import FIXTURES, cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = "dspark-demo"
+TARGET = os.path.join(FIXTURES, "qwen3_tiny_tied")
+MODEL = "tiny-pair"
 PROMPTS = ["The capital of France is", "def add(a, b):"]
 CHAT = [{"role": "user", "content": "A shop has 12 boxes with 7 apples each. How many apples?"}]
 
 
 @pytest.fixture(scope="module")
-def server():
+def draft(tmp_path_factory):
+    from dspark_jax import target
+    from tests.helpers import make_block_drafter, write_block_drafter
+
+    tcfg, tparams = target.load(TARGET)
+    drafter, dparams = make_block_drafter(tcfg, block_size=4, taps=(0,))
+    return write_block_drafter(tmp_path_factory.mktemp("server") / "draft", TARGET, tparams, drafter, dparams)
+
+
+@pytest.fixture(scope="module")
+def server(draft):
     """One server process: 4 slots, 384 positions, programs compiled on first use."""
     env = cpu_env(1)
-    proc = subprocess.Popen([sys.executable, "-m", "serve.server", "--port", "0", "--slots", "4", "--max-len", "384",
-                             "--max-queue", "64", "--warmup", "none"], cwd=REPO, env=env, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "serve.server", "--port", "0", "--target", TARGET, "--draft", draft,
+                             "--served-model-name", MODEL, "--slots", "4", "--max-len", "384", "--max-queue", "64",
+                             "--warmup", "none"], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     lines, ready = [], threading.Event()
 
@@ -45,9 +59,11 @@ def server():
                 ready.set()
 
     threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(180):
-        proc.kill()
-        pytest.fail(f"the server did not start: {proc.stderr.read()[-2000:]}")
+    deadline = time.time() + 180
+    while not ready.wait(0.5):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not start: {proc.stderr.read()[-2000:]}")
     url = re.search(r"http://[\d.]+:\d+", lines[-1]).group(0)
     yield {"url": url, "proc": proc}
     if proc.poll() is None:
@@ -75,14 +91,13 @@ def test_health_and_models(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
 
 
-def test_matches_serve_generate_at_t0(client):
+def test_matches_serve_generate_at_t0(client, draft):
     from dspark_jax.serving import GenerateRequest, run_generate
     from dspark_jax.tokenizer import Tokenizer
-    from dspark_jax.serving import bundled_folder
 
-    ids = Tokenizer(bundled_folder("target")).encode(PROMPTS[0])
-    rec = run_generate(GenerateRequest(prompt_ids=[",".join(map(str, ids))], max_new_tokens=24), lambda e: None,
-                       stream=False)[0]
+    ids = Tokenizer(TARGET).encode(PROMPTS[0])
+    rec = run_generate(GenerateRequest(target=TARGET, draft=draft, prompt_ids=[",".join(map(str, ids))],
+                                       max_new_tokens=24), lambda e: None, stream=False)[0]
     out = client.completions.create(model=MODEL, prompt=ids, max_tokens=24, temperature=0)
     assert out.choices[0].text == rec["text"]
     assert out.usage.completion_tokens == len(rec["token_ids"]) and out.usage.prompt_tokens == len(ids)

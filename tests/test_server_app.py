@@ -237,3 +237,13 @@ def test_cli_usage_errors_are_one_line_exit_2():
                               timeout=120)
         assert proc.returncode == 2 and needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, \
             proc.stderr
+
+
+def test_no_flags_mean_the_bundled_pair():
+    """`python -m serve.server` and `serve.generate` with no --target resolve the bundled
+    target and DSpark drafter (the live server test serves a tiny fixture pair instead)."""
+    from dspark_jax.serving import GenerateRequest, resolve_folders
+
+    tfolder, dfolder, kind = resolve_folders(GenerateRequest())
+    assert (tfolder, dfolder, kind) == (bundled_folder("target"), bundled_folder("dspark"), "auto")
+    assert tfolder == os.path.join(REPO, "artifacts", "demo", "target") and os.path.isdir(dfolder)
