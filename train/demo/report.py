@@ -273,7 +273,9 @@ At batch 1 each test prompt is its own generation: `serve.speedup.compare` alter
 plain and DSpark runs of it ({rep['speed_repeats']} timed runs each, the median), and a row's
 tokens/s per user is its prompts' total tokens over their total seconds; "all three"
 pools the three domains' runs. Batch 8 runs the same prompts mixed across domains, 8 to a
-batch (a call's tokens over 8 per user).{before_note}
+batch (a call's tokens over 8 per user). DSpark policy: fixed gamma verifies all {rep['gamma']} drafts
+every round; production is the paper's scheduler over the round profile's budget buckets
+(rows only where the profile file has this pair at that batch).{before_note}
 {speed_note}
 {speed_table(rep['speed'], before)}
 
