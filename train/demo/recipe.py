@@ -307,7 +307,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="scratch folder, not committed (default: work/demo in the repository)")
     p.add_argument("--stage", action="append", choices=STAGES, help="run only these stages (repeatable; default: every stage)")
     p.add_argument("--target-steps", type=int, default=1200)
-    p.add_argument("--drafter-steps", type=int, default=600)
+    p.add_argument("--drafter-steps", type=int, default=800)
     p.add_argument("--regen-prompts", type=int, default=4000)
     p.add_argument("--force", action="store_true",
                    help="redo stages whose artifacts are current (training runs still resume from their checkpoints "
