@@ -1,4 +1,4 @@
-"""Regeneration resumes after a kill from its last finished batch, with the same answers."""
+"""Regeneration resumes after a kill from its last finished chunk, with the same answers."""
 
 import json
 import os
@@ -24,35 +24,37 @@ def _args(tmp_path, out):
 
 
 def test_a_killed_regeneration_resumes_with_the_same_answers(tmp_path, monkeypatch):
+    monkeypatch.setattr(regen, "CHUNK_BATCHES", 1)   # chunks of one batch: 2 prompts each
     whole = tmp_path / "whole.jsonl"
     regen.regenerate(_args(tmp_path, whole))
     assert not os.path.exists(str(whole) + ".progress")
+    assert [len(json.loads(line)["messages"]) for line in whole.read_text().splitlines()] == [2] * 4
 
-    real, calls = regen.generation.generate, []
+    real, calls = regen._answer, []
 
-    def dies_on_the_second_batch(*a, **k):
+    def dies_on_the_second_chunk(*a, **k):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **k)
 
     killed = tmp_path / "killed.jsonl"
-    monkeypatch.setattr(regen.generation, "generate", dies_on_the_second_batch)
+    monkeypatch.setattr(regen, "_answer", dies_on_the_second_chunk)
     with pytest.raises(KeyboardInterrupt):
         regen.regenerate(_args(tmp_path, killed))
     assert not killed.exists()
-    monkeypatch.setattr(regen.generation, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(regen, "_answer", lambda *a, **k: calls.append(1) or real(*a, **k))
     regen.regenerate(_args(tmp_path, killed))
-    assert len(calls) == 2 + 1          # the resumed run generated the batch left, not the first again
+    assert len(calls) == 2 + 1          # the resumed run answered the chunk left, not the first again
     assert killed.read_text() == whole.read_text()
 
     # a run killed under other settings leaves progress that is not reused
     calls.clear()
-    monkeypatch.setattr(regen.generation, "generate", dies_on_the_second_batch)
+    monkeypatch.setattr(regen, "_answer", dies_on_the_second_chunk)
     other = _args(tmp_path, killed)
     other.seed = 4
     with pytest.raises(KeyboardInterrupt):
         regen.regenerate(other)
-    monkeypatch.setattr(regen.generation, "generate", real)
+    monkeypatch.setattr(regen, "_answer", real)
     regen.regenerate(_args(tmp_path, killed))
     assert killed.read_text() == whole.read_text()

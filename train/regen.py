@@ -8,9 +8,11 @@ import os
 from tqdm import tqdm
 
 from dspark_jax import generation, prompts as prompts_lib, target
+from dspark_jax.engine import Engine
 from dspark_jax.errors import DSparkError
-from dspark_jax.sampling import SamplingParams
 from dspark_jax.tokenizer import Tokenizer
+
+CHUNK_BATCHES = 8   # prompts per engine (and per progress write), in batches
 
 
 def read_prompt_set(path: str) -> list[tuple[list[dict], str]]:
@@ -52,9 +54,34 @@ def _files_stamp(folder: str) -> list:
                   for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
 
 
+def _answer(tcfg, tparams, drafter, dparams, prompts, seeds, tok, args, bar) -> list[str]:
+    """One chunk of prompts through a fresh engine of args.batch_size slots (continuous
+    batching: a slot takes the next prompt as soon as its answer ends); the answers' text."""
+    stop_ids = tok.stop_ids
+    gamma = drafter.gamma if drafter is not None else 0
+    max_len = generation.cache_length(max(len(p) for p in prompts), args.max_new_tokens, gamma)
+    engine = Engine(tcfg, tparams, drafter, dparams, slots=args.batch_size, max_len=max_len,
+                    policy="fixed" if drafter is not None else "none", max_stop_ids=max(1, len(stop_ids)),
+                    buckets=(args.batch_size * (1 + gamma),))
+    rids = [engine.submit(p, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=seed % 2**32, stop_ids=stop_ids,
+                          on_tokens=lambda rid, toks, fin: fin and bar.update(1))
+            for p, seed in zip(prompts, seeds)]
+    engine.run_until_done()
+    out = []
+    for rid in rids:
+        r = engine.result(rid)
+        if r.error is not None:
+            raise DSparkError(r.error)
+        out.append(tok.decode([t for t in r.token_ids if t not in stop_ids]))
+    return out
+
+
 def regenerate(args) -> int:
-    """Answer every user turn; answers are appended to <out>.progress as each batch
-    finishes, so a killed run resumes from its last batch (same settings: same answers)."""
+    """Answer every user turn through the engine, args.batch_size requests at a time with
+    continuous batching; answers are appended to <out>.progress after each chunk of
+    CHUNK_BATCHES x batch_size prompts, so a killed run resumes from its last chunk (same
+    settings: same answers)."""
     tcfg, tparams = target.load(args.target)
     tok = Tokenizer(args.target)
     convs = read_prompt_set(args.prompts)
@@ -86,27 +113,22 @@ def regenerate(args) -> int:
                 history = done[i] + [m for m in msgs if m["role"] == "system" and turn == 0] + [users[turn]]
                 done[i] = history
                 todo.append(i)
-        for start in range(0, len(todo), args.batch_size):
-            rows = todo[start:start + args.batch_size]
+        ids = {i: tok.encode_chat(done[i])[-(tcfg.max_position_embeddings - args.max_new_tokens - 16):]
+               for i in todo}
+        chunk = CHUNK_BATCHES * args.batch_size
+        for start in range(0, len(todo), chunk):
+            rows = todo[start:start + chunk]
             if all((turn, i) in answered for i in rows):
                 for i in rows:
                     done[i] = done[i] + [{"role": "assistant", "content": answered[(turn, i)]}]
                 bar.update(len(rows))
                 continue
-            ids = [tok.encode_chat(done[i]) for i in rows]
-            limit = tcfg.max_position_embeddings - args.max_new_tokens - 16
-            ids = [x[-limit:] for x in ids]
-            comps = generation.generate(
-                tcfg, tparams, ids, max_new_tokens=args.max_new_tokens,
-                sampling=SamplingParams.make(len(rows), args.temperature, args.top_k, args.top_p),
-                seeds=[args.seed * 7919 + turn * 104729 + i for i in rows], stop_ids=tok.stop_ids,
-                drafter=drafter, dparams=dparams, gamma=drafter.gamma if drafter else 0)
+            answers = _answer(tcfg, tparams, drafter, dparams, [ids[i] for i in rows],
+                              [args.seed * 7919 + turn * 104729 + i for i in rows], tok, args, bar)
             with open(progress_path, "a", encoding="utf-8") as f:
-                for i, c in zip(rows, comps):
-                    answer = tok.decode([t for t in c.token_ids if t not in tok.stop_ids])
+                for i, answer in zip(rows, answers):
                     done[i] = done[i] + [{"role": "assistant", "content": answer}]
                     f.write(json.dumps({"turn": turn, "i": i, "content": answer}) + "\n")
-            bar.update(len(rows))
     bar.close()
     with open(args.out + ".tmp", "w", encoding="utf-8") as f:
         for (msgs, domain), conv in zip(convs, done):

@@ -27,7 +27,8 @@ def main(argv=None) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="requests decoded together (engine slots; a slot takes the next prompt when its answer ends)")
     p.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all)")
     p.add_argument("--name", help="also build a TFDS dataset with this name (default: JSONL only)")
     p.add_argument("--data-dir", help="where to build the dataset (with --name)")
