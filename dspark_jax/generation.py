@@ -59,16 +59,15 @@ def generate(tcfg, tparams, prompts: Sequence[Sequence[int]], *, max_new_tokens:
              drafter=None, dparams=None, gamma: int | None = None, verify_depth: int | None = None,
              max_depths: Sequence[int] | None = None, policy: str | None = None, costs: dict | None = None,
              trace: bool = False, on_tokens: Callable[[int, list, bool], None] | None = None,
-             max_len: int | None = None, mesh=None, buckets: Sequence[int] | None = None) -> list[Completion]:
+             max_len: int | None = None, mesh=None) -> list[Completion]:
     """Generate for a batch of prompts; returns one Completion per prompt, in order.
 
     policy: an engine policy (default "fixed" with a drafter, "none" without);
     verify_depth: the fixed policy's depth (default gamma); max_depths: a depth limit per
     prompt; costs: the scheduled policies' profile (`engine.costs.stored_costs`);
-    on_tokens(index, new token ids, finished): streaming, per prompt; buckets: the round's
-    token-budget buckets (default: the profile's buckets for a scheduled policy, which saves
-    verification work only with smaller ones; else one, the full budget, so a batch run
-    compiles one round program).
+    on_tokens(index, new token ids, finished): streaming, per prompt. A scheduled policy
+    runs the profile's budget buckets (it saves verification work only with the smaller
+    ones); the others one bucket, the full budget.
     """
     if drafter is None:
         gamma = 0
@@ -90,11 +89,10 @@ def generate(tcfg, tparams, prompts: Sequence[Sequence[int]], *, max_new_tokens:
     # one round program (two with plain rounds), not one per bucket and count
     drafted = verify_depth if policy == "fixed" and verify_depth and verify_depth < gamma else gamma
     full = b * (1 + drafted)
-    if buckets is None and policy in SCHEDULED and costs:
-        buckets = profiles.budget_buckets(b, gamma)
+    buckets = profiles.budget_buckets(b, gamma) if policy in SCHEDULED and costs else (full,)
     engine = Engine(tcfg, tparams, drafter, dparams, slots=b, max_len=max_len, policy=policy, depth=verify_depth,
                     max_stop_ids=max(1, len(stop_ids)), trace=trace, mesh=mesh, prefill_chunk=0,
-                    buckets=tuple(buckets) if buckets else (full,),
+                    buckets=buckets,
                     rounds_per_call=1,
                     **(costs or {}))
     temp, top_k, top_p = (np.broadcast_to(np.asarray(x), (b,)) for x in

@@ -42,12 +42,11 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0, low: int = 4)
 def _run(tcfg, tparams, prompts, max_new, temperature, stop_ids, drafter, dparams, gamma, verify_depth,
          schedule=None):
     t0 = time.perf_counter()
-    policy, costs, buckets = schedule or (None, None, None)
+    policy, costs = schedule or (None, None)
     comps = generation.generate(tcfg, tparams, prompts, max_new_tokens=max_new,
                                 sampling=SamplingParams.make(len(prompts), temperature),
                                 seeds=range(len(prompts)), stop_ids=stop_ids, drafter=drafter, dparams=dparams,
-                                gamma=gamma, verify_depth=verify_depth, policy=policy, costs=costs,
-                                buckets=buckets)
+                                gamma=gamma, verify_depth=verify_depth, policy=policy, costs=costs)
     secs = time.perf_counter() - t0
     return sum(len(c.token_ids) for c in comps) / secs, comps
 
@@ -57,8 +56,8 @@ def compare(tcfg, tparams, drafter, dparams, prompts: Sequence[Sequence[int]], *
             verify_depth: int | None = None, progress=None, stop_ids: Sequence[int] = (),
             schedule: tuple | None = None) -> BenchRow:
     """Tokens/s of plain and speculative decoding on the first `batch` prompts (a request
-    ends at one of `stop_ids` or after max_new_tokens). schedule: (policy, profile costs,
-    budget buckets) of the speculative runs (default: fixed depth, one full bucket)."""
+    ends at one of `stop_ids` or after max_new_tokens). schedule: (policy, profile costs)
+    of the speculative runs (default: fixed depth)."""
     batch_prompts = [list(prompts[i % len(prompts)]) for i in range(batch)]
     gamma = drafter.gamma
     args = (tcfg, tparams, batch_prompts, max_new_tokens, temperature, tuple(stop_ids))

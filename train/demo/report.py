@@ -75,7 +75,8 @@ def read_json(path: str, what: str) -> dict:
 
 
 def count_params(params, exclude=()) -> int:
-    """Parameters of a loaded pytree, leaving out leaves whose path names any of `exclude`."""
+    """Parameters of a loaded drafter's pytree, leaving out leaves whose path names any of
+    `exclude` (its copies of the target's embedding and LM head)."""
     import jax
 
     return sum(int(np.prod(leaf.shape)) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
@@ -92,7 +93,6 @@ def measure_speed(tcfg, tparams, drafter, dparams, examples: list[dict], *, per_
     alternates plain and DSpark runs; the prompts run in domain order math, code, prose,
     math, ... so drift over the run reaches every domain alike."""
     from dspark_jax import generation, serving
-    from dspark_jax.engine import profiles
     from serve import speedup
 
     groups = [[(d, list(e["input_ids"])) for e in examples if e["domain"] == d][:per_domain] for d in DOMAINS]
@@ -103,7 +103,7 @@ def measure_speed(tcfg, tparams, drafter, dparams, examples: list[dict], *, per_
         max_len = generation.cache_length(max(len(p) for _, p in mixed), max_new_tokens, drafter.gamma)
         costs = serving.profile_costs(sps_file, tcfg, drafter, batch, max_len) if sps_file else None
         if costs is not None:
-            out.append(("production", ("production", costs, profiles.budget_buckets(batch, drafter.gamma))))
+            out.append(("production", ("production", costs)))
         return out
 
     def bench(prompts, batch, schedule):
@@ -201,7 +201,7 @@ def main(argv=None) -> None:
                                           for t in results},
                "calibration": {"sts_temperatures": temps.tolist(), "before": before, "after": after},
                "speed_repeats": args.speed_repeats, "speed": speed,
-               "target": {"params": count_params(tparams)},
+               "target": {"params": tcfg.num_params()},
                "drafters": {k: {"params": count_params(loaded[k][1], EMBEDDINGS),
                                 "file_mb": os.path.getsize(os.path.join(ART, k, "model.safetensors")) / 1e6}
                             for k in KINDS}}
