@@ -261,15 +261,18 @@ def rounds(tcfg, drafter, gamma: int, budget: int, policy: str, draft: bool, cou
     """`count` (static) rounds in one call; the admission rides in the first. budget
     (static): the verification pass's token bucket, >= the active rows; policy (static):
     one of policies.POLICIES; stale [2, S, G]: the survival of the last two drafted
-    rounds. Returns (state, stale, Summary with a leading [count] axis)."""
-    state, stale, first = _round(tcfg, drafter, gamma, budget, policy, draft, tparams, dparams, state, stale,
-                                 sched, admission)
-    if count == 1:
-        return state, stale, jax.tree.map(lambda x: x[None], first)
-
+    rounds. Returns (state, stale, Summary with a leading [count] axis). Without an
+    admission every round is one loop body, so the program holds one round's code."""
     def body(carry, _):
         st, sl, summary = _round(tcfg, drafter, gamma, budget, policy, draft, tparams, dparams, *carry, sched, None)
         return (st, sl), summary
 
+    if admission is None and count > 1:
+        (state, stale), summaries = jax.lax.scan(body, (state, stale), None, length=count)
+        return state, stale, summaries
+    state, stale, first = _round(tcfg, drafter, gamma, budget, policy, draft, tparams, dparams, state, stale,
+                                 sched, admission)
+    if count == 1:
+        return state, stale, jax.tree.map(lambda x: x[None], first)
     (state, stale), rest = jax.lax.scan(body, (state, stale), None, length=count - 1)
     return state, stale, jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)

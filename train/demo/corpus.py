@@ -50,6 +50,7 @@ from train.demo.sources import (  # noqa: F401  split_of and _math_examples are 
     MATH_TEMPLATES,
     SKIP_DIRS,
     _code_examples,
+    _defs,
     _docstring_examples,
     _hash,
     _math_examples,
@@ -136,9 +137,10 @@ def collect(settings: Settings = Settings(), progress: bool = False):
         mod, source = module_name(rel), f"stdlib:{rel}"
         split = split_of(source, seed)
         lines = src.split("\n")
-        for ex in _code_examples(rel, mod, tree, lines, seed, ma, mp):
+        defs = _defs(tree)
+        for ex in _code_examples(rel, mod, defs, lines, seed, ma, mp):
             pools["code"][split].append(dict(ex, domain="code", source=source))
-        for ex in _docstring_examples(rel, mod, tree, seed, ma, mp):
+        for ex in _docstring_examples(rel, mod, tree, defs, seed, ma, mp):
             pools["prose"][split].append(dict(ex, domain="prose", source=source))
     if used_files == 0:
         raise DSparkError(f"no readable Python sources under the standard library directory {root}; "

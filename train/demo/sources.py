@@ -157,12 +157,21 @@ def _read_source(path: str) -> str | None:
         return None
 
 
+_BLOCKS = (ast.stmt, ast.excepthandler, ast.match_case)
+
+
+def _blocks(node):
+    """The statements (and except / case clauses) directly inside a node: the only children
+    a class, a function or another statement can be nested in."""
+    return [c for c in ast.iter_child_nodes(node) if isinstance(c, _BLOCKS)]
+
+
 def _defs(tree):
     """(qualname, node) of every class and function, in source order."""
     out = []
 
     def visit(node, prefix):
-        for child in ast.iter_child_nodes(node):
+        for child in _blocks(node):
             if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 q = f"{prefix}.{child.name}" if prefix else child.name
                 out.append((q, child))
@@ -171,6 +180,17 @@ def _defs(tree):
                 visit(child, prefix)
 
     visit(tree, "")
+    return out
+
+
+def _statement_ends(node) -> list[int]:
+    """The last line of every statement nested in `node` (not of `node` itself)."""
+    out, todo = [], _blocks(node)
+    while todo:
+        child = todo.pop()
+        if isinstance(child, ast.stmt):
+            out.append(child.end_lineno)
+        todo.extend(_blocks(child))
     return out
 
 
@@ -195,10 +215,11 @@ def _node_lines(node, lines):
     return out, start
 
 
-def _code_examples(rel, mod, tree, lines, seed, max_answer, max_prompt):
-    """Continuation and body-writing tasks for every class and function of one module."""
+def _code_examples(rel, mod, defs, lines, seed, max_answer, max_prompt):
+    """Continuation and body-writing tasks for every class and function of one module
+    (`defs`: its `_defs`)."""
     out = []
-    for qual, node in _defs(tree):
+    for qual, node in defs:
         got = _node_lines(node, lines)
         if got is None or not node.body:
             continue
@@ -209,8 +230,7 @@ def _code_examples(rel, mod, tree, lines, seed, max_answer, max_prompt):
         if body_at <= 0:                                    # `def f(): return 1` on one line
             continue
         # statement ends relative to the block: where prompts may stop and answers may end
-        ends = sorted({s.end_lineno - start + 1 for s in ast.walk(node)
-                       if isinstance(s, ast.stmt) and s is not node})
+        ends = sorted({e - start + 1 for e in _statement_ends(node)})
         key = f"{rel}|{qual}"
 
         # 1) write the body of a short function
@@ -275,9 +295,9 @@ _ASK_MODULE = ("What is the `{q}` module for?", "Describe the Python module `{q}
                "What does the `{q}` module do?")
 
 
-def _docstring_examples(rel, mod, tree, seed, max_answer, max_prompt):
+def _docstring_examples(rel, mod, tree, defs, seed, max_answer, max_prompt):
     out = []
-    nodes = [("", tree)] + _defs(tree)
+    nodes = [("", tree)] + defs
     for qual, node in nodes:
         doc = ast.get_docstring(node, clean=True)
         if not doc:
