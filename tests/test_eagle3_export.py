@@ -62,7 +62,8 @@ def assert_same_params(a, b):
 
 
 def traced_run(tcfg, tparams, drafter, dparams, policy="fixed"):
-    engine = Engine(tcfg, tparams, drafter, dparams, slots=2, max_len=MAX_LEN, policy=policy, trace=True)
+    engine = Engine(tcfg, tparams, drafter, dparams, slots=2, max_len=MAX_LEN, policy=policy, trace=True,
+                    buckets=(2 * (1 + drafter.gamma),))  # the full budget only: the layout is under test
     prompts = [GOLDEN["prompt_ids"].tolist(), [9, 8, 7, 6, 5]]
     ids = [engine.submit(p, max_new_tokens=12) for p in prompts]
     engine.run_until_done()

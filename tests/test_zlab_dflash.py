@@ -121,7 +121,8 @@ def test_greedy_speculative_equals_plain_greedy(family):
     tcfg, tparams, drafter, dparams, golden = family
     prompts = [golden["prompt_ids"].tolist(), [9, 8, 7, 6, 5]]
     new = len(golden["greedy"])
-    engine = Engine(tcfg, tparams, drafter, dparams, slots=2, max_len=MAX_LEN, policy="fixed", trace=True)
+    engine = Engine(tcfg, tparams, drafter, dparams, slots=2, max_len=MAX_LEN, policy="fixed", trace=True,
+                    buckets=(2 * (1 + drafter.gamma),))  # the full budget only: the layout is under test
     ids = [engine.submit(p, max_new_tokens=new) for p in prompts]
     engine.run_until_done()
     results = [engine.result(i) for i in ids]
