@@ -178,6 +178,13 @@ def param_template(module: nn.Module, *args, **kwargs):
     return nn.unbox(boxed), axes
 
 
+def init_module_params(module: nn.Module, rng: jax.Array, *args):
+    """A module's random (unboxed) parameters. Only the initialisers run: the forward is
+    traced on the inputs' shapes and never executed (`flax.linen.Module.lazy_init`)."""
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    return nn.unbox(module.lazy_init(rng, *shapes)["params"])
+
+
 def load_qwen3(folder: str, dtype: str | None = None):
     """(Qwen3Config, params as numpy) from a Hugging Face Qwen3 folder."""
     from dspark_jax.models.qwen3 import Qwen3LM

@@ -30,9 +30,7 @@ def _dummy_inputs():
 
 def init_params(cfg, rng: jax.Array):
     """Random parameters (unboxed) for a target config."""
-    import flax.linen as nn
-
-    return nn.unbox(module_for(cfg).init(rng, *_dummy_inputs())["params"])
+    return checkpoints.init_module_params(module_for(cfg), rng, *_dummy_inputs())
 
 
 def param_shapes_and_axes(cfg):
@@ -67,8 +65,14 @@ def init_cache(cfg, batch: int, max_len: int) -> KVCache:
 
 
 def forward(cfg, params, tokens, q_lens, cache: KVCache | None = None, tap_layers=()):
-    """(hidden [B, T, E], cache, taps): see models/qwen3.py for the convention."""
-    return module_for(cfg).apply({"params": params}, tokens, q_lens, cache, tuple(tap_layers))
+    """(hidden [B, T, E], cache, taps): see models/qwen3.py for the convention. One
+    compiled program per config, taps and shapes (inlined when called under jit)."""
+    return _forward(cfg, params, tokens, q_lens, cache, tuple(tap_layers))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "tap_layers"))
+def _forward(cfg, params, tokens, q_lens, cache, tap_layers):
+    return module_for(cfg).apply({"params": params}, tokens, q_lens, cache, tap_layers)
 
 
 def logits(cfg, params, hidden):

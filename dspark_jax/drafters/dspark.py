@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dspark_jax import target
+from dspark_jax import checkpoints, target
 from dspark_jax.drafters.backbone import BlockDrafterModule, block_mask
 from dspark_jax.drafters.config import DrafterConfig
 from dspark_jax.kv_cache import KVCache, write_index
@@ -46,11 +45,9 @@ class BlockDrafter:
                 jnp.zeros((1, 2), jnp.int32))
 
     def init_params(self, rng: jax.Array):
-        return nn.unbox(self.module.init(rng, *self._dummy())["params"])
+        return checkpoints.init_module_params(self.module, rng, *self._dummy())
 
     def param_shapes_and_axes(self):
-        from dspark_jax import checkpoints
-
         return checkpoints.param_template(self.module, *self._dummy())
 
     def shard(self, params, mesh, rules=None):

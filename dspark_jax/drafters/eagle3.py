@@ -315,7 +315,7 @@ class Eagle3Drafter:
 
 def init_eagle3_params(drafter: Eagle3Drafter, rng: jax.Array):
     """Random (unboxed) parameters."""
-    return nn.unbox(drafter.module.init(rng, *_dummy_inputs(drafter.cfg))["params"])
+    return checkpoints.init_module_params(drafter.module, rng, *_dummy_inputs(drafter.cfg))
 
 
 def _rename(path: tuple[str, ...]) -> str:
