@@ -44,3 +44,34 @@ def test_a_training_run_folder_restarts_only_for_other_settings(tmp_path):
     recipe.run_for(str(run), {"target": "bbbb"})          # a new target: its checkpoints go
     assert not (run / "checkpoints").exists() and json.loads((run / "recipe_settings.json").read_text()) == {
         "target": "bbbb"}
+
+
+def test_regen_stage_answers_a_sampled_and_a_greedy_share(tmp_path, monkeypatch):
+    import os
+    import shutil
+    import types
+
+    from tests.conftest import FIXTURES
+    from tests.test_training import synthetic_chats
+    from train import data, regen
+
+    monkeypatch.setattr(recipe, "ARTIFACTS", str(tmp_path / "artifacts"))
+    shutil.copytree(os.path.join(FIXTURES, "qwen3_tiny_tied"), tmp_path / "artifacts" / "target")
+    work = tmp_path / "work"
+    (work / "corpus" / "prompts").mkdir(parents=True)
+    synthetic_chats(work / "corpus" / "prompts" / "train.jsonl", n=12)
+    args = recipe.parse_args(["--work", str(work), "--regen-prompts", "6", "--greedy-prompts", "3"])
+    recipe.stage_regen(str(work), args)
+
+    splits = data.load(str(work / "data"), "demo_regen")
+    assert (len(splits["train"]), len(splits["validation"])) == (5 + 2, 1 + 1)    # 6% of each share, at least 1
+    greedy = (work / "regen" / "greedy.jsonl").read_text()
+    again = tmp_path / "again.jsonl"                                               # T = 0: the seed changes nothing
+    regen.regenerate(types.SimpleNamespace(
+        target=str(tmp_path / "artifacts" / "target"), draft=None, prompts=str(work / "regen" / "greedy.prompts.jsonl"),
+        out=str(again), max_new_tokens=96, temperature=0.0, top_k=0, top_p=1.0, seed=5, batch_size=64, limit=0,
+        name=None))
+    assert again.read_text() == greedy
+    assert recipe.current(args, "regen", {"prompts": 6, "greedy_prompts": 3,
+                                          "target": recipe.fingerprint(str(tmp_path / "artifacts" / "target"))},
+                          str(work / "regen" / "answers.jsonl"))

@@ -1,5 +1,5 @@
-"""train.pretrain: packed rows, a killed run resumes bit for bit, the export loads, and a
-checkpoint of another shape is refused in one line."""
+"""train.pretrain: packed rows, a killed run resumes bit for bit, the export loads and can be
+continued, and a checkpoint or a folder of another shape is refused in one line."""
 
 import os
 
@@ -52,6 +52,13 @@ def test_killed_pretraining_resumes_bit_for_bit_and_exports(corpus, tmp_path):
     with safe_open(os.path.join(folder, "model.safetensors"), "np") as f:   # stored in bfloat16
         assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"BF16"}
     assert os.path.exists(os.path.join(folder, "tokenizer.json"))
+
+    more = config(corpus, tmp_path / "more", init_from=folder, steps=4, seed=1)   # continues the export
+    pretrain.run(more, progress=False)
+    assert metrics(more.out_dir)[0]["loss"] < losses[0] - 0.5, (metrics(more.out_dir)[0], losses)
+    wider = config(corpus, tmp_path / "wider", init_from=folder, model=full.model.replace(hidden_size=48))
+    with pytest.raises(DSparkError, match=r"init_from .*another architecture \(hidden_size 32 there, 48 now"):
+        pretrain.run(wider, progress=False)
 
     other = config(corpus, tmp_path / "killed", model=full.model.replace(hidden_size=48))
     with pytest.raises(DSparkError, match=r"another architecture.*model.hidden_size 32 there, 48 now"):

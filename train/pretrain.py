@@ -1,5 +1,6 @@
-"""Train a Qwen3-architecture target from scratch (next-token loss), export it as a
-Hugging Face folder. Used to build the bundled demo target with the project's own code.
+"""Train a Qwen3-architecture target (next-token loss) from scratch, or continue an
+exported one (`init_from`, with a fresh optimizer and schedule), and export it as a Hugging
+Face folder. Used to build the bundled demo target with the project's own code.
 
     python -m train.pretrain --config configs/demo_target.py --set steps=2000
 """
@@ -35,6 +36,7 @@ class PretrainConfig:
     tokenizer_dir: str = ""               # folder with tokenizer.json (copied into the export)
     data_dir: str = ""
     dataset: str = ""
+    init_from: str = ""                   # a Hugging Face folder of this shape to continue from (fresh optimizer)
     model: Qwen3Config = dataclasses.field(default_factory=lambda: Qwen3Config(
         vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
         num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=10000.0,
@@ -96,7 +98,8 @@ def run(pc: PretrainConfig, progress: bool = True, stop_after: int | None = None
     cfg = pc.model.replace(dtype=pc.compute_dtype)
     tx = optimizer(pc)
     shapes, axes = target.param_shapes_and_axes(cfg)
-    params = target.init_params(cfg.replace(dtype="float32"), jax.random.key(pc.seed))
+    params = (continued_params(pc) if pc.init_from else
+              target.init_params(cfg.replace(dtype="float32"), jax.random.key(pc.seed)))
     params = mesh_lib.shard_tree(params, axes, mesh, mesh_lib.TRAINING_RULES)
     rep = NamedSharding(mesh, PartitionSpec())
     state = place_unsharded(TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -131,6 +134,20 @@ def run(pc: PretrainConfig, progress: bool = True, stop_after: int | None = None
     bar.close()
     ckpt.close()
     return export(pc, state.params) if end == pc.steps else None
+
+
+def continued_params(pc: PretrainConfig):
+    """The float32 parameters of `pc.init_from`, refused in one line unless it is a target
+    of `pc.model`'s shape (the run continues training it with a fresh optimizer)."""
+    if not os.path.exists(os.path.join(pc.init_from, "config.json")):
+        raise DSparkError(f"init_from {pc.init_from}: no config.json there (expected an exported target folder)")
+    cfg, params = target.load(pc.init_from, "float32")
+    want = pc.model.replace(dtype="float32")
+    if not isinstance(cfg, Qwen3Config) or cfg.replace(dtype="float32") != want:
+        diff = [f"{k} {getattr(cfg, k, None)} there, {v} now" for k, v in dataclasses.asdict(want).items()
+                if getattr(cfg, k, None) != v and k != "dtype"]
+        raise DSparkError(f"init_from {pc.init_from}: another architecture ({'; '.join(diff) or type(cfg).__name__})")
+    return jax.device_get(params)
 
 
 def export(pc: PretrainConfig, params) -> str:

@@ -1,6 +1,6 @@
 """The bundled demo pair, rebuilt from scratch with the project's own code.
 
-    python -m train.demo.recipe                     # every stage (about 5 h on 2 CPU cores)
+    python -m train.demo.recipe                     # every stage (about 9 h on 2 CPU cores)
     python -m train.demo.recipe --stage target      # one stage
 
 Each stage skips when its artifact exists and RECIPE.json records that the same settings
@@ -10,7 +10,7 @@ Each stage skips when its artifact exists and RECIPE.json records that the same 
 Stages and the artifact each one rebuilds:
   corpus     work/corpus        offline corpus (code / prose / math) + BPE tokenizer
   target     artifacts/demo/target   Qwen3-architecture target, trained on the corpus
-  regen      work/regen         the target's own answers to the training prompts
+  regen      work/regen         the target's own answers to training prompts (T = 1 and T = 0)
   drafters   artifacts/demo/{dspark,dflash,eagle3}   identical data and shape, gamma 7, bfloat16;
              DSpark and DFlash equal steps, Eagle3 DSpark's training FLOPs
   calibrate  artifacts/demo/dspark/sts_calibration.json   STS on the validation split
@@ -98,34 +98,74 @@ def copy_test_prompts(corpus: str, per_domain: int = 64) -> None:
 
 
 def stage_target(work: str, args) -> None:
+    """Two phases: --target-steps from scratch at lr 2e-3, then --target-more-steps
+    continuing from that export at lr 1e-3 with a fresh warm-up and cosine and another
+    order of the rows (0 skips it);
+    each phase resumes from its own run folder."""
     from train import pretrain
 
     pc = target_config(work, os.path.join(work, "corpus", "tokenizer"), args.target_steps)
-    settings = {"model": dataclasses.asdict(pc.model), "steps": pc.steps, "corpus_caps": list(CORPUS_CAPS)}
+    first = {"model": dataclasses.asdict(pc.model), "steps": pc.steps, "corpus_caps": list(CORPUS_CAPS)}
+    settings = dict(first, more_steps=args.target_more_steps)
     out = os.path.join(ARTIFACTS, "target")
     if current(args, "target", settings, os.path.join(out, "model.safetensors")):
         return
-    run_for(pc.out_dir, settings)
+    run_for(pc.out_dir, first)
     folder = pretrain.run(pc)
+    if args.target_more_steps:
+        more = pc.replace(init_from=folder, steps=args.target_more_steps, lr=1e-3, warmup_frac=0.05, seed=1,
+                          out_dir=os.path.join(work, "runs", "target_more"))
+        run_for(more.out_dir, dict(first, more_steps=more.steps, init_from=fingerprint(folder)))
+        folder = pretrain.run(more)
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(folder, out)
     record(args, "target", settings)
 
 
 def stage_regen(work: str, args) -> None:
+    """The target's answers to --regen-prompts training prompts sampled at T = 1, and to
+    the next --greedy-prompts at T = 0 (the contexts greedy serving meets), as one dataset
+    whose validation split takes the same share of each."""
     from train import data, regen
 
-    out = os.path.join(work, "regen", "answers.jsonl")
-    settings = {"prompts": args.regen_prompts, "target": fingerprint(os.path.join(ARTIFACTS, "target"))}
+    folder = os.path.join(work, "regen")
+    out = os.path.join(folder, "answers.jsonl")
+    settings = {"prompts": args.regen_prompts, "greedy_prompts": args.greedy_prompts,
+                "target": fingerprint(os.path.join(ARTIFACTS, "target"))}
     if current(args, "regen", settings, out):
         return
     shutil.rmtree(data.dataset_path(os.path.join(work, "data"), "demo_regen"), ignore_errors=True)  # older answers'
-    ns = types.SimpleNamespace(
-        target=os.path.join(ARTIFACTS, "target"), draft=None,
-        prompts=os.path.join(work, "corpus", "prompts", "train.jsonl"), out=out,
-        max_new_tokens=96, temperature=1.0, top_k=0, top_p=1.0, seed=0, batch_size=64,
-        limit=args.regen_prompts, name="demo_regen", data_dir=os.path.join(work, "data"), val_fraction=0.06)
-    regen.regenerate(ns)
+    train_prompts = os.path.join(work, "corpus", "prompts", "train.jsonl")
+    with open(train_prompts) as f:
+        lines = f.readlines()
+    shares = [("sampled", 1.0, lines[:args.regen_prompts]),
+              ("greedy", 0.0, lines[args.regen_prompts:args.regen_prompts + args.greedy_prompts])]
+    splits = {"train": [], "validation": []}
+    for name, temperature, prompts in shares:
+        if not prompts:
+            continue
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"{name}.prompts.jsonl"), "w") as f:
+            f.writelines(prompts)
+        answers = os.path.join(folder, f"{name}.jsonl")
+        regen.regenerate(types.SimpleNamespace(
+            target=os.path.join(ARTIFACTS, "target"), draft=None, prompts=os.path.join(folder, f"{name}.prompts.jsonl"),
+            out=answers, max_new_tokens=96, temperature=temperature, top_k=0, top_p=1.0, seed=0, batch_size=64,
+            limit=0, name=None))
+        with open(answers) as f:
+            rows = f.readlines()
+        n_val = max(1, int(len(rows) * 0.06))
+        splits["validation"] += rows[:n_val]
+        splits["train"] += rows[n_val:]
+    sources = {}
+    for split, rows in splits.items():
+        sources[split] = [os.path.join(folder, f"{split}.jsonl")]
+        with open(sources[split][0], "w") as f:
+            f.writelines(rows)
+    data.build(name="demo_regen", sources=sources, tokenizer_dir=os.path.join(ARTIFACTS, "target"),
+               data_dir=os.path.join(work, "data"))
+    with open(out, "w") as f:
+        f.writelines(splits["validation"] + splits["train"])
     record(args, "regen", settings)
 
 
@@ -293,8 +333,9 @@ def recipe_record(args) -> dict:
     inside the repository written relative to its root."""
     drafter = json.loads(drafter_config(args.work, "dspark", args.drafter_steps).to_json())
     return {"command": "python -m train.demo.recipe", "gamma": GAMMA, "vocab": VOCAB, "taps": TAPS,
-            "target_steps": args.target_steps, "drafter_steps": args.drafter_steps,
-            "regen_prompts": args.regen_prompts,
+            "target_steps": args.target_steps,
+            "target_more_steps": args.target_more_steps, "drafter_steps": args.drafter_steps,
+            "regen_prompts": args.regen_prompts, "greedy_prompts": args.greedy_prompts,
             "target": dataclasses.asdict(target_config(args.work, "", args.target_steps).model),
             "drafter": {k: repo_relative(v) for k, v in drafter.items()}}
 
@@ -306,9 +347,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default=None,
                    help="scratch folder, not committed (default: work/demo in the repository)")
     p.add_argument("--stage", action="append", choices=STAGES, help="run only these stages (repeatable; default: every stage)")
-    p.add_argument("--target-steps", type=int, default=1200)
+    p.add_argument("--target-steps", type=int, default=1200, help="the target's first phase, from scratch")
+    p.add_argument("--target-more-steps", type=int, default=1600,
+                   help="the target's second phase, continuing the first at half its learning rate (0: none)")
     p.add_argument("--drafter-steps", type=int, default=800)
-    p.add_argument("--regen-prompts", type=int, default=4000)
+    p.add_argument("--regen-prompts", type=int, default=4000, help="training prompts answered by the target at T = 1")
+    p.add_argument("--greedy-prompts", type=int, default=2000, help="the next training prompts, answered at T = 0")
     p.add_argument("--force", action="store_true",
                    help="redo stages whose artifacts are current (training runs still resume from their checkpoints "
                         "under --work: delete it to start over)")
