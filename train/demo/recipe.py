@@ -100,8 +100,7 @@ def copy_test_prompts(corpus: str, per_domain: int = 64) -> None:
 def stage_target(work: str, args) -> None:
     """Two phases: --target-steps from scratch at lr 2e-3, then --target-more-steps
     continuing from that export at lr 1e-3 with a fresh warm-up and cosine and another
-    order of the rows (0 skips it);
-    each phase resumes from its own run folder."""
+    order of the rows (0 skips it). Each phase resumes from its own run folder."""
     from train import pretrain
 
     pc = target_config(work, os.path.join(work, "corpus", "tokenizer"), args.target_steps)
@@ -352,7 +351,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the target's second phase, continuing the first at half its learning rate (0: none)")
     p.add_argument("--drafter-steps", type=int, default=800)
     p.add_argument("--regen-prompts", type=int, default=4000, help="training prompts answered by the target at T = 1")
-    p.add_argument("--greedy-prompts", type=int, default=2000, help="the next training prompts, answered at T = 0")
+    p.add_argument("--greedy-prompts", type=int, default=3000, help="the next training prompts, answered at T = 0")
     p.add_argument("--force", action="store_true",
                    help="redo stages whose artifacts are current (training runs still resume from their checkpoints "
                         "under --work: delete it to start over)")
