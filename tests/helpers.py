@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax import checkpoints
-from dspark_jax.drafters import loading
+from dspark_jax.drafters import folders
 from dspark_jax.drafters.config import DrafterConfig
 from dspark_jax.drafters.dspark import BlockDrafter
 
@@ -27,7 +27,7 @@ def make_block_drafter(tcfg, *, head="vanilla", rank=16, layers=2, block_size=4,
 
 
 def write_block_drafter(folder, target_folder, tparams, drafter, params, sts=None):
-    loading.save_block_drafter(str(folder), drafter, params, checkpoints.read_config(target_folder),
+    folders.save_block_drafter(str(folder), drafter, params, checkpoints.read_config(target_folder),
                                tparams, sts_temperatures=sts)
     return str(folder)
 

@@ -8,7 +8,7 @@ import pytest
 
 from dspark_jax import calibration as cal
 from dspark_jax import drafters, target
-from dspark_jax.drafters.loading import STS_FILE
+from dspark_jax.drafters.folders import STS_FILE
 from dspark_jax.errors import DSparkError
 from tests.conftest import FIXTURES
 from tests.helpers import make_block_drafter, write_block_drafter

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dspark_jax import target
-from dspark_jax.drafters.loading import STS_FILE
+from dspark_jax.drafters.folders import STS_FILE
 from dspark_jax.errors import DSparkError
 from tests.conftest import FIXTURES, cpu_env
 from tests.helpers import make_block_drafter, write_block_drafter

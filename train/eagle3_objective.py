@@ -28,8 +28,8 @@ import jax.numpy as jnp
 
 from dspark_jax import target
 from dspark_jax.attention import MASK_VALUE, attend, causal_mask
+from dspark_jax.drafters.config import default_layer_ids
 from dspark_jax.drafters.eagle3 import Eagle3Config, Eagle3Drafter, init_eagle3_params
-from train.step import default_layer_ids
 
 
 def build_drafter(cfg, tcfg) -> Eagle3Drafter:

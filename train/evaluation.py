@@ -217,7 +217,7 @@ def calibrate(ro: Rollouts, *, grid=None, bins: int = 15, holdout_fraction: floa
 
 def write_sts(folder: str, temps, meta: dict | None = None) -> str:
     """Write the drafter folder's STS file (read back by `dspark_jax.drafters.load`)."""
-    from dspark_jax.drafters.loading import STS_FILE
+    from dspark_jax.drafters.folders import STS_FILE
 
     path = os.path.join(folder, STS_FILE)
     with open(path, "w") as f:

@@ -15,12 +15,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import struct
 
 from dspark_jax import target
-from dspark_jax.drafters.config import DrafterConfig, check_fits_target
+from dspark_jax.drafters.config import DrafterConfig, check_fits_target, default_layer_ids
 from dspark_jax.drafters.dspark import BlockDrafter
 from dspark_jax.drafters.zlab import ZlabDFlashDrafter
 from dspark_jax.errors import DSparkError
@@ -33,14 +32,6 @@ class TrainState:
     params: dict
     opt_state: optax.OptState
     rng: jax.Array
-
-
-def default_layer_ids(num_target_layers: int, count: int = 5) -> tuple[int, ...]:
-    """Evenly spread taps ([1, 9, 17, 25, 33] for 36 layers); never the final layer."""
-    hi = num_target_layers - 3 if num_target_layers >= 4 else num_target_layers - 2
-    lo = min(1, hi)
-    m = max(1, min(count, hi - lo + 1))
-    return tuple(sorted({int(round(x)) for x in np.linspace(lo, hi, m)}))
 
 
 def mask_token_id(cfg, tokenizer_dir: str, vocab: int) -> int:

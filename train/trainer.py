@@ -27,7 +27,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dspark_jax import checkpoints, mesh as mesh_lib, target
-from dspark_jax.drafters import eagle3_export, loading, zlab_export
+from dspark_jax.drafters import eagle3_export, zlab_export
+from dspark_jax.drafters.folders import STS_FILE, save_block_drafter
 from dspark_jax.errors import DSparkError
 from train import data, memory, step as step_lib
 from train.checkpointing import Checkpointer
@@ -190,10 +191,10 @@ def _train(cfg, state, tparams, train_step, loader, mesh, ckpt, drafter, start, 
 
 def set_aside_sts(folder: str) -> None:
     """Rename a drafter folder's STS file (fitted to the weights about to be replaced)."""
-    path = os.path.join(folder, loading.STS_FILE)
+    path = os.path.join(folder, STS_FILE)
     if os.path.exists(path):
         os.replace(path, os.path.join(folder, STALE_STS))
-        print(f"moved the old {loading.STS_FILE} (fitted to the previous weights) to {STALE_STS} in {folder}; "
+        print(f"moved the old {STS_FILE} (fitted to the previous weights) to {STALE_STS} in {folder}; "
               "run train.calibrate again for the new weights", flush=True)
 
 
@@ -249,7 +250,7 @@ def export_drafter(cfg, drafter, params, tparams=None) -> str:
             save_eagle3(folder, drafter, with_target_head(host_params, head, drafter.tcfg),
                         checkpoints.read_config(cfg.target))
         else:
-            loading.save_block_drafter(folder, drafter, host_params, checkpoints.read_config(cfg.target), head)
+            save_block_drafter(folder, drafter, host_params, checkpoints.read_config(cfg.target), head)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             src = os.path.join(cfg.target, name)
             if os.path.exists(src):

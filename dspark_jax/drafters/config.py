@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from dspark_jax.config import Qwen3Config
 from dspark_jax.errors import DSparkError
 
@@ -67,3 +69,11 @@ def check_fits_target(cfg, tcfg: Qwen3Config, where: str) -> None:
     if getattr(cfg, "num_target_layers", 0) and cfg.num_target_layers != tcfg.num_hidden_layers:
         raise DSparkError(f"{where}: drafter was trained for a {cfg.num_target_layers}-layer target; "
                           f"this target has {tcfg.num_hidden_layers} layers")
+
+
+def default_layer_ids(num_target_layers: int, count: int = 5) -> tuple[int, ...]:
+    """Evenly spread taps ([1, 9, 17, 25, 33] for 36 layers); never the final layer."""
+    hi = num_target_layers - 3 if num_target_layers >= 4 else num_target_layers - 2
+    lo = min(1, hi)
+    m = max(1, min(count, hi - lo + 1))
+    return tuple(sorted({int(round(x)) for x in np.linspace(lo, hi, m)}))

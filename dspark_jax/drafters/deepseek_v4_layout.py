@@ -35,6 +35,7 @@ from flax import traverse_util
 from dspark_jax import checkpoints, fp8
 from dspark_jax.config_deepseek_v4 import DeepseekV4Config
 from dspark_jax.drafters import deepseek_v4_drafter as dv4
+from dspark_jax.drafters.folders import STS_FILE, check_gamma, read_sts
 from dspark_jax.errors import DSparkError
 from dspark_jax.safetensors_io import open_folder
 
@@ -129,8 +130,6 @@ def drafter_config(target_hf: dict, drafter: dv4.DeepseekV4BlockDrafter) -> dict
 def save_folder(folder: str, drafter: dv4.DeepseekV4BlockDrafter, params, target_hf: dict,
                 sts_temperatures=None) -> None:
     """Write config.json and model.safetensors holding the `mtp.*` tensors (module docstring)."""
-    from dspark_jax.drafters.loading import STS_FILE
-
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(drafter_config(target_hf, drafter), f, indent=2, sort_keys=True)
@@ -193,8 +192,6 @@ def load_params(folder: str, template, dtype, n_layers: int):
 def load_folder(folder: str, tcfg, *, kind: str = "auto", gamma: int | None = None, dtype: str | None = None,
                 hf: dict | None = None):
     """(DeepseekV4BlockDrafter, params) from a V4 folder carrying `mtp.*` DSpark tensors."""
-    from dspark_jax.drafters.loading import _sts, check_gamma
-
     hf = checkpoints.read_config(folder) if hf is None else hf
     path = os.path.join(folder, "config.json")
     if kind not in ("auto", "dspark", "mtp1"):
@@ -204,6 +201,6 @@ def load_folder(folder: str, tcfg, *, kind: str = "auto", gamma: int | None = No
                           f"{type(tcfg).__name__.removesuffix('Config')}")
     cfg = folder_config(hf, tcfg, path, dtype or tcfg.dtype)
     gamma = 1 if kind == "mtp1" else check_gamma(gamma, cfg.block_size, folder)
-    drafter = dv4.DeepseekV4BlockDrafter(cfg, tcfg, gamma, _sts(folder))
+    drafter = dv4.DeepseekV4BlockDrafter(cfg, tcfg, gamma, read_sts(folder))
     template, _ = drafter.param_shapes_and_axes()
     return drafter, load_params(folder, template, cfg.arch.jnp_dtype, cfg.arch.num_hidden_layers)

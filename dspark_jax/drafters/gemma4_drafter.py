@@ -37,6 +37,7 @@ from dspark_jax.config_gemma4 import FULL, MODEL_TYPES, TOP_LEVEL_TYPES, Gemma4C
 from dspark_jax.drafters.backbone import BlockDrafterModule
 from dspark_jax.drafters.config import DrafterConfig, check_fits_target
 from dspark_jax.drafters.dspark import BlockDrafter
+from dspark_jax.drafters.folders import check_gamma, read_sts, save_block_drafter
 from dspark_jax.errors import DSparkError
 from dspark_jax.kv_cache import KVCache
 from dspark_jax.models.gemma4 import DecoderLayer
@@ -205,20 +206,14 @@ def _is_layer_scalar(path: tuple[str, ...]) -> bool:
 
 def load_gemma4_drafter(folder: str, tcfg, *, gamma: int | None = None, dtype: str | None = None,
                         hf: dict | None = None):
-    """(drafter, params) from a DeepSpec-layout Gemma 4 drafter folder: a Gemma4BlockDrafter,
-    or for a Gemma4Eagle3Model folder a Gemma4Eagle3Drafter (gemma4_eagle3.py)."""
-    from dspark_jax.drafters.loading import _sts, check_gamma
-
+    """(drafter, params) from a DeepSpec-layout Gemma 4 block drafter folder (a Gemma 4
+    Eagle3 folder loads with gemma4_eagle3.load_gemma4_eagle3)."""
     hf = checkpoints.read_config(folder) if hf is None else hf
-    if "Eagle3" in " ".join(hf.get("architectures") or []):  # its loader refuses a non-Gemma Eagle3 name
-        from dspark_jax.drafters.gemma4_eagle3 import load_gemma4_eagle3
-
-        return load_gemma4_eagle3(folder, tcfg, gamma=gamma, dtype=dtype, hf=hf)
     path = os.path.join(folder, "config.json")
     check_target(tcfg, folder)
     cfg = block_config(hf, path, dtype or tcfg.dtype)
     check_fits_target(cfg, tcfg, folder)
-    drafter = Gemma4BlockDrafter(cfg, tcfg, check_gamma(gamma, cfg.block_size, folder), _sts(folder))
+    drafter = Gemma4BlockDrafter(cfg, tcfg, check_gamma(gamma, cfg.block_size, folder), read_sts(folder))
     return drafter, load_params(folder, drafter.param_shapes_and_axes()[0], cfg.arch.jnp_dtype)
 
 
@@ -239,7 +234,5 @@ def load_params(folder: str, template, dtype):
 def save_gemma4_drafter(folder: str, drafter: Gemma4BlockDrafter, params, target_hf: dict, tparams,
                         sts_temperatures=None) -> None:
     """Export in the DeepSpec layout, with copies of the target's embedding and LM head."""
-    from dspark_jax.drafters.loading import save_block_drafter
-
     save_block_drafter(folder, drafter, params, target_hf, tparams, sts_temperatures,
                        hf=drafter_hf_config(target_hf, drafter.cfg, drafter.tcfg.num_hidden_layers))

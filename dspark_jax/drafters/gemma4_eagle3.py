@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from dspark_jax import checkpoints, target
 from dspark_jax.drafters.eagle3 import Eagle3Cache, Eagle3Config, Eagle3Drafter, Eagle3Module, check_fits_target
+from dspark_jax.drafters.folders import save_block_drafter
 from dspark_jax.drafters.gemma4_drafter import (EAGLE3_ARCHITECTURE as ARCHITECTURE, check_target, draft_arch,
                                                 load_params, parse_draft_arch, text_config)
 from dspark_jax.errors import DSparkError
@@ -180,7 +181,5 @@ def drafter_hf_config(target_hf: dict, cfg: Eagle3Config, num_target_layers: int
 
 def save_gemma4_eagle3(folder: str, drafter: Gemma4Eagle3Drafter, params, target_hf: dict, tparams) -> None:
     """Export in the DeepSpec layout, with copies of the target's embedding and LM head."""
-    from dspark_jax.drafters.loading import save_block_drafter  # writes any drafter tree given `hf`
-
     save_block_drafter(folder, drafter, params, target_hf, tparams,
                        hf=drafter_hf_config(target_hf, drafter.cfg, drafter.tcfg.num_hidden_layers))

@@ -1,9 +1,9 @@
-"""DeepSpec-layout drafter folders in and out (config.json + model.safetensors); z-lab
-DFlash folders and EAGLE-3 folders are recognised here and loaded by drafters/zlab.py
-and drafters/eagle3_layout.py.
+"""Loading a drafter folder: the layout is recognised here (DeepSpec, z-lab DFlash,
+EAGLE-3, DeepSeek-V4 `mtp.*`, Gemma 4) and the folder goes to its loader; DeepSpec block
+drafters load here. Writing one: drafters/folders.py.
 
-A drafter folder's config.json is the target's config copied (so `model_type` still
-says `qwen3`, or `llama` for a Llama 3 target, whose draft layers are Llama layers);
+A DeepSpec drafter folder's config.json is the target's config copied (so `model_type`
+still says `qwen3`, or `llama` for a Llama 3 target, whose draft layers are Llama layers);
 `architectures` tells the drafter kind. Tensor names carry no `model.`
 prefix. The drafter reuses the target's embedding table and LM head at run time; the
 copies in the folder are written on export (other engines expect them) and ignored on
@@ -12,22 +12,19 @@ load.
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 
 import jax
-import numpy as np
 
 from dspark_jax import checkpoints
 from dspark_jax.drafters.config import DrafterConfig, check_fits_target
 from dspark_jax.drafters import eagle3_layout, zlab
 from dspark_jax.drafters.dspark import BlockDrafter
+from dspark_jax.drafters.folders import check_gamma, read_sts
 from dspark_jax.errors import DSparkError
 from dspark_jax.safetensors_io import open_folder
 
 KINDS = ("dspark", "dflash", "eagle3", "mtp1")
-STS_FILE = "sts_calibration.json"
 
 
 def architecture_kind(hf: dict, path: str) -> str:
@@ -66,27 +63,6 @@ def block_config(hf: dict, path: str, dtype: str | None = None) -> DrafterConfig
         confidence_head_with_markov=bool(hf.get("confidence_head_with_markov", True)),
         num_anchors=int(hf.get("num_anchors", 512)),
         num_target_layers=int(hf.get("num_target_layers", 0)))
-
-
-def _sts(folder: str) -> tuple[float, ...] | None:
-    path = os.path.join(folder, STS_FILE)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            temps = json.load(f)["temperatures"]
-        return tuple(float(t) for t in temps)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        raise DSparkError(f"{path} is not a valid STS calibration (needs a 'temperatures' list)") from None
-
-
-def check_gamma(gamma: int | None, block_size: int, path: str) -> int:
-    gamma = block_size if gamma is None else int(gamma)
-    if gamma < 1:
-        raise DSparkError(f"gamma must be >= 1; got {gamma}")
-    if gamma > block_size:
-        raise DSparkError(f"gamma {gamma} is above the drafter's block size {block_size} ({path})")
-    return gamma
 
 
 def load(folder: str, tcfg, *, kind: str = "auto", gamma: int | None = None, dtype: str | None = None):
@@ -128,6 +104,10 @@ def _load(folder: str, tcfg, *, kind: str, gamma: int | None, dtype: str | None)
     from dspark_jax.drafters import gemma4_drafter
 
     if gemma4_drafter.is_gemma4_folder(hf):
+        if held == "eagle3":  # its loader refuses a non-Gemma Eagle3 name
+            from dspark_jax.drafters.gemma4_eagle3 import load_gemma4_eagle3
+
+            return load_gemma4_eagle3(folder, tcfg, gamma=gamma, dtype=dtype, hf=hf)
         return gemma4_drafter.load_gemma4_drafter(folder, tcfg, gamma=gamma, dtype=dtype, hf=hf)
     if isinstance(tcfg, gemma4_drafter.Gemma4Config):
         raise DSparkError(f"{folder} holds a Qwen3 drafter ({' '.join(hf.get('architectures') or [])}); "
@@ -138,43 +118,8 @@ def _load(folder: str, tcfg, *, kind: str, gamma: int | None, dtype: str | None)
         return eagle3.load_eagle3(folder, tcfg, gamma=gamma, dtype=dtype)
     cfg = block_config(hf, path, dtype)
     check_fits_target(cfg, tcfg, folder)
-    drafter = BlockDrafter(cfg, tcfg, check_gamma(gamma, cfg.block_size, folder), _sts(folder))
+    drafter = BlockDrafter(cfg, tcfg, check_gamma(gamma, cfg.block_size, folder), read_sts(folder))
     template, _ = drafter.param_shapes_and_axes()
     params = checkpoints.load_tree(open_folder(folder), template, prefix="", dtype=cfg.arch.jnp_dtype,
                                    folder=folder)
     return drafter, params
-
-
-def drafter_hf_config(target_hf: dict, cfg: DrafterConfig, num_target_layers: int) -> dict:
-    """config.json of a block drafter: the target's config plus the drafter fields."""
-    hf = copy.deepcopy(target_hf)
-    hf.update(
-        architectures=["Qwen3DSparkModel" if cfg.markov_rank > 0 else "Qwen3DFlashModel"],
-        num_hidden_layers=cfg.arch.num_hidden_layers, num_target_layers=num_target_layers,
-        block_size=cfg.block_size, target_layer_ids=list(cfg.target_layer_ids),
-        mask_token_id=cfg.mask_token_id, num_anchors=cfg.num_anchors, markov_rank=cfg.markov_rank,
-        markov_head_type=cfg.markov_head_type, enable_confidence_head=cfg.enable_confidence_head,
-        confidence_head_with_markov=cfg.confidence_head_with_markov, tie_word_embeddings=False,
-        intermediate_size=cfg.arch.intermediate_size)
-    return hf
-
-
-def save_block_drafter(folder: str, drafter: BlockDrafter, params, target_hf: dict, tparams,
-                       sts_temperatures=None, hf: dict | None = None) -> None:
-    """Export in the DeepSpec layout, with copies of the target's embedding and LM head.
-
-    `hf` overrides the config.json written (other architectures build their own)."""
-    os.makedirs(folder, exist_ok=True)
-    if hf is None:
-        hf = drafter_hf_config(target_hf, drafter.cfg, drafter.tcfg.num_hidden_layers)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2, sort_keys=True)
-    tensors = checkpoints.to_tensors(params, prefix="")
-    embed = np.asarray(tparams["embed_tokens"]["embedding"])
-    tensors["embed_tokens.weight"] = embed
-    head = tparams.get("lm_head")
-    tensors["lm_head.weight"] = embed if head is None else np.ascontiguousarray(np.asarray(head["kernel"]).T)
-    checkpoints.save_tensors(tensors, folder)
-    if sts_temperatures is not None:
-        with open(os.path.join(folder, STS_FILE), "w") as f:
-            json.dump({"temperatures": [float(t) for t in sts_temperatures]}, f, indent=2)

@@ -31,6 +31,7 @@ from dspark_jax import checkpoints
 from dspark_jax.config import Qwen3Config
 from dspark_jax.drafters.config import DrafterConfig, check_fits_target
 from dspark_jax.drafters.dspark import BlockDrafter
+from dspark_jax.drafters.folders import check_gamma, read_sts
 from dspark_jax.errors import DSparkError
 from dspark_jax.safetensors_io import open_folder
 
@@ -172,8 +173,6 @@ def check_family(tcfg, folder: str) -> None:
 def load_zlab(folder: str, tcfg, *, gamma: int | None, dtype: str, hf: dict):
     """(ZlabDFlashDrafter, params as numpy) from a z-lab DFlash folder, checked against
     the target config; gamma defaults to block_size - 1."""
-    from dspark_jax.drafters.loading import _sts, check_gamma
-
     path = os.path.join(folder, "config.json")
     check_family(tcfg, folder)
     cfg = zlab_config(hf, path, dtype)
@@ -188,7 +187,7 @@ def load_zlab(folder: str, tcfg, *, gamma: int | None, dtype: str, hf: dict):
     if gamma is not None and int(gamma) > drafts:
         raise DSparkError(f"gamma {gamma} is above the {drafts} drafts of a {LAYOUT} block of {cfg.block_size} "
                           f"({folder})")
-    drafter = ZlabDFlashDrafter(cfg, tcfg, check_gamma(gamma, drafts, folder), _sts(folder))
+    drafter = ZlabDFlashDrafter(cfg, tcfg, check_gamma(gamma, drafts, folder), read_sts(folder))
     template, _ = drafter.param_shapes_and_axes()
     params = checkpoints.load_tree(index, template, prefix="", dtype=cfg.arch.jnp_dtype, folder=folder)
     return drafter, params
