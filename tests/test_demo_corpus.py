@@ -133,7 +133,7 @@ def test_examples_are_well_formed(built):
 
 
 def test_math_generator_is_right_over_many_problems():
-    chosen, info = corpus._math_examples({"train": 2000, "validation": 100, "test": 100}, seed=3)
+    chosen, info = corpus.math_examples({"train": 2000, "validation": 100, "test": 100}, seed=3)
     assert info["unique"] >= 2200
     for s in corpus.SPLITS:
         for e in chosen[s]:

@@ -42,20 +42,18 @@ import warnings
 import tensorflow_datasets as tfds
 
 from dspark_jax.errors import DSparkError
-from train.demo.sources import (  # noqa: F401  split_of and _math_examples are re-exported
+from train.demo.math_problems import MATH_TEMPLATES, math_examples
+from train.demo.sources import (  # noqa: F401  split_of is re-exported
     DEFAULT_SEED,
     MAX_FILE_BYTES,
     SPLITS,
     SPLIT_FRACTIONS,
-    MATH_TEMPLATES,
     SKIP_DIRS,
     _code_examples,
     _defs,
     _docstring_examples,
     _hash,
-    _math_examples,
     _read_source,
-    _stats,
     _topic_examples,
     module_name,
     pydoc_topics,
@@ -85,6 +83,22 @@ class Settings:
 
     def caps_of(self, domain: str) -> dict:
         return dict(zip(SPLITS, dict(self.caps)[domain]))
+
+
+def _percentile(values, q: float) -> float:
+    if not values:
+        return 0.0
+    v = sorted(values)
+    k = min(len(v) - 1, max(0, int(round(q / 100.0 * (len(v) - 1)))))
+    return float(v[k])
+
+
+def _stats(values) -> dict:
+    values = list(values)
+    if not values:
+        return {"n": 0}
+    return {"n": len(values), "mean": round(sum(values) / len(values), 1),
+            "p50": _percentile(values, 50), "p95": _percentile(values, 95), "max": max(values)}
 
 
 def normalise_caps(caps) -> tuple:
@@ -170,7 +184,7 @@ def collect(settings: Settings = Settings(), progress: bool = False):
         caps = settings.caps_of(domain)
         chosen[domain] = {s: sorted(dedup[s], key=lambda e: (_hash(seed, "pick", e["key"]), e["key"]))[:caps[s]]
                           for s in SPLITS}
-    math_chosen, math_info = _math_examples(settings.caps_of("math"), seed)
+    math_chosen, math_info = math_examples(settings.caps_of("math"), seed)
     chosen["math"] = math_chosen
     available["math"] = {s: len(math_chosen[s]) for s in SPLITS}
 
