@@ -77,6 +77,13 @@ def _answer(tcfg, tparams, drafter, dparams, prompts, seeds, tok, args, bar) -> 
     return out
 
 
+def holdout(rows: list, fraction: float) -> tuple[list, list]:
+    """(validation, train): the first `fraction` of the rows (at least one when there are
+    two or more) held out for validation, the rest for training."""
+    n_val = max(1, int(len(rows) * fraction)) if len(rows) > 1 else 0
+    return rows[:n_val], rows[n_val:]
+
+
 def regenerate(args) -> int:
     """Answer every user turn through the engine, args.batch_size requests at a time with
     continuous batching; answers are appended to <out>.progress after each chunk of
@@ -140,16 +147,15 @@ def regenerate(args) -> int:
 
         if not args.data_dir:
             raise DSparkError("--name needs --data-dir")
-        n_val = max(1, int(len(convs) * args.val_fraction)) if len(convs) > 1 else 0
         base = os.path.splitext(args.out)[0]
         with open(args.out) as f:
-            lines = f.readlines()
+            validation, train = holdout(f.readlines(), args.val_fraction)
         with open(base + ".train.jsonl", "w") as f:
-            f.writelines(lines[n_val:])
+            f.writelines(train)
         sources = {"train": [base + ".train.jsonl"]}
-        if n_val:
+        if validation:
             with open(base + ".validation.jsonl", "w") as f:
-                f.writelines(lines[:n_val])
+                f.writelines(validation)
             sources["validation"] = [base + ".validation.jsonl"]
         data.build(name=args.name, sources=sources, tokenizer_dir=args.target, data_dir=args.data_dir)
     return len(convs)

@@ -140,10 +140,10 @@ def stage_regen(work: str, args) -> None:
     shares = [("sampled", 1.0, lines[:args.regen_prompts]),
               ("greedy", 0.0, lines[args.regen_prompts:args.regen_prompts + args.greedy_prompts])]
     splits = {"train": [], "validation": []}
+    os.makedirs(folder, exist_ok=True)
     for name, temperature, prompts in shares:
         if not prompts:
             continue
-        os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, f"{name}.prompts.jsonl"), "w") as f:
             f.writelines(prompts)
         answers = os.path.join(folder, f"{name}.jsonl")
@@ -152,10 +152,9 @@ def stage_regen(work: str, args) -> None:
             out=answers, max_new_tokens=96, temperature=temperature, top_k=0, top_p=1.0, seed=0, batch_size=64,
             limit=0, name=None))
         with open(answers) as f:
-            rows = f.readlines()
-        n_val = max(1, int(len(rows) * 0.06))
-        splits["validation"] += rows[:n_val]
-        splits["train"] += rows[n_val:]
+            validation, train = regen.holdout(f.readlines(), 0.06)
+        splits["validation"] += validation
+        splits["train"] += train
     sources = {}
     for split, rows in splits.items():
         sources[split] = [os.path.join(folder, f"{split}.jsonl")]
