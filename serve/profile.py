@@ -74,7 +74,7 @@ def main(argv=None) -> None:
         from tqdm import tqdm
 
         from dspark_jax import mesh as mesh_lib
-        from serve.profiling import measure
+        from serve.profiling import measure, pairs, settings as settings_lib
 
         if args.preset and (args.target or args.draft):
             raise DSparkError("--preset takes random weights: drop --target / --draft, or drop --preset")
@@ -88,10 +88,10 @@ def main(argv=None) -> None:
         for name, val in (("--warmup", args.warmup), ("--repeats", args.repeats)):
             if val is not None and val < (0 if name == "--warmup" else 1):
                 raise DSparkError(f"{name} must be >= {0 if name == '--warmup' else 1}; got {val}")
-        pair = measure.load_pair(target_dir=args.target, draft_dir=args.draft, preset=args.preset,
+        pair = pairs.load_pair(target_dir=args.target, draft_dir=args.draft, preset=args.preset,
                                  dtype=args.dtype, gamma=args.gamma, mesh=mesh, draft_layers=args.draft_layers)
         gamma = pair.drafter.gamma if pair.drafter is not None else pair.dparams["gamma"]
-        settings = measure.resolve_settings(
+        settings = settings_lib.resolve_settings(
             gamma=gamma, quick=args.quick,
             batches=_ints(args.batch, "--batch") if args.batch else None,
             contexts=_ints(args.context, "--context") if args.context else None,

@@ -11,9 +11,10 @@ import pytest
 
 from dspark_jax import config as qcfg
 from dspark_jax.errors import DSparkError
+from serve.profiling import pairs, schema
 from serve.profiling import roofline as rl
-from serve.profiling import schema
 from serve.profiling.report import PLOTS, render, speedup_rows
+from serve.profiling.settings import resolve_settings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROFILES = os.path.join(HERE, "fixtures", "profiles")
@@ -173,17 +174,16 @@ def test_report_cli_errors_are_one_line(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_pair():
     from dspark_jax import mesh as mesh_lib
-    from serve.profiling import measure
 
     mesh = mesh_lib.make_mesh("1x1")
-    return measure.load_pair(target_dir=TINY, draft_dir=None, preset=None, dtype=None, gamma=2, mesh=mesh), mesh
+    return pairs.load_pair(target_dir=TINY, draft_dir=None, preset=None, dtype=None, gamma=2, mesh=mesh), mesh
 
 
 def test_memory_check_scales_batches_down(tiny_pair):
     from serve.profiling import measure
 
     pair, mesh = tiny_pair
-    s = measure.resolve_settings(gamma=2, batches=[64], contexts=[256], quick=True)
+    s = resolve_settings(gamma=2, batches=[64], contexts=[256], quick=True)
     prof = measure.Profiler(pair, s, mesh, None, [])
     need4 = prof.cell_need(4, 256)
     assert prof.cell_need(8, 256) > need4 > prof.cell_need(2, 256)
@@ -201,9 +201,9 @@ def test_preset_that_does_not_fit_writes_a_failed_profile(tmp_path, monkeypatch)
 
     monkeypatch.setattr(measure, "free_memory", lambda devices: 2 ** 30)
     mesh = mesh_lib.make_mesh("1x1")
-    pair = measure.load_pair(target_dir=None, draft_dir=None, preset="qwen3-4b", dtype="bfloat16", gamma=7, mesh=mesh)
+    pair = pairs.load_pair(target_dir=None, draft_dir=None, preset="qwen3-4b", dtype="bfloat16", gamma=7, mesh=mesh)
     out = str(tmp_path / "p.json")
-    prof = measure.Profiler(pair, measure.resolve_settings(gamma=7, quick=True), mesh, out, [])
+    prof = measure.Profiler(pair, resolve_settings(gamma=7, quick=True), mesh, out, [])
     with pytest.raises(DSparkError, match="do not fit"):
         prof.run()
     back = schema.read_profile(out)
@@ -215,7 +215,7 @@ def test_interrupted_profile_keeps_what_it_measured(tmp_path, tiny_pair):
     from serve.profiling import measure
 
     pair, mesh = tiny_pair
-    s = measure.resolve_settings(gamma=2, batches=[1], contexts=[32], q_lens=[3], quick=True, warmup=0, repeats=1)
+    s = resolve_settings(gamma=2, batches=[1], contexts=[32], q_lens=[3], quick=True, warmup=0, repeats=1)
     out = str(tmp_path / "p.json")
 
     def progress(what):

@@ -23,82 +23,20 @@ under `skipped` and the sweep goes on. The profile file is rewritten after every
 
 from __future__ import annotations
 
-import dataclasses
-import statistics
 import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from dspark_jax import target
 from dspark_jax.errors import DSparkError
+from serve.profiling import passes
 from serve.profiling import roofline as rl
-from serve.profiling.schema import (DrafterRecord, PrefillRecord, Profile, Skipped, SpsRecord, StepRecord,
-                                    write_profile)
-
-from serve.profiling.device import (MIN_TIMED_S, now_iso, host_info, free_memory, peak_memory, backend_info, time_compiled, compile_fn, _peak, calibrate)
-from serve.profiling.pairs import (  # noqa: F401  load_pair is re-exported
-    load_pair, Pair, drafter_for, random_tree, model_meta, tree_bytes)
-DEFAULT_BATCHES = (1, 8, 64, 256)
-DEFAULT_CONTEXTS = (512, 4096, 32768)
-QUICK_BATCHES = (1, 8)
-QUICK_CONTEXTS = (512,)
-# The DSpark drafter of configs/dspark_qwen3_4b.py: what a random drafter for a preset looks like.
-
-
-@dataclasses.dataclass
-class Settings:
-    batches: tuple[int, ...]
-    contexts: tuple[int, ...]
-    gamma: int
-    q_lens: tuple[int, ...]           # verification query lengths (1 .. 1 + gamma)
-    prefill_lens: tuple[int, ...]
-    prefill_batch: int = 1
-    sps_slots: tuple[int, ...] = ()   # () = the largest batch measured at the first context
-    sps_budgets: tuple[int, ...] = ()  # () = powers of two up to slots x (1 + gamma)
-    warmup: int = 2
-    repeats: int = 10
-    quick: bool = False
-    time_budget_s: float | None = None
-    memory_fraction: float = 0.85     # of the free memory a measurement may plan to use
-    min_timed_s: float = MIN_TIMED_S  # fast calls repeat until this much time is timed
-
-
-def resolve_settings(*, gamma: int, batches=None, contexts=None, q_lens=None, prefill_lens=None,
-                     quick: bool = False, warmup=None, repeats=None, sps_slots=None, sps_budgets=None,
-                     time_budget_s=None, max_positions: int | None = None) -> Settings:
-    """Fill what the flags left out from the full or `--quick` defaults, and check it."""
-    if gamma < 1:
-        raise DSparkError(f"--gamma must be >= 1; got {gamma}")
-    batches = tuple(batches or (QUICK_BATCHES if quick else DEFAULT_BATCHES))
-    contexts = tuple(contexts or (QUICK_CONTEXTS if quick else DEFAULT_CONTEXTS))
-    if q_lens is None:
-        q_lens = sorted({1, 2, 1 + (gamma + 1) // 2, 1 + gamma}) if quick else range(1, gamma + 2)
-    q_lens = tuple(sorted(set(int(q) for q in q_lens)))
-    for name, vals, lo in (("--batch", batches, 1), ("--context", contexts, 2), ("--q-len", q_lens, 1)):
-        if not vals or any(v < lo for v in vals):
-            raise DSparkError(f"{name} values must be >= {lo}; got {list(vals)}")
-    if max(q_lens) > 1 + gamma:
-        raise DSparkError(f"--q-len {max(q_lens)} is above 1 + gamma = {1 + gamma}")
-    if max_positions is not None:
-        too_long = [c for c in contexts if c > max_positions]
-        if too_long:
-            raise DSparkError(f"--context {too_long} exceeds the model's {max_positions} positions")
-    for name, vals in (("--sps-slots", sps_slots or ()), ("--sps-budgets", sps_budgets or ()),
-                       ("--prefill-len", prefill_lens or ())):
-        if any(v < 1 for v in vals):
-            raise DSparkError(f"{name} values must be >= 1; got {list(vals)}")
-    if prefill_lens is None:
-        prefill_lens = (min(min(contexts), 128),) if quick else tuple(c for c in contexts if c <= 8192) or \
-            (min(contexts),)
-    return Settings(batches=tuple(sorted(set(batches))), contexts=tuple(sorted(set(contexts))), gamma=gamma,
-                    q_lens=q_lens, prefill_lens=tuple(sorted(set(prefill_lens))),
-                    sps_slots=tuple(sps_slots or ()), sps_budgets=tuple(sps_budgets or ()),
-                    warmup=warmup if warmup is not None else (1 if quick else 2),
-                    repeats=repeats if repeats is not None else (3 if quick else 10),
-                    quick=quick, time_budget_s=time_budget_s, min_timed_s=0.2 if quick else MIN_TIMED_S)
+from serve.profiling.device import _peak, backend_info, calibrate, free_memory, host_info, now_iso, peak_memory
+from serve.profiling.pairs import Pair, drafter_for, model_meta, random_tree, tree_bytes
+from serve.profiling.passes import TooBig
+from serve.profiling.schema import Profile, Skipped, write_profile
+from serve.profiling.settings import Settings, sps_plan
 
 
 # ----------------------------------------------------------------------------- the profiler
@@ -158,16 +96,7 @@ class Profiler:
     def plan_size(self) -> int:
         s = self.s
         cells = len(s.batches) * len(s.contexts)
-        return 2 + cells * (2 + len(s.q_lens)) + len(self.sps_plan()) + len(s.prefill_lens)
-
-    def sps_plan(self) -> list[tuple[int, int]]:
-        s = self.s
-        slots = s.sps_slots or (max(s.batches),)
-        out = []
-        for n in slots:
-            budgets = s.sps_budgets or _budgets(n, s.gamma, s.quick)
-            out += [(n, b) for b in budgets]
-        return out
+        return 2 + cells * (2 + len(s.q_lens)) + len(sps_plan(s)) + len(s.prefill_lens)
 
     # ---------------------------------------------------------------- estimates (bytes)
     def cache_bytes(self, batch: int, context: int) -> int:
@@ -294,7 +223,7 @@ class Profiler:
             fn()
         except (OutOfTime, KeyboardInterrupt):
             raise
-        except _TooBig as e:
+        except TooBig as e:
             self.skip(what, str(e), batch, context, q_len)
         except Exception as e:  # noqa: BLE001 - keep the sweep going, say what failed
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
@@ -307,114 +236,40 @@ class Profiler:
     def _check_temp(self, mem):
         peak = _peak(mem)
         if mem is not None and mem["temp"] > self.free():
-            raise _TooBig(f"XLA needs {mem['temp'] / 2**30:.1f} GiB of temporaries, "
+            raise TooBig(f"XLA needs {mem['temp'] / 2**30:.1f} GiB of temporaries, "
                           f"{self.free() / 2**30:.1f} GiB free")
         return peak
 
-    # ---------------------------------------------------------------- target steps
+    # ---------------------------------------------------------------- the measurements
+    def _record(self, records: list, rec, line: str):
+        records.append(rec)
+        self.log(line)
+        self.save()
+
     def _step(self, kind: str, batch: int, context: int, q_len: int):
-        self._guard(kind, batch, context, q_len, lambda: self._step_inner(kind, batch, context, q_len))
+        def go():
+            rec = passes.target_step(self.pair, self.s, self.mesh, self._check_temp, self._roof, self.cost,
+                                     kind, batch, context, q_len)
+            self._record(self.profile.steps, rec,
+                         f"{kind} b{batch} ctx{context} q{q_len}: {rec.time_ms:.2f} ms "
+                         f"(floor {rec.roofline.floor_ms:.2f} ms, x{rec.roofline.time_over_floor:.1f}; "
+                         f"compile {rec.compile_s:.1f} s)")
+        self._guard(kind, batch, context, q_len, go)
 
-    def _step_inner(self, kind, batch, context, q_len):
-        pair, s = self.pair, self.s
-        tcfg = pair.tcfg
-        taps = pair.drafter.tap_layers if kind == "verify" else ()
-        if context < q_len + 1:
-            raise _TooBig(f"context {context} is shorter than q_len {q_len} + 1")
-        cache = target.shard_cache(target.init_cache(tcfg, batch, context), self.mesh)
-        lengths = jnp.full((batch,), context - q_len, jnp.int32)
-        tokens = jnp.full((batch, q_len), 5, jnp.int32)
-        q_lens = jnp.full((batch,), q_len, jnp.int32)
-
-        def fn(params, tokens, q_lens, cache, lengths):
-            logits, cache, tapped = target.step(tcfg, params, tokens, q_lens, cache.replace(lengths=lengths), taps)
-            return (logits, tapped), cache
-
-        args = [pair.tparams, tokens, q_lens, cache, lengths]
-        compiled, csecs, mem, cost = compile_fn(fn, args, donate=(3,))
-        peak = self._check_temp(mem)
-        times = time_compiled(compiled, args, warmup=s.warmup, repeats=s.repeats, carry=3,
-                               min_total_s=s.min_timed_s)
-        t = statistics.median(times)
-        nbytes, flops = rl.step_cost(self.cost, batch, context, q_len)
-        rec = StepRecord(kind=kind, batch=batch, context=context, q_len=q_len, time_ms=t * 1e3,
-                         times_ms=[x * 1e3 for x in times], compile_s=csecs,
-                         roofline=self._roof(t, nbytes, flops),
-                         xla_flops=cost["flops"] if cost else None,
-                         xla_bytes_accessed=cost["bytes"] if cost else None, peak_bytes=peak)
-        self.profile.steps.append(rec)
-        self.log(f"{kind} b{batch} ctx{context} q{q_len}: {rec.time_ms:.2f} ms "
-                 f"(floor {rec.roofline.floor_ms:.2f} ms, x{rec.roofline.time_over_floor:.1f}; "
-                 f"compile {csecs:.1f} s)")
-        self.save()
-
-    # ---------------------------------------------------------------- drafter
     def _drafter(self, batch: int, context: int):
-        self._guard("drafter", batch, context, None, lambda: self._drafter_inner(batch, context))
+        def go():
+            rec = passes.drafter_pass(self.pair, self.s, self.mesh, self._check_temp, self._roof, batch, context)
+            self._record(self.profile.drafter, rec,
+                         f"drafter b{batch} ctx{context}: parallel {rec.parallel_ms:.2f} ms, "
+                         f"propose {rec.propose_ms:.2f} ms, ingest {rec.ingest_ms:.2f} ms")
+        self._guard("drafter", batch, context, None, go)
 
-    def _drafter_inner(self, batch, context):
-        from dspark_jax.sampling import SamplingParams
-
-        pair, s = self.pair, self.s
-        d, tcfg, gamma = pair.drafter, pair.tcfg, s.gamma
-        g = d.cfg.block_size
-        if context < g + gamma + 2:
-            raise _TooBig(f"context {context} is shorter than a drafter block")
-        dcache = target.shard_cache(d.init_cache(batch, context), self.mesh)
-        start = jnp.full((batch,), context - g - gamma - 1, jnp.int32)
-        anchor = jnp.full((batch,), 5, jnp.int32)
-        sampling = SamplingParams.make(batch, 0.0)
-        keys = jax.vmap(jax.random.key)(jnp.arange(batch, dtype=jnp.uint32))
-        width = len(d.tap_layers) * tcfg.hidden_size
-        feats = jnp.zeros((batch, 1 + gamma, width), tcfg.jnp_dtype)
-        nxt = jnp.full((batch, 1 + gamma), 5, jnp.int32)
-        count = jnp.full((batch,), 1 + gamma, jnp.int32)
-
-        def parallel(dparams, tparams, dcache, anchor, start):
-            h = d.block_hidden(dparams, tparams, dcache, anchor, start)[:, :gamma]
-            return target.logits(tcfg, tparams, h)
-
-        def propose(dparams, tparams, dcache, anchor, start, sampling, keys):
-            return d.propose(dparams, tparams, dcache, anchor, start, sampling, keys)
-
-        def ingest(dparams, tparams, dcache, feats, nxt, start, count):
-            lengths = dcache.lengths
-            out = d.ingest(dparams, tparams, dcache, feats, nxt, start, count)
-            return out.lengths, out.replace(lengths=lengths)
-
-        runs = {}
-        compile_s = {}
-        peak = None
-        for name, fn, args, donate in (
-                ("parallel", parallel, [pair.dparams, pair.tparams, dcache, anchor, start], ()),
-                ("propose", propose, [pair.dparams, pair.tparams, dcache, anchor, start, sampling, keys], ()),
-                ("ingest", ingest, [pair.dparams, pair.tparams, dcache, feats, nxt, start, count], (2,))):
-            compiled, csecs, mem, _ = compile_fn(fn, args, donate=donate)
-            p = self._check_temp(mem)
-            peak = max(peak or 0, p or 0)
-            compile_s[name] = csecs
-            runs[name] = statistics.median(time_compiled(compiled, args, warmup=s.warmup, repeats=s.repeats,
-                                                         carry=2 if donate else None, min_total_s=s.min_timed_s))
-            if donate:
-                dcache = None
-        nbytes, flops = rl.drafter_propose_cost(d, batch, context)
-        rec = DrafterRecord(batch=batch, context=context, gamma=gamma, parallel_ms=runs["parallel"] * 1e3,
-                            propose_ms=runs["propose"] * 1e3,
-                            head_ms=max(runs["propose"] - runs["parallel"], 0.0) * 1e3,
-                            ingest_ms=runs["ingest"] * 1e3, compile_s=compile_s,
-                            roofline=self._roof(runs["propose"], nbytes, flops))
-        self.profile.drafter.append(rec)
-        self.log(f"drafter b{batch} ctx{context}: parallel {rec.parallel_ms:.2f} ms, propose {rec.propose_ms:.2f} ms, "
-                 f"ingest {rec.ingest_ms:.2f} ms")
-        self.save()
-
-    # ---------------------------------------------------------------- SPS(B)
     def _sps(self):
         pair, s = self.pair, self.s
         context = s.contexts[0]
-        plan = self.sps_plan()
+        plan = sps_plan(s)
         if not target.supports_packed(pair.tcfg):
-            for slots, b in plan:
+            for _ in plan:
                 self.progress("sps")
             self.skip("sps", f"{type(pair.tcfg).__name__} has no packed verification pass (SPS needs step_packed)")
             return
@@ -428,42 +283,13 @@ class Profiler:
                 self.skip("sps", f"{slots} slots at context {context} do not fit", slots, context, budget)
                 self.progress("sps")
                 continue
-            self._guard("sps", slots, context, budget, lambda a=slots, b=budget: self._sps_inner(a, b, context))
 
-    def _sps_inner(self, slots, budget, context):
-        pair, s = self.pair, self.s
-        tcfg = pair.tcfg
-        width = 1 + s.gamma
-        cache = target.shard_cache(target.init_cache(tcfg, slots, context), self.mesh)
-        lengths = np.full((slots,), max(0, context - width), np.int32)
-        cache = cache.replace(lengths=jnp.asarray(lengths))
-        i = np.arange(budget)
-        rows, cols = i % slots, i // slots
-        tokens = jnp.full((budget,), 5, jnp.int32)
-        rows_a = jnp.asarray(rows, jnp.int32)
-        positions = jnp.asarray(lengths[rows] + cols, jnp.int32)
-        valid = jnp.ones((budget,), bool)
-        qb = width if budget > slots else None
-        taps = pair.drafter.tap_layers
+            def go(slots=slots, budget=budget):
+                rec = passes.packed_step(pair, s, self.mesh, self._check_temp, self._roof, self.cost,
+                                         slots, budget, context)
+                self._record(self.profile.sps, rec, f"sps slots{slots} B{budget}: {rec.sps:.1f} steps/s")
+            self._guard("sps", slots, context, budget, go)
 
-        def fn(params, tokens, rows, positions, valid, cache):
-            logits, cache, tapped = target.step_packed(tcfg, params, tokens, rows, positions, valid, cache, taps,
-                                                       query_block=qb)
-            return (logits, tapped), cache
-
-        args = [pair.tparams, tokens, rows_a, positions, valid, cache]
-        compiled, csecs, mem, _ = compile_fn(fn, args, donate=(5,))
-        self._check_temp(mem)
-        t = statistics.median(time_compiled(compiled, args, warmup=s.warmup, repeats=s.repeats, carry=5,
-                                                    min_total_s=s.min_timed_s))
-        nbytes, flops = rl.packed_cost(self.cost, slots, budget, context)
-        rec = SpsRecord(slots=slots, context=context, budget=budget, time_ms=t * 1e3, sps=1.0 / t,
-                        compile_s=csecs, roofline=self._roof(t, nbytes, flops))
-        self.profile.sps.append(rec)
-        self.log(f"sps slots{slots} B{budget}: {rec.sps:.1f} steps/s")
-        self.save()
-
-    # ---------------------------------------------------------------- prefill
     def _prefill(self):
         s = self.s
         b = s.prefill_batch
@@ -476,46 +302,8 @@ class Profiler:
                           f"[heads, T, T] scores), {self.free() / 2**30:.1f} GiB free", b, length)
                 self.progress("prefill")
                 continue
-            self._guard("prefill", b, length, None, lambda L=length: self._prefill_inner(b, L))
 
-    def _prefill_inner(self, batch, length):
-        pair, s = self.pair, self.s
-        tcfg = pair.tcfg
-        cache = target.shard_cache(target.init_cache(tcfg, batch, length), self.mesh)
-        tokens = jnp.asarray(np.random.default_rng(0).integers(4, tcfg.vocab_size, (batch, length)), jnp.int32)
-        lengths = jnp.full((batch,), length, jnp.int32)
-        zeros = jnp.zeros((batch,), jnp.int32)
-        taps = pair.drafter.tap_layers
-
-        def fn(params, tokens, lengths, cache, zeros):
-            last, cache, tapped = target.prefill(tcfg, params, tokens, lengths, cache.replace(lengths=zeros), taps)
-            return (last, tapped), cache
-
-        args = [pair.tparams, tokens, lengths, cache, zeros]
-        compiled, csecs, mem, _ = compile_fn(fn, args, donate=(3,))
-        peak = self._check_temp(mem)
-        times = time_compiled(compiled, args, warmup=min(s.warmup, 1), repeats=max(1, s.repeats // 3), carry=3,
-                               min_total_s=0.0)
-        t = statistics.median(times)
-        nbytes, flops = rl.prefill_cost(self.cost, batch, length)
-        rec = PrefillRecord(batch=batch, length=length, time_ms=t * 1e3, times_ms=[x * 1e3 for x in times],
-                            tokens_per_s=batch * length / t, compile_s=csecs,
-                            roofline=self._roof(t, nbytes, flops), peak_bytes=peak)
-        self.profile.prefill.append(rec)
-        self.log(f"prefill b{batch} T{length}: {rec.tokens_per_s:.0f} tokens/s")
-        self.save()
-
-
-class _TooBig(Exception):
-    pass
-
-
-def _budgets(slots: int, gamma: int, quick: bool) -> tuple[int, ...]:
-    full = slots * (1 + gamma)
-    if quick:
-        return tuple(sorted({1, slots, full}))
-    out, b = [], 1
-    while b < full:
-        out.append(b)
-        b *= 2
-    return tuple(out) + (full,)
+            def go(length=length):
+                rec = passes.prefill(self.pair, s, self.mesh, self._check_temp, self._roof, self.cost, b, length)
+                self._record(self.profile.prefill, rec, f"prefill b{b} T{length}: {rec.tokens_per_s:.0f} tokens/s")
+            self._guard("prefill", b, length, None, go)

@@ -1,0 +1,155 @@
+"""The passes the profiler times: each builds its inputs, compiles once and returns a record.
+
+Every function takes the pair, the settings and the mesh, plus two callables of the
+profiler: `check(mem)` refuses a compiled program whose temporaries do not fit (raising
+`TooBig`) and returns its peak bytes, and `roof(seconds, nbytes, flops)` places a time
+against the roofline. Nothing here writes the profile; the profiler does.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dspark_jax import target
+from serve.profiling import roofline as rl
+from serve.profiling.device import compile_fn, time_compiled
+from serve.profiling.schema import DrafterRecord, PrefillRecord, SpsRecord, StepRecord
+
+
+class TooBig(Exception):
+    """A measurement that cannot run at this size (recorded as skipped, the sweep goes on)."""
+
+
+def target_step(pair, s, mesh, check, roof, cost, kind: str, batch: int, context: int, q_len: int) -> StepRecord:
+    """One decode (q_len 1, no taps) or verification step of the target over a full cache."""
+    tcfg = pair.tcfg
+    taps = pair.drafter.tap_layers if kind == "verify" else ()
+    if context < q_len + 1:
+        raise TooBig(f"context {context} is shorter than q_len {q_len} + 1")
+    cache = target.shard_cache(target.init_cache(tcfg, batch, context), mesh)
+    lengths = jnp.full((batch,), context - q_len, jnp.int32)
+    tokens = jnp.full((batch, q_len), 5, jnp.int32)
+    q_lens = jnp.full((batch,), q_len, jnp.int32)
+
+    def fn(params, tokens, q_lens, cache, lengths):
+        logits, cache, tapped = target.step(tcfg, params, tokens, q_lens, cache.replace(lengths=lengths), taps)
+        return (logits, tapped), cache
+
+    args = [pair.tparams, tokens, q_lens, cache, lengths]
+    compiled, csecs, mem, xla = compile_fn(fn, args, donate=(3,))
+    peak = check(mem)
+    times = time_compiled(compiled, args, warmup=s.warmup, repeats=s.repeats, carry=3, min_total_s=s.min_timed_s)
+    t = statistics.median(times)
+    nbytes, flops = rl.step_cost(cost, batch, context, q_len)
+    return StepRecord(kind=kind, batch=batch, context=context, q_len=q_len, time_ms=t * 1e3,
+                      times_ms=[x * 1e3 for x in times], compile_s=csecs, roofline=roof(t, nbytes, flops),
+                      xla_flops=xla["flops"] if xla else None, xla_bytes_accessed=xla["bytes"] if xla else None,
+                      peak_bytes=peak)
+
+
+def drafter_pass(pair, s, mesh, check, roof, batch: int, context: int) -> DrafterRecord:
+    """The drafter's parallel pass, its whole proposal (with the sequential head) and its ingest."""
+    from dspark_jax.sampling import SamplingParams
+
+    d, tcfg, gamma = pair.drafter, pair.tcfg, s.gamma
+    g = d.cfg.block_size
+    if context < g + gamma + 2:
+        raise TooBig(f"context {context} is shorter than a drafter block")
+    dcache = target.shard_cache(d.init_cache(batch, context), mesh)
+    start = jnp.full((batch,), context - g - gamma - 1, jnp.int32)
+    anchor = jnp.full((batch,), 5, jnp.int32)
+    sampling = SamplingParams.make(batch, 0.0)
+    keys = jax.vmap(jax.random.key)(jnp.arange(batch, dtype=jnp.uint32))
+    width = len(d.tap_layers) * tcfg.hidden_size
+    feats = jnp.zeros((batch, 1 + gamma, width), tcfg.jnp_dtype)
+    nxt = jnp.full((batch, 1 + gamma), 5, jnp.int32)
+    count = jnp.full((batch,), 1 + gamma, jnp.int32)
+
+    def parallel(dparams, tparams, dcache, anchor, start):
+        h = d.block_hidden(dparams, tparams, dcache, anchor, start)[:, :gamma]
+        return target.logits(tcfg, tparams, h)
+
+    def propose(dparams, tparams, dcache, anchor, start, sampling, keys):
+        return d.propose(dparams, tparams, dcache, anchor, start, sampling, keys)
+
+    def ingest(dparams, tparams, dcache, feats, nxt, start, count):
+        lengths = dcache.lengths
+        out = d.ingest(dparams, tparams, dcache, feats, nxt, start, count)
+        return out.lengths, out.replace(lengths=lengths)
+
+    runs, compile_s = {}, {}
+    for name, fn, args, donate in (
+            ("parallel", parallel, [pair.dparams, pair.tparams, dcache, anchor, start], ()),
+            ("propose", propose, [pair.dparams, pair.tparams, dcache, anchor, start, sampling, keys], ()),
+            ("ingest", ingest, [pair.dparams, pair.tparams, dcache, feats, nxt, start, count], (2,))):
+        compiled, csecs, mem, _ = compile_fn(fn, args, donate=donate)
+        check(mem)
+        compile_s[name] = csecs
+        runs[name] = statistics.median(time_compiled(compiled, args, warmup=s.warmup, repeats=s.repeats,
+                                                     carry=2 if donate else None, min_total_s=s.min_timed_s))
+    nbytes, flops = rl.drafter_propose_cost(d, batch, context)
+    return DrafterRecord(batch=batch, context=context, gamma=gamma, parallel_ms=runs["parallel"] * 1e3,
+                         propose_ms=runs["propose"] * 1e3,
+                         head_ms=max(runs["propose"] - runs["parallel"], 0.0) * 1e3,
+                         ingest_ms=runs["ingest"] * 1e3, compile_s=compile_s,
+                         roofline=roof(runs["propose"], nbytes, flops))
+
+
+def packed_step(pair, s, mesh, check, roof, cost, slots: int, budget: int, context: int) -> SpsRecord:
+    """The packed verification pass over `budget` tokens spread over `slots` rows: SPS(B)."""
+    tcfg = pair.tcfg
+    width = 1 + s.gamma
+    cache = target.shard_cache(target.init_cache(tcfg, slots, context), mesh)
+    lengths = np.full((slots,), max(0, context - width), np.int32)
+    cache = cache.replace(lengths=jnp.asarray(lengths))
+    i = np.arange(budget)
+    rows, cols = i % slots, i // slots
+    tokens = jnp.full((budget,), 5, jnp.int32)
+    rows_a = jnp.asarray(rows, jnp.int32)
+    positions = jnp.asarray(lengths[rows] + cols, jnp.int32)
+    valid = jnp.ones((budget,), bool)
+    qb = width if budget > slots else None
+    taps = pair.drafter.tap_layers
+
+    def fn(params, tokens, rows, positions, valid, cache):
+        logits, cache, tapped = target.step_packed(tcfg, params, tokens, rows, positions, valid, cache, taps,
+                                                   query_block=qb)
+        return (logits, tapped), cache
+
+    args = [pair.tparams, tokens, rows_a, positions, valid, cache]
+    compiled, csecs, mem, _ = compile_fn(fn, args, donate=(5,))
+    check(mem)
+    t = statistics.median(time_compiled(compiled, args, warmup=s.warmup, repeats=s.repeats, carry=5,
+                                        min_total_s=s.min_timed_s))
+    nbytes, flops = rl.packed_cost(cost, slots, budget, context)
+    return SpsRecord(slots=slots, context=context, budget=budget, time_ms=t * 1e3, sps=1.0 / t,
+                     compile_s=csecs, roofline=roof(t, nbytes, flops))
+
+
+def prefill(pair, s, mesh, check, roof, cost, batch: int, length: int) -> PrefillRecord:
+    """The target's prefill of `batch` prompts of `length` tokens into empty caches."""
+    tcfg = pair.tcfg
+    cache = target.shard_cache(target.init_cache(tcfg, batch, length), mesh)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(4, tcfg.vocab_size, (batch, length)), jnp.int32)
+    lengths = jnp.full((batch,), length, jnp.int32)
+    zeros = jnp.zeros((batch,), jnp.int32)
+    taps = pair.drafter.tap_layers
+
+    def fn(params, tokens, lengths, cache, zeros):
+        last, cache, tapped = target.prefill(tcfg, params, tokens, lengths, cache.replace(lengths=zeros), taps)
+        return (last, tapped), cache
+
+    args = [pair.tparams, tokens, lengths, cache, zeros]
+    compiled, csecs, mem, _ = compile_fn(fn, args, donate=(3,))
+    peak = check(mem)
+    times = time_compiled(compiled, args, warmup=min(s.warmup, 1), repeats=max(1, s.repeats // 3), carry=3,
+                          min_total_s=0.0)
+    t = statistics.median(times)
+    nbytes, flops = rl.prefill_cost(cost, batch, length)
+    return PrefillRecord(batch=batch, length=length, time_ms=t * 1e3, times_ms=[x * 1e3 for x in times],
+                         tokens_per_s=batch * length / t, compile_s=csecs, roofline=roof(t, nbytes, flops),
+                         peak_bytes=peak)
