@@ -19,6 +19,7 @@ from dspark_jax.errors import DSparkError
 from dspark_jax.models.gemma4 import GEMMA4_CACHE_AXES, Gemma4Cache
 from dspark_jax.sampling import SamplingParams
 from tests.conftest import FIXTURES
+from tests.parity import golden_prompts
 from tests.helpers import OracleDrafter
 
 TOP_LEVEL, MOE_SHARED = "gemma4_tiny", "gemma4_tiny_moe_shared"
@@ -68,10 +69,6 @@ def prefill(cfg, params, seqs):
     return cache
 
 
-def _prompts(g):
-    return [g["prompt_ids"][i, :g["prompt_lengths"][i]].tolist() for i in range(2)]
-
-
 def test_fixtures_exercise_every_switch(loaded):
     cfg, _, g = loaded
     assert isinstance(cfg, Gemma4Config) and cfg.sliding_window == 4
@@ -90,7 +87,7 @@ def test_fixtures_exercise_every_switch(loaded):
 
 def test_logits_match_reference_in_right_padded_batch(loaded):
     cfg, params, g = loaded
-    logits, _ = full(cfg, params, _prompts(g))
+    logits, _ = full(cfg, params, golden_prompts(g))
     for i, n in enumerate(g["prompt_lengths"]):
         diff = float(jnp.abs(logits[i, :n] - g[f"logits_{i}"]).max())
         print(f"max |logit diff| prompt {i}: {diff:.2e}")
@@ -99,7 +96,7 @@ def test_logits_match_reference_in_right_padded_batch(loaded):
 
 def test_layer_taps_are_raw_decoder_outputs(loaded):
     cfg, params, g = loaded
-    prompt = _prompts(g)[0]
+    prompt = golden_prompts(g)[0]
     _, taps = full(cfg, params, [prompt])
     n = len(prompt)
     hs = g["hidden_states_0"]  # index i+1 = output of layer i; the last one is normed by HF
@@ -112,7 +109,7 @@ def test_layer_taps_are_raw_decoder_outputs(loaded):
 
 def test_greedy_tokens_identical(loaded):
     cfg, params, g = loaded
-    out = target.greedy_decode(cfg, params, _prompts(g), 32)
+    out = target.greedy_decode(cfg, params, golden_prompts(g), 32)
     assert out[0] == g["greedy_0"].tolist()
     assert out[1] == g["greedy_1"].tolist()
 
@@ -121,7 +118,7 @@ def test_chunked_cache_path_matches_reference(loaded):
     """Prefill 3 tokens, then verify-style chunks of 6 and 4: every chunk crosses the
     4-token window, and the logits still equal transformers' single pass."""
     cfg, params, g = loaded
-    prompt = _prompts(g)[1]
+    prompt = golden_prompts(g)[1]
     cache = prefill(cfg, params, [prompt[:3]])
     first, cache = step(cfg, params, [prompt[3:9]], cache, pad=7)
     second, cache = step(cfg, params, [prompt[9:13]], cache, pad=7)
@@ -184,7 +181,7 @@ def test_speculation_with_oracle_drafter_equals_greedy():
     folder = os.path.join(FIXTURES, MOE_SHARED)
     cfg, params = target.load(folder)
     g = np.load(os.path.join(folder, "golden.npz"))
-    prompts, new = _prompts(g), 20
+    prompts, new = golden_prompts(g), 20
     ref = [g["greedy_0"][:new].tolist(), g["greedy_1"][:new].tolist()]
     toks = np.zeros((2, 40), np.int32)
     for i, (p, r) in enumerate(zip(prompts, ref)):

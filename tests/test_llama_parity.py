@@ -24,6 +24,7 @@ from dspark_jax.errors import DSparkError
 from dspark_jax.models import registry
 from dspark_jax.tokenizer import Tokenizer
 from tests.conftest import FIXTURES
+from tests.parity import assert_padded_prefill_matches, assert_taps_are_raw, golden_prompts
 
 FOLDERS = ["llama3_tiny_untied", "llama3_tiny_tied"]
 SCALED = os.path.join(FIXTURES, "llama3_tiny_untied")
@@ -42,14 +43,10 @@ def loaded(request):
     return _load(request.param)
 
 
-def _prompts(g):
-    return [g["prompt_ids"][i, :g["prompt_lengths"][i]].tolist() for i in range(2)]
-
-
 def _logit_diff(cfg, params, g):
     """Max |logit - reference| over both golden prompts, each run alone."""
     worst = 0.0
-    for i, prompt in enumerate(_prompts(g)):
+    for i, prompt in enumerate(golden_prompts(g)):
         h, _, _ = target.forward(cfg, params, jnp.array([prompt]), jnp.array([len(prompt)]))
         worst = max(worst, float(jnp.abs(target.logits(cfg, params, h)[0] - g[f"logits_{i}"]).max()))
     return worst
@@ -80,28 +77,17 @@ def test_full_forward_logits_match_reference(loaded):
 
 def test_batched_right_padded_prefill_matches_reference(loaded):
     cfg, params, g = loaded
-    lengths = jnp.asarray(g["prompt_lengths"])
-    h, _, _ = target.forward(cfg, params, jnp.asarray(g["prompt_ids"]), lengths)
-    lg = target.logits(cfg, params, h)
-    for i in range(2):
-        n = int(lengths[i])
-        assert float(jnp.abs(lg[i, :n] - g[f"logits_{i}"]).max()) <= TOL
+    assert_padded_prefill_matches(cfg, params, g, TOL)
 
 
 def test_layer_taps_are_raw_decoder_outputs(loaded):
     cfg, params, g = loaded
-    prompt = _prompts(g)[0]
-    layers = tuple(range(-1, cfg.num_hidden_layers))
-    _, _, taps = target.forward(cfg, params, jnp.array([prompt]), jnp.array([len(prompt)]), tap_layers=layers)
-    hs = g["hidden_states_0"]  # index i+1 = output of layer i; the last one is normed by HF
-    for layer, tap in zip(layers[:-1], taps[:-1]):
-        assert float(jnp.abs(tap[0] - hs[layer + 1]).max()) <= TOL, layer
-    assert float(jnp.abs(taps[-1][0] - g["last_layer_raw_0"]).max()) <= TOL
+    assert_taps_are_raw(cfg, params, g, TOL)
 
 
 def test_greedy_tokens_identical(loaded):
     cfg, params, g = loaded
-    out = target.greedy_decode(cfg, params, _prompts(g), 32)
+    out = target.greedy_decode(cfg, params, golden_prompts(g), 32)
     assert out == [g["greedy_0"].tolist(), g["greedy_1"].tolist()]
 
 
@@ -135,9 +121,9 @@ def test_engine_greedy_equals_reference(name, paged):
     cfg, params, g = _load(name)
     engine = Engine(cfg, params, None, None, slots=2, max_len=64, policy="none", prefill_chunk=3,
                     paged=paged, page_size=4)
-    ids = [engine.submit(_prompts(g)[0], max_new_tokens=32)]
+    ids = [engine.submit(golden_prompts(g)[0], max_new_tokens=32)]
     engine.step()
-    ids.append(engine.submit(_prompts(g)[1], max_new_tokens=32))
+    ids.append(engine.submit(golden_prompts(g)[1], max_new_tokens=32))
     while not engine.idle:
         engine.step()
     for i, rid in enumerate(ids):

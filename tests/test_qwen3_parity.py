@@ -9,6 +9,7 @@ import pytest
 
 from dspark_jax import target
 from tests.conftest import FIXTURES
+from tests.parity import assert_padded_prefill_matches, assert_taps_are_raw, golden_prompts
 
 FOLDERS = ["qwen3_tiny_untied", "qwen3_tiny_tied"]
 TOL = 1e-4
@@ -21,13 +22,9 @@ def loaded(request):
     return cfg, params, np.load(os.path.join(folder, "golden.npz"))
 
 
-def _prompts(g):
-    return [g["prompt_ids"][i, :g["prompt_lengths"][i]].tolist() for i in range(2)]
-
-
 def test_full_forward_logits_match_reference(loaded):
     cfg, params, g = loaded
-    for i, prompt in enumerate(_prompts(g)):
+    for i, prompt in enumerate(golden_prompts(g)):
         h, _, _ = target.forward(cfg, params, jnp.array([prompt]), jnp.array([len(prompt)]))
         diff = float(jnp.abs(target.logits(cfg, params, h)[0] - g[f"logits_{i}"]).max())
         assert diff <= TOL, diff
@@ -35,29 +32,17 @@ def test_full_forward_logits_match_reference(loaded):
 
 def test_batched_right_padded_prefill_matches_reference(loaded):
     cfg, params, g = loaded
-    lengths = jnp.asarray(g["prompt_lengths"])
-    h, _, _ = target.forward(cfg, params, jnp.asarray(g["prompt_ids"]), lengths)
-    lg = target.logits(cfg, params, h)
-    for i in range(2):
-        n = int(lengths[i])
-        assert float(jnp.abs(lg[i, :n] - g[f"logits_{i}"]).max()) <= TOL
+    assert_padded_prefill_matches(cfg, params, g, TOL)
 
 
 def test_layer_taps_are_raw_decoder_outputs(loaded):
     cfg, params, g = loaded
-    prompt = _prompts(g)[0]
-    layers = tuple(range(-1, cfg.num_hidden_layers))
-    _, _, taps = target.forward(cfg, params, jnp.array([prompt]), jnp.array([len(prompt)]),
-                                tap_layers=layers)
-    hs = g["hidden_states_0"]  # index i+1 = output of layer i; the last one is normed by HF
-    for layer, tap in zip(layers[:-1], taps[:-1]):
-        assert float(jnp.abs(tap[0] - hs[layer + 1]).max()) <= TOL, layer
-    assert float(jnp.abs(taps[-1][0] - g["last_layer_raw_0"]).max()) <= TOL
+    assert_taps_are_raw(cfg, params, g, TOL)
 
 
 def test_greedy_tokens_identical(loaded):
     cfg, params, g = loaded
-    out = target.greedy_decode(cfg, params, _prompts(g), 32)
+    out = target.greedy_decode(cfg, params, golden_prompts(g), 32)
     assert out[0] == g["greedy_0"].tolist()
     assert out[1] == g["greedy_1"].tolist()
 
