@@ -66,6 +66,7 @@ class Profiler:
                                backend=backend_info(mesh), run=run, models={})
         self.cost = rl.target_cost(pair.tcfg)
         self.bw = self.fs = 0.0
+        self.bench = passes.Bench(pair, settings, mesh, self.cost, self._check_temp, self._roof)
 
     # ---------------------------------------------------------------- bookkeeping
     def save(self):
@@ -248,8 +249,7 @@ class Profiler:
 
     def _step(self, kind: str, batch: int, context: int, q_len: int):
         def go():
-            rec = passes.target_step(self.pair, self.s, self.mesh, self._check_temp, self._roof, self.cost,
-                                     kind, batch, context, q_len)
+            rec = passes.target_step(self.bench, kind, batch, context, q_len)
             self._record(self.profile.steps, rec,
                          f"{kind} b{batch} ctx{context} q{q_len}: {rec.time_ms:.2f} ms "
                          f"(floor {rec.roofline.floor_ms:.2f} ms, x{rec.roofline.time_over_floor:.1f}; "
@@ -258,7 +258,7 @@ class Profiler:
 
     def _drafter(self, batch: int, context: int):
         def go():
-            rec = passes.drafter_pass(self.pair, self.s, self.mesh, self._check_temp, self._roof, batch, context)
+            rec = passes.drafter_pass(self.bench, batch, context)
             self._record(self.profile.drafter, rec,
                          f"drafter b{batch} ctx{context}: parallel {rec.parallel_ms:.2f} ms, "
                          f"propose {rec.propose_ms:.2f} ms, ingest {rec.ingest_ms:.2f} ms")
@@ -285,8 +285,7 @@ class Profiler:
                 continue
 
             def go(slots=slots, budget=budget):
-                rec = passes.packed_step(pair, s, self.mesh, self._check_temp, self._roof, self.cost,
-                                         slots, budget, context)
+                rec = passes.packed_step(self.bench, slots, budget, context)
                 self._record(self.profile.sps, rec, f"sps slots{slots} B{budget}: {rec.sps:.1f} steps/s")
             self._guard("sps", slots, context, budget, go)
 
@@ -304,6 +303,6 @@ class Profiler:
                 continue
 
             def go(length=length):
-                rec = passes.prefill(self.pair, s, self.mesh, self._check_temp, self._roof, self.cost, b, length)
+                rec = passes.prefill(self.bench, b, length)
                 self._record(self.profile.prefill, rec, f"prefill b{b} T{length}: {rec.tokens_per_s:.0f} tokens/s")
             self._guard("prefill", b, length, None, go)
