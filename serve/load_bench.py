@@ -34,6 +34,9 @@ def main(argv=None) -> None:
     p.add_argument("--prompt-file", help="real prompts, one per line: text or JSON chat (default: random tokens)")
     p.add_argument("--chat", action="store_true", help="apply the chat template to text prompts")
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="with --prompt-file, run every request to its length instead of ending it at the target's "
+                        "stop tokens")
     p.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals per second per slot")
     p.add_argument("--threshold", type=float, default=0.5, help="confidence threshold of the threshold policy")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -79,13 +82,14 @@ def main(argv=None) -> None:
 
         tfolder, dfolder, kind = resolve_folders(GenerateRequest(target=args.target, draft=args.draft,
                                                                  drafter=args.drafter))
-        prompts = None
+        prompts, stop_ids = None, ()
         if args.prompt_file:
             from dspark_jax import prompts as prompts_lib
             from dspark_jax.tokenizer import Tokenizer
 
-            prompts = prompts_lib.encode_prompts(prompts_lib.read_prompt_file(args.prompt_file),
-                                                 Tokenizer(tfolder), args.chat)
+            tok = Tokenizer(tfolder)
+            prompts = prompts_lib.encode_prompts(prompts_lib.read_prompt_file(args.prompt_file), tok, args.chat)
+            stop_ids = () if args.ignore_eos else tok.stop_ids
             args.prompt_len = max(len(x) for x in prompts)
         settings = load_bench.LoadSettings(
             concurrency=tuple(args.concurrency), policies=tuple(args.policies), modes=tuple(args.modes),
@@ -94,7 +98,7 @@ def main(argv=None) -> None:
             temperature=args.temperature, seed=args.seed, max_len=args.max_len, sps_file=args.sps_file,
             buckets=args.buckets, repeats=args.repeats, length_spread=args.length_spread,
             prefill_chunk=args.prefill_chunk, rounds_per_call=args.rounds_per_call, lag=args.lag,
-            device_time=not args.no_device_time)
+            stop_ids=tuple(stop_ids), device_time=not args.no_device_time)
         tcfg, tparams = target.load(tfolder, args.dtype)
         drafter = dparams = None
         if dfolder is not None:

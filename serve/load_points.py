@@ -66,6 +66,7 @@ class LoadSettings:
     repeats: int = 1            # timed runs per point, interleaved across policies; the median is reported
     length_spread: float = 0.0  # request i asks for max_new_tokens x U[1 - s, 1 + s] (seeded, same for all policies)
     prefill_chunk: int = 64     # chunked-prefill tokens per round (0: a separate prefill pass per admission)
+    stop_ids: tuple[int, ...] = ()  # a request also ends at one of these (served text ends at its turn's end)
     rounds_per_call: int = 4    # rounds per dispatch when nothing waits for admission
     lag: int = 1                # rounds in flight before the host reads one back
     device_time: bool = True    # replay the run's programs for host_exposed_frac
@@ -158,7 +159,7 @@ def _drive(engine: Engine, prompts, settings: LoadSettings, mode: str, clients: 
         i = len(submitted)
         submitted.append(engine.submit(prompts[i % len(prompts)], seed=settings.seed + i,
                                        max_new_tokens=int(lengths[i]), temperature=settings.temperature,
-                                       on_tokens=on_tokens))
+                                       stop_ids=settings.stop_ids, on_tokens=on_tokens))
 
     if mode == "closed":
         for _ in range(min(clients, total)):

@@ -71,19 +71,20 @@ def main(argv=None) -> None:
         if dfolder is not None:
             drafter, dparams = drafters.load(dfolder, tcfg, kind=kind, gamma=args.gamma, dtype=args.dtype)
             gamma = drafter.gamma
-        ids = []
+        ids, stop_ids = [], ()
         if drafter is not None and os.path.exists(os.path.join(tfolder, "tokenizer.json")):
             files = [args.prompt_file] if args.prompt_file else (
                 [os.path.join(DEMO_PROMPTS, f) for f in sorted(os.listdir(DEMO_PROMPTS))]
                 if args.target is None and os.path.isdir(DEMO_PROMPTS) else [])
             texts = [t for f in files for t in prompts_lib.read_prompt_file(f)[:8]]
-            ids = prompts_lib.encode_prompts(texts, Tokenizer(tfolder), args.chat or not args.prompt_file)
+            tok = Tokenizer(tfolder)
+            ids, stop_ids = prompts_lib.encode_prompts(texts, tok, args.chat or not args.prompt_file), tok.stop_ids
         buckets = profiles.budget_buckets(args.slots, gamma)
         with tqdm(total=len(buckets), desc="SPS(B)", unit="bucket") as bar:
             rec = sps_profile.profile(tcfg, tparams, slots=args.slots, gamma=gamma, max_len=args.max_len,
                                       buckets=buckets, drafter=drafter, dparams=dparams, prompts=ids, mesh=mesh,
                                       path=args.out, force=args.force, warmup=args.warmup, repeats=args.repeats,
-                                      progress=bar.update)
+                                      stop_ids=stop_ids, progress=bar.update)
         if args.plot:
             sps_profile.plot(rec, args.plot)
         if args.json:

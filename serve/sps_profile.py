@@ -149,13 +149,16 @@ def markdown(rec: dict) -> str:
 
 
 def measure_acceptance(tcfg, tparams, drafter, dparams, prompts: Sequence[Sequence[int]], *, slots: int,
-                       max_len: int, max_new_tokens: int = 48) -> list[float]:
+                       max_len: int, max_new_tokens: int = 48, stop_ids: Sequence[int] = ()) -> list[float]:
     """[G] the share of drafted rounds that accepted at least j drafts (j = 1..G), over
-    the prompts decoded greedily by a fixed-depth engine (a full-depth round each time)."""
+    the prompts decoded greedily by a fixed-depth engine (a full-depth round each time).
+    Each completion ends at one of `stop_ids`, as served text does: the rounds a request
+    would spend past its end are not counted."""
     from dspark_jax.engine import Engine
 
     engine = Engine(tcfg, tparams, drafter, dparams, slots=slots, max_len=max_len, policy="fixed")
-    ids = [engine.submit(p[-(max_len - max_new_tokens):], max_new_tokens=max_new_tokens) for p in prompts]
+    ids = [engine.submit(p[-(max_len - max_new_tokens):], max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+           for p in prompts]
     engine.run_until_done()
     g = drafter.gamma
     counts, rounds = np.zeros(g), 0
@@ -182,11 +185,11 @@ def measure_rounds(tcfg, tparams, drafter, dparams, *, slots: int, max_len: int,
 
 def profile(tcfg, tparams, *, slots: int, gamma: int, max_len: int, buckets: Sequence[int] | None = None,
             drafter=None, dparams=None, prompts: Sequence[Sequence[int]] = (), mesh=None, path: str | None = None,
-            force: bool = False, warmup: int = 2, repeats: int = 10,
+            force: bool = False, warmup: int = 2, repeats: int = 10, stop_ids: Sequence[int] = (),
             progress: Callable[[], None] | None = None) -> dict:
     """The stored record of this configuration, measured (and stored) where it is missing
     or `force`: SPS(B), and with a drafter its drafting time, round times and (with
-    prompts) acceptance."""
+    prompts, each completion ending at one of `stop_ids`) acceptance."""
     buckets = tuple(buckets or profiles.budget_buckets(slots, gamma))
     path = path or profiles.default_path()
     taps = drafter.tap_layers if drafter is not None else ()
@@ -205,5 +208,5 @@ def profile(tcfg, tparams, *, slots: int, gamma: int, max_len: int, buckets: Seq
                                           policy="production", buckets=buckets, repeats=repeats)
         if prompts:
             record["acceptance"] = measure_acceptance(tcfg, tparams, drafter, dparams, prompts, slots=slots,
-                                                      max_len=max_len)
+                                                      max_len=max_len, stop_ids=stop_ids)
     return profiles.save(path, key, record)

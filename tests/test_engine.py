@@ -164,6 +164,21 @@ def test_engine_oracle_equals_greedy(pair, policy):
     assert engine.metrics.tokens == sum(NEW) and engine.metrics.throughput > 0
 
 
+def test_profiled_survival_ends_at_stop_ids(pair):
+    """The profile's survival counts only the rounds a served request runs: its completion
+    ends at a stop id. The oracle drafts the reference exactly (no corruption) and knows
+    nothing past it, so rounds past the reference's end would pull position 1 below 1."""
+    from serve.sps_profile import measure_acceptance
+
+    tcfg, tparams, ref = pair
+    drafter, dparams = slot_oracle(tcfg, ref, corrupt_rate=0.0)
+    longer = target.greedy_decode(tcfg, tparams, [PROMPTS[0]], NEW[0] + 1, max_len=MAX_LEN)[0]
+    kw = dict(slots=1, max_len=MAX_LEN, max_new_tokens=16)
+    stopped = measure_acceptance(tcfg, tparams, drafter, dparams, [PROMPTS[0]], stop_ids=(longer[NEW[0]],), **kw)
+    ran_on = measure_acceptance(tcfg, tparams, drafter, dparams, [PROMPTS[0]], **kw)
+    assert stopped[0] == 1.0 and ran_on[0] < 1.0
+
+
 @pytest.mark.parametrize("draft_time", [0.006, 0.02])
 def test_drafting_by_row_count_equals_greedy(pair, draft_time):
     """With the drafter's mean survival and a drafting cost, the engine drafts only at the

@@ -198,3 +198,17 @@ def test_merge_joins_levels_run_apart(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             load_bench_cli.main(["--merge", *bad, "--out-dir", str(out)])
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_requests_end_at_stop_ids(pair):
+    """With stop ids (the load bench's default with a prompt file), a request ends at its
+    turn's end: here each prompt's first greedy token stops, so each request gets only it."""
+    tcfg, tparams = pair
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    firsts = tuple(sorted({r[0] for r in target.greedy_decode(tcfg, tparams, prompts, 1, max_len=32)}))
+    for stop_ids, tokens in (((), 12), (firsts, 2)):
+        settings = load_bench.LoadSettings(concurrency=(2,), policies=("none",), requests_per_client=1,
+                                           prompt_len=5, max_new_tokens=6, max_len=32, buckets="full",
+                                           stop_ids=stop_ids, device_time=False)
+        row, _ = load_bench.run_point(tcfg, tparams, None, None, "none", "closed", 2, settings, prompts)
+        assert row.requests == 2 and row.tokens == tokens

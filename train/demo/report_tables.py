@@ -120,6 +120,8 @@ def bench_command(settings: dict, meta: dict, bench_dir: str, repo: str) -> str:
         value = settings.get(key)
         if value is not None and not irrelevant.get(key):
             words.append(f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}")
+    if os.path.exists(prompts) and not settings.get("stop_ids"):
+        words.append("--ignore-eos")
     if settings.get("device_time") is False:
         words.append("--no-device-time")
     words.append(f"--out-dir {_shown(bench_dir, repo)}")
