@@ -37,7 +37,8 @@ COMPUTE_RULE = ("DSpark and DFlash train the same steps; Eagle3 trains as many s
                 "training FLOPs (XLA's cost analysis of one compiled step, the frozen target's forward included).")
 GAMMA = 7
 VOCAB = 2048
-TAPS = (0, 1, 2)
+# the streams entering the target's last three layers (DeepSeek's DSpark convention), for all three drafters
+TAPS = (4, 5, 6)
 # training conversations per domain (validation and test keep the builder's 300 each, so the
 # held-out prompts do not depend on these): all of the stdlib's code and prose, more math
 CORPUS_CAPS = ("code=16000,300,300", "prose=8000,300,300", "math=12000,300,300")
@@ -348,7 +349,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target-steps", type=int, default=1200, help="the target's first phase, from scratch")
     p.add_argument("--target-more-steps", type=int, default=1600,
                    help="the target's second phase, continuing the first at half its learning rate (0: none)")
-    p.add_argument("--drafter-steps", type=int, default=800)
+    p.add_argument("--drafter-steps", type=int, default=1600)
     p.add_argument("--regen-prompts", type=int, default=4000, help="training prompts answered by the target at T = 1")
     p.add_argument("--greedy-prompts", type=int, default=3000, help="the next training prompts, answered at T = 0")
     p.add_argument("--force", action="store_true",
