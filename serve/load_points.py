@@ -202,6 +202,7 @@ def make_engine(tcfg, tparams, drafter, dparams, policy: str, clients: int, sett
     return Engine(tcfg, tparams, drafter, dparams, slots=clients, max_len=settings.cache_len,
                   buckets=settings.bucket_set(clients, gamma), prefill_chunk=settings.prefill_chunk,
                   rounds_per_call=settings.rounds_per_call, lag=settings.lag,
+                  max_stop_ids=max(4, len(settings.stop_ids)),
                   **(costs if policy in SCHEDULED_POLICIES else {}), **engine_options(policy, gamma, settings.threshold))
 
 

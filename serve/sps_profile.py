@@ -156,7 +156,8 @@ def measure_acceptance(tcfg, tparams, drafter, dparams, prompts: Sequence[Sequen
     would spend past its end are not counted."""
     from dspark_jax.engine import Engine
 
-    engine = Engine(tcfg, tparams, drafter, dparams, slots=slots, max_len=max_len, policy="fixed")
+    engine = Engine(tcfg, tparams, drafter, dparams, slots=slots, max_len=max_len, policy="fixed",
+                    max_stop_ids=max(4, len(stop_ids)))
     ids = [engine.submit(p[-(max_len - max_new_tokens):], max_new_tokens=max_new_tokens, stop_ids=stop_ids)
            for p in prompts]
     engine.run_until_done()
