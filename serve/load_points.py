@@ -13,13 +13,15 @@ timed runs use), then its timed runs, interleaved across policies. Rows report a
 tokens/s, mean per-user tokens/s, mean verified budget B per round, tau, and two measures
 of the host on the critical path:
 
-- `host_exposed_frac`: the run's wall time minus its device time (every program it
-  called, timed back to back on device-resident inputs over as many decoding rows as the
-  call had, times its calls), over the wall time less the prefill passes' device time:
+- `host_exposed_frac`: the run's wall time minus its device time (every round that ran
+  and every prefill pass, its program timed back to back on device-resident inputs over
+  as many rows as took part), over the wall time less the prefill passes' device time:
   the share of the decoding time in which the device waited for the host or ran slower
   for sharing the machine with it;
 - `device_idle_frac`: the share of the wall time with no call on the device, measured
   directly (device_watch.py).
+A point with several timed runs reports the median-throughput run and the median of the
+runs' two host measures.
 
 load_report.py writes the table, the plots and results.json.
 """
@@ -36,6 +38,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dspark_jax.engine import SCHEDULED as SCHEDULED_POLICIES, Engine, profiles
+from dspark_jax.engine import round as rnd
 from dspark_jax.engine.costs import stored_costs
 from dspark_jax.errors import DSparkError
 from serve import speedup
@@ -123,8 +126,8 @@ class LoadRow:
     plain_rounds: int = 0       # rounds run without drafting
     rounds: int = 0             # the engine's rounds
     device_seconds: float = 0.0  # the run's programs replayed back to back
-    host_exposed_frac: float = 0.0  # (wall - device) / (wall - prefill passes' device time)
-    device_idle_frac: float = 0.0   # share of the wall time with no call on the device (device_watch.py)
+    host_exposed_frac: float = 0.0  # (wall - device) / (wall - prefill passes' device time); runs' median
+    device_idle_frac: float = 0.0   # share of the wall time with no call on the device (device_watch.py); median
     runs: int = 1               # timed runs behind the row (the median-throughput one is reported)
     throughput_min: float = 0.0
     throughput_max: float = 0.0
@@ -230,17 +233,20 @@ def run_point(tcfg, tparams, drafter, dparams, policy: str, mode: str, clients: 
             total = clients * settings.requests_per_client
             engine.warmup(sorted({len(prompts[i % len(prompts)]) for i in range(total)}),
                           greedy=(settings.temperature == 0,))
-    before = engine.metrics
-    engine.metrics = type(before)()
-    gc.collect()
-    gc.disable()  # a collection pause inside a 1-s run reads as a slower policy
-    try:
-        with DeviceWatch(engine, clock) if settings.device_time else contextlib.nullcontext() as watch:
-            t0 = clock()
-            results = _drive(engine, prompts, settings, mode, clients, clock, sleep)
-            secs = clock() - t0
-    finally:
-        gc.enable()
+    for _ in range(3):  # a run that compiled a program (one the warm-up did not reach) is run again
+        compiled = rnd.compiled_programs()
+        engine.metrics = type(engine.metrics)()
+        gc.collect()
+        gc.disable()  # a collection pause inside a 1-s run reads as a slower policy
+        try:
+            with DeviceWatch(engine, clock) if settings.device_time else contextlib.nullcontext() as watch:
+                t0 = clock()
+                results = _drive(engine, prompts, settings, mode, clients, clock, sleep)
+                secs = clock() - t0
+        finally:
+            gc.enable()
+        if rnd.compiled_programs() == compiled:
+            break
     dev, exposed = host_exposed(engine, secs) if settings.device_time else (0.0, 0.0)
     ok = [r for r in results if r.error is None]
     tokens = sum(len(r.token_ids) for r in ok)
@@ -308,9 +314,12 @@ def run(tcfg, tparams, drafter, dparams, settings: LoadSettings, progress: Calla
 
 def median_row(runs: Sequence[LoadRow]) -> LoadRow:
     """The run with the median throughput (the lower middle one for an even count),
-    carrying the spread of all runs."""
+    carrying the spread of all runs and the median of their host measures (each run's
+    is noisy on a shared machine)."""
     ordered = sorted(runs, key=lambda r: r.throughput)
     mid = ordered[(len(ordered) - 1) // 2]
     return dataclasses.replace(mid, runs=len(runs), throughput_min=ordered[0].throughput,
+                               host_exposed_frac=statistics.median(r.host_exposed_frac for r in runs),
+                               device_idle_frac=statistics.median(r.device_idle_frac for r in runs),
                                throughput_max=ordered[-1].throughput,
                                repeat_throughputs=tuple(r.throughput for r in runs))

@@ -179,6 +179,31 @@ def test_profiled_survival_ends_at_stop_ids(pair):
     assert stopped[0] == 1.0 and ran_on[0] < 1.0
 
 
+def test_profiled_round_times_resist_slow_spells(pair, monkeypatch):
+    """Each round program keeps its fastest of the interleaved trials (a one-off slow call
+    is dropped), and a bucket timed slower than a larger one in every trial takes the
+    larger's time: slow spells of the machine cannot make a round look dearer."""
+    from serve.sps_profile import measure_rounds
+
+    tcfg, tparams, ref = pair
+    drafter, dparams = slot_oracle(tcfg, ref)
+    calls = []
+
+    def fake_seconds(self, key, repeats=8, trials=3, rows=None):
+        calls.append(key)
+        t = key[1] * (2.0 if key[2] else 1.0)  # dearer with the bucket and with drafting
+        if key[2] and key[1] == 2:
+            t *= 10.0  # slow in every trial
+        return t * (50.0 if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(Engine, "program_seconds", fake_seconds)
+    got = measure_rounds(tcfg, tparams, drafter, dparams, slots=SLOTS, max_len=MAX_LEN, policy="production",
+                         buckets=ADAPTIVE, repeats=2, trials=3)
+    assert (SLOTS, ADAPTIVE) == (2, (2, 8))
+    assert got == {"spec": {2: 16.0, 8: 16.0}, "plain": {2: 2.0}}
+    assert len(calls) == 3 * 3  # three programs, three trials each
+
+
 @pytest.mark.parametrize("draft_time", [0.006, 0.02])
 def test_drafting_by_row_count_equals_greedy(pair, draft_time):
     """With the drafter's mean survival and a drafting cost, the engine drafts only at the

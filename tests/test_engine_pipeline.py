@@ -147,6 +147,30 @@ def test_stop_ids_and_lengths_are_never_overshot(setup, policy):
     assert engine.metrics.tokens == sum(len(t) for t, _ in want)
 
 
+@pytest.mark.parametrize("slots", [1, SLOTS])
+def test_a_request_ended_by_its_first_token_leaves_alone(setup, slots):
+    """A request ended by its first token (a stop id, or max_new_tokens 1) with no other
+    row decoding: the rounds after it are skipped on the device, yet the host still
+    learns that the row ended, retires it and goes idle; the next request is served. At
+    one slot every call runs several rounds, and a request ending inside one skips the
+    rest of it."""
+    tcfg, tparams, full, drafter, dparams = setup
+    engine = Engine(tcfg, tparams, drafter, dparams, slots=slots, max_len=MAX_LEN, policy="fixed",
+                    buckets=(slots * (1 + drafter.gamma),), lag=1, rounds_per_call=3)
+    for kw, reason in ((dict(max_new_tokens=1), "length"), (dict(max_new_tokens=9, stop_ids=[full[0][0]]), "stop")):
+        rid = engine.submit(PROMPTS[0], **kw)
+        engine.run_until_done(max_steps=20)
+        assert engine.idle and (engine.result(rid).token_ids, engine.result(rid).finish_reason) == (full[0][:1],
+                                                                                                    reason)
+    rid = engine.submit(PROMPTS[1], max_new_tokens=LONG)
+    engine.run_until_done(max_steps=60)
+    assert engine.idle and engine.result(rid).token_ids == full[1]
+    m = engine.metrics
+    assert m.rounds < sum(k[-1] * n for k, n in m.programs.items() if k[0] == "round"), m.as_dict()
+    if slots == 1:
+        assert {k[-1] for k in m.programs if k[0] == "round"} == {3}, m.programs
+
+
 # ------------------------------------------------------------------ cancellation
 
 @pytest.mark.parametrize("paged", [False, True])
@@ -280,8 +304,8 @@ def test_warm_engine_compiles_nothing(setup):
     assert m.prefill_chunks > 0, m.programs
     # timing each program over the rows it ran with (what a benchmark's replay does)
     # compiles nothing and leaves the engine as it was: the workload again gives the same
-    assert sum(m.calls.values()) == sum(m.programs.values())
-    assert {key for key, _ in m.calls} == set(m.programs)
+    assert 0 < sum(m.calls.values()) <= sum(m.programs.values())
+    assert {key for key, _ in m.calls} <= set(m.programs)
     for key, rows in m.calls:
         assert engine.program_seconds(key, repeats=2, trials=1, rows=rows) > 0
     with pytest.raises(DSparkError, match="rows must be in"):

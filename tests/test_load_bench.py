@@ -212,3 +212,23 @@ def test_requests_end_at_stop_ids(pair):
                                            stop_ids=stop_ids, device_time=False)
         row, _ = load_bench.run_point(tcfg, tparams, None, None, "none", "closed", 2, settings, prompts)
         assert row.requests == 2 and row.tokens == tokens
+
+
+def test_a_timed_run_that_compiled_is_run_again(pair, monkeypatch):
+    """Compiling is not serving: a timed run on an engine that has not run its workload
+    yet compiles, so the point runs it again and reports the run that compiled nothing;
+    on the warmed engine one run is timed."""
+    tcfg, tparams = pair
+    settings = load_bench.LoadSettings(concurrency=(1,), policies=("none",), requests_per_client=1,
+                                       prompt_len=5, max_new_tokens=4, max_len=29, buckets="full",
+                                       device_time=False)  # a cache length no other test compiles
+    prompts = [[5, 6, 7, 8]]
+    engine = load_bench.make_engine(tcfg, tparams, None, None, "none", 1, settings)
+    drives = []
+    real = load_bench._drive
+    monkeypatch.setattr(load_bench, "_drive", lambda *a, **k: drives.append(1) or real(*a, **k))
+    row, engine = load_bench.run_point(tcfg, tparams, None, None, "none", "closed", 1, settings, prompts,
+                                       engine=engine)
+    assert len(drives) == 2 and row.tokens == 4
+    load_bench.run_point(tcfg, tparams, None, None, "none", "closed", 1, settings, prompts, engine=engine)
+    assert len(drives) == 3

@@ -11,10 +11,12 @@ before back: the device never waits for the host's streaming, retiring and admis
 which happen one round late while the next round runs. Everything a round needs from the
 one before stays on the device; a request that finished in round n idles through round
 n + 1 (its row is `done` on the device), so nothing past a stop id or max_new_tokens is
-ever emitted. With every slot decoding and nothing waiting, `rounds_per_call` rounds run
-in one compiled call (a free slot keeps calls to one round, so a request arriving for it
-waits at most a round). Admission (slots.py) is a prefill pass when no slot is held, else
-chunked prefill riding in the rounds' verification passes.
+ever emitted; a round in which no row decodes is skipped on the device. With every slot
+decoding and nothing waiting, `rounds_per_call` rounds run in one compiled call when some
+row surely needs them all, or always with one slot, whose ended request skips the call's
+later rounds (a free slot keeps calls to one round, so a request arriving for it waits at
+most a round). Admission (slots.py) is a prefill pass when no slot is held, else chunked
+prefill riding in the rounds' verification passes.
 
 The host makes two choices per dispatch, both from what it has read back, never from the
 round's own drafts (so every policy's depths stay lossless, policies.py): the budget
@@ -237,9 +239,6 @@ class Engine:
         """Dispatch the next call (admission and rounds) if any slot is held, then read
         back calls until at most `lag` stay in flight. Returns whether anything ran."""
         self._take_inbox()
-        needed = self._rounds_needed()
-        if self._inflight and needed is not None and needed <= 0:
-            self.stream.consume(self._inflight.popleft())  # a round that would idle every row is not worth sending
         dispatched = self._dispatch()
         keep = self.lag if dispatched else 0
         consumed = len(self._inflight) > keep
@@ -277,13 +276,12 @@ class Engine:
     def _rounds_needed(self) -> int | None:
         """Rounds after those in flight that some decoding row surely needs: a row with r
         tokens left takes at least ceil(r / (gamma + 1)) rounds. None when no row decodes
-        or a prompt is half sent. At 0 the host reads back before sending a round that
-        could idle every row."""
+        or a prompt is half sent."""
         rows = self.table.decoding()
         if not rows or self.table.prefilling:
             return None
         left = self.table.max_new[rows] - self.table.seen[rows]
-        flying = sum(f.summary.ints.shape[0] for f in self._inflight if f.summary is not None)
+        flying = sum(f.summary.shape[0] for f in self._inflight if f.summary is not None)
         return int(-(-left.max() // (self.gamma + 1))) - flying
 
     def _dispatch(self) -> bool:
@@ -321,16 +319,17 @@ class Engine:
             budget = self.costs.budget(n, t.limits(idx), self._stale_host[1, idx])
         else:
             budget = self.costs.bucket(max(n, 1))
-        k = self.rounds_per_call  # k > 1 rounds only with every slot decoding and some row needing them all
-        count = k if n == self.slots and not t.waiting and (self._rounds_needed() or 0) >= k else 1
+        k = self.rounds_per_call  # (see the module docstring)
+        several = n == self.slots and not t.waiting and (self.slots == 1 or (self._rounds_needed() or 0) >= k)
+        key = ("round", budget, draft, admission is not None, greedy, k if several else 1)
         self._sync_live()
-        summary = self.call_rounds(budget, draft, count, greedy, admission)
-        self.metrics.count_call(("round", budget, draft, admission is not None, greedy, count), n)
-        self._inflight.append(InFlight(summary, first, list(t.req), prefilled, draft, budget))
+        summary = self.call_rounds(budget, draft, key[-1], greedy, admission)
+        self.metrics.count_call(key)
+        self._inflight.append(InFlight(summary, first, list(t.req), prefilled, draft, budget, key))
         return True
 
     def call_rounds(self, budget: int, draft: bool, count: int, greedy: bool, admission=None):
-        """Dispatch `count` rounds (the state stays on the device) -> their Summary."""
+        """Dispatch `count` rounds (the state stays on the device) -> their packed summaries."""
         if self._state.sampling.greedy != greedy:
             self._state = self._state.replace(sampling=self._state.sampling.promise_greedy(greedy))
         with jax.set_mesh(self.mesh):
@@ -367,7 +366,8 @@ class Engine:
         budget = prefill_budget(int(lengths[rows].sum()), width, s)
         first = self.call_prefill(rows, prompts, lengths, seeds, budget, greedy)
         self.metrics.prefills += 1
-        self.metrics.count_call(("prefill", width, budget, greedy), len(rows_in))
+        self.metrics.count_call(("prefill", width, budget, greedy))
+        self.metrics.count_work(("prefill", width, budget, greedy), len(rows_in))
         return first
 
     def _sampling(self, greedy: bool) -> SamplingParams:

@@ -61,16 +61,22 @@ class EngineMetrics:
     prefill_chunks: int = 0   # prompt chunks that rode along in rounds (chunked prefill)
     prefills: int = 0         # prefill passes
     # calls of each compiled program: ("round", budget, draft, chunk line, greedy, count) or
-    # ("prefill", width, budget, greedy) -> calls (what a device-time replay multiplies)
+    # ("prefill", width, budget, greedy) -> calls dispatched
     programs: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    # the same calls by the rows taking part (decoding, or prefilled): (key, rows) -> calls
+    # the device work of those calls (what a device-time replay multiplies): (key, rows) ->
+    # calls, where each round that ran (the device skips a round with no row decoding)
+    # counts 1 / (the call's rounds) with the rows decoding in it, and a prefill call
+    # counts 1 with the rows it prefilled
     calls: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     started_at: float | None = None
     last_at: float | None = None
 
-    def count_call(self, key: tuple, rows: int) -> None:
+    def count_call(self, key: tuple) -> None:
         self.programs[key] += 1
-        self.calls[key, rows] += 1
+
+    def count_work(self, key: tuple, rows: int, share: float = 1.0) -> None:
+        if share > 0:
+            self.calls[key, rows] += share
 
     @property
     def seconds(self) -> float:

@@ -11,8 +11,12 @@ A round, for every active row r with verification depth l_r in [0, gamma]:
   update   cache lengths, the drafter's ingest of the committed positions, stop ids and
            max_new_tokens end rows (`done`, on the device: a finished row idles through
            later rounds however late the host learns of it).
+A round in which no row decodes (every row done, no prompt chunk riding) is skipped on the
+device: the round the host sends before it learns a request ended, and the rest of a
+several-round call whose rows all ended, cost next to nothing.
 Nothing here syncs with the host; everything a round needs from the one before is in the
-donated `DecodeState`. Each round returns a small `Summary` for the host to read later.
+donated `DecodeState`. Each round returns a small packed summary (`pack_summary`) for the
+host to read later.
 A plain round (`draft=False`) drafts nothing and verifies one token per row.
 
 A drafter is a static object (hashable, passed as a jit static argument) offering:
@@ -33,6 +37,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from dspark_jax.engine import passes
@@ -78,18 +83,24 @@ class Admission:
     stop_ids: jax.Array
 
 
-@struct.dataclass
-class Summary:
-    """What the host reads of a round (packed into few arrays: each array read back
-    costs the host a fixed overhead). Columns of `ints` [S, 2G + 7]: the committed
+def pack_summary(ints: jax.Array, floats: jax.Array, totals: jax.Array) -> jax.Array:
+    """What the host reads of a round, in one int32 array [S + 1, 4G + 7] (each array read
+    back costs the host a fixed overhead, so there is one). Rows 0..S-1: the committed
     tokens (G + 1; the first `appended` count), the drafts (G), then appended, active,
     done, depth, accepted, first (the first token of a row whose final prompt chunk ran,
-    else -1). `floats` [S, 2G]: survival, then confidence. `totals` [2]: verified B and
-    the capacity (production's K; other policies: drafts verified)."""
+    else -1), then the bits of the float32 survival (G) and confidence (G). Row S: verified
+    B, the capacity (production's K; other policies: drafts verified) and whether the round
+    ran (0: skipped, no row decoding), then zeros."""
+    body = jnp.concatenate([ints, jax.lax.bitcast_convert_type(floats.astype(jnp.float32), jnp.int32)], axis=1)
+    last = jnp.zeros((1, body.shape[1]), jnp.int32).at[0, :3].set(totals)
+    return jnp.concatenate([body, last])
 
-    ints: jax.Array
-    floats: jax.Array
-    totals: jax.Array
+
+def unpack_summary(packed: np.ndarray, gamma: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The host's view of one packed summary [S + 1, 4G + 7]: (ints [S, 2G + 7], floats
+    [S, 2G] float32, totals [3]: verified B, capacity, ran)."""
+    w = 2 * gamma + 7
+    return packed[:-1, :w], packed[:-1, w:].view(np.float32), packed[-1, :3]
 
 
 def split_keys(keys: jax.Array, n: int) -> tuple[jax.Array, ...]:
@@ -164,7 +175,7 @@ def _take_admission(state: DecodeState, a: Admission):
 
 def _round(tcfg, drafter, gamma: int, budget: int, policy: str, draft: bool, tparams, dparams,
            state: DecodeState, stale, sched: Schedule, admission: Admission | None):
-    """One round (see the module docstring) -> (state, stale, Summary)."""
+    """One round (see the module docstring) -> (state, stale, packed summary)."""
     s = state.anchor.shape[0]
     if admission is not None:
         state, line = _take_admission(state, admission)
@@ -250,8 +261,16 @@ def _round(tcfg, drafter, gamma: int, budget: int, policy: str, draft: bool, tpa
                             jnp.stack([appended, active, state.done, depth, n, first], axis=1).astype(jnp.int32)],
                            axis=1)
     floats = jnp.pad(jnp.concatenate([survival, conf], axis=1), ((0, 0), (0, 2 * (gamma - g))))
-    totals = jnp.stack([jnp.sum(jnp.where(active, 1 + depth, 0)), capacity]).astype(jnp.int32)
-    return state, stale, Summary(ints=ints, floats=floats.astype(jnp.float32), totals=totals)
+    totals = jnp.stack([jnp.sum(jnp.where(active, 1 + depth, 0)), capacity, 1]).astype(jnp.int32)
+    return state, stale, pack_summary(ints, floats, totals)
+
+
+def _skipped(state: DecodeState, gamma: int) -> jax.Array:
+    """The packed summary of a skipped round (no row decoded): every row's `done`, no token."""
+    s = state.done.shape[0]
+    ints = jnp.concatenate([jnp.zeros((s, 2 * gamma + 3), jnp.int32), state.done[:, None].astype(jnp.int32),
+                            jnp.zeros((s, 2), jnp.int32), jnp.full((s, 1), -1, jnp.int32)], axis=1)
+    return pack_summary(ints, jnp.zeros((s, 2 * gamma), jnp.float32), jnp.zeros((3,), jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnames=("tcfg", "drafter", "gamma", "budget", "policy", "draft", "count"),
@@ -261,18 +280,33 @@ def rounds(tcfg, drafter, gamma: int, budget: int, policy: str, draft: bool, cou
     """`count` (static) rounds in one call; the admission rides in the first. budget
     (static): the verification pass's token bucket, >= the active rows; policy (static):
     one of policies.POLICIES; stale [2, S, G]: the survival of the last two drafted
-    rounds. Returns (state, stale, Summary with a leading [count] axis). Without an
-    admission every round is one loop body, so the program holds one round's code."""
-    def body(carry, _):
-        st, sl, summary = _round(tcfg, drafter, gamma, budget, policy, draft, tparams, dparams, *carry, sched, None)
-        return (st, sl), summary
+    rounds. Returns (state, stale, packed summaries [count, S + 1, 4G + 7]). The rounds
+    without admission are one loop that stops at the first round with no row decoding
+    (the program holds one round's code; the rounds it skips report `ran` 0)."""
+    first = None
+    if admission is not None:
+        state, stale, first = _round(tcfg, drafter, gamma, budget, policy, draft, tparams, dparams, state, stale,
+                                     sched, admission)
+    state = state.replace(done=state.done | ~sched.live)
+    todo = count - (first is not None)
 
-    if admission is None and count > 1:
-        (state, stale), summaries = jax.lax.scan(body, (state, stale), None, length=count)
-        return state, stale, summaries
-    state, stale, first = _round(tcfg, drafter, gamma, budget, policy, draft, tparams, dparams, state, stale,
-                                 sched, admission)
-    if count == 1:
-        return state, stale, jax.tree.map(lambda x: x[None], first)
-    (state, stale), rest = jax.lax.scan(body, (state, stale), None, length=count - 1)
-    return state, stale, jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
+    def more(carry):
+        i, st, _, _ = carry
+        return (i < todo) & jnp.any(~st.done)
+
+    def body(carry):
+        i, st, sl, out = carry
+        st, sl, summary = _round(tcfg, drafter, gamma, budget, policy, draft, tparams, dparams, st, sl, sched, None)
+        return i + 1, st, sl, out.at[i].set(summary)
+
+    out = jnp.zeros((todo,) + _skipped(state, gamma).shape, jnp.int32)
+    if todo:
+        ran, state, stale, out = jax.lax.while_loop(more, body, (jnp.int32(0), state, stale, out))
+        out = jnp.where((jnp.arange(todo) < ran)[:, None, None], out, _skipped(state, gamma)[None])
+    return state, stale, out if first is None else jnp.concatenate([first[None], out])
+
+
+def compiled_programs() -> int:
+    """How many programs of `rounds` and `prefill` are compiled in this process (a count
+    that grows while serving means a call compiled)."""
+    return rounds._cache_size() + prefill._cache_size()

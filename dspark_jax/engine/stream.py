@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import numpy as np
+
+from dspark_jax.engine import round as rnd
 
 
 @dataclasses.dataclass
 class InFlight:
     """A dispatched call whose summary the host has not read yet."""
 
-    summary: object            # rnd.Summary (device arrays, [count, ...]) or None
+    summary: object            # packed summaries [count, S + 1, 4G + 7] (round.pack_summary) or None
     first: object              # first tokens [S] of a prefill pass dispatched with it, or None
     seated: list               # the request in each slot at dispatch
     prefilled: list            # slots the prefill pass admitted
     draft: bool
     budget: int
+    key: tuple = ()            # the program (an `EngineMetrics.programs` key)
 
 
 class Streamer:
@@ -36,7 +38,8 @@ class Streamer:
 
     def consume(self, item) -> None:
         e = self.engine
-        first, summary = jax.device_get((item.first, item.summary))
+        summary = np.asarray(item.summary)  # one transfer (the prefill's first tokens: a second)
+        first = None if item.first is None else np.asarray(item.first)
         now = e.clock()
         t, g, m = e.table, e.gamma, e.metrics
         held = [r is not None and t.req[s] is r for s, r in enumerate(item.seated)]
@@ -44,18 +47,21 @@ class Streamer:
             for s in item.prefilled:
                 if held[s]:
                     self.emit(s, [int(first[s])], now)
-        for ints, floats, totals in zip(summary.ints, summary.floats, summary.totals):
+        for packed in summary:
+            ints, floats, totals = rnd.unpack_summary(packed, g)
             active = ints[:, 2 * g + 2].astype(bool)
             done = ints[:, 2 * g + 3].astype(bool)
-            m.rounds += 1
-            m.plain_rounds += not item.draft
-            m.drafts += int(active.sum()) if item.draft else 0
-            m.verified += int(totals[0])
-            m.budget += item.budget
-            m.active += int(active.sum())
-            if item.draft:
-                e._stale_host[0] = e._stale_host[1]
-                e._stale_host[1] = floats[:, :g]
+            if totals[2]:  # else skipped on the device (no row decoded): only `done` to read
+                m.count_work(item.key, int(active.sum()), 1 / len(summary))
+                m.rounds += 1
+                m.plain_rounds += not item.draft
+                m.drafts += int(active.sum()) if item.draft else 0
+                m.verified += int(totals[0])
+                m.budget += item.budget
+                m.active += int(active.sum())
+                if item.draft:
+                    e._stale_host[0] = e._stale_host[1]
+                    e._stale_host[1] = floats[:, :g]
             for s in range(len(held)):
                 if not held[s]:
                     continue
