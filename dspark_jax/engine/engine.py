@@ -319,13 +319,13 @@ class Engine:
             budget = self.costs.budget(n, t.limits(idx), self._stale_host[1, idx])
         else:
             budget = self.costs.bucket(max(n, 1))
-        k = self.rounds_per_call  # (see the module docstring)
-        several = n == self.slots and not t.waiting and (self.slots == 1 or (self._rounds_needed() or 0) >= k)
-        key = ("round", budget, draft, admission is not None, greedy, k if several else 1)
+        k = self.rounds_per_call  # several rounds a call: see the module docstring
+        count = k if n == self.slots and not t.waiting and (n == 1 or (self._rounds_needed() or 0) >= k) else 1
+        key = ("round", budget, draft, admission is not None, greedy, count)
         self._sync_live()
-        summary = self.call_rounds(budget, draft, key[-1], greedy, admission)
+        summary = self.call_rounds(budget, draft, count, greedy, admission)
         self.metrics.count_call(key)
-        self._inflight.append(InFlight(summary, first, list(t.req), prefilled, draft, budget, key))
+        self._inflight.append(InFlight(summary, first, list(t.req), prefilled, key))
         return True
 
     def call_rounds(self, budget: int, draft: bool, count: int, greedy: bool, admission=None):

@@ -299,7 +299,7 @@ def rounds(tcfg, drafter, gamma: int, budget: int, policy: str, draft: bool, cou
         st, sl, summary = _round(tcfg, drafter, gamma, budget, policy, draft, tparams, dparams, st, sl, sched, None)
         return i + 1, st, sl, out.at[i].set(summary)
 
-    out = jnp.zeros((todo,) + _skipped(state, gamma).shape, jnp.int32)
+    out = jnp.zeros((todo, state.done.shape[0] + 1, 4 * gamma + 7), jnp.int32)
     if todo:
         ran, state, stale, out = jax.lax.while_loop(more, body, (jnp.int32(0), state, stale, out))
         out = jnp.where((jnp.arange(todo) < ran)[:, None, None], out, _skipped(state, gamma)[None])

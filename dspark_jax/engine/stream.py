@@ -25,9 +25,15 @@ class InFlight:
     first: object              # first tokens [S] of a prefill pass dispatched with it, or None
     seated: list               # the request in each slot at dispatch
     prefilled: list            # slots the prefill pass admitted
-    draft: bool
-    budget: int
-    key: tuple = ()            # the program (an `EngineMetrics.programs` key)
+    key: tuple                 # the rounds' program: ("round", budget, draft, chunk line, greedy, count)
+
+    @property
+    def budget(self) -> int:
+        return self.key[1]
+
+    @property
+    def draft(self) -> bool:
+        return self.key[2]
 
 
 class Streamer:
